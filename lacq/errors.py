@@ -1,0 +1,47 @@
+"""Domain errors. Only the CLI turns these into user-facing messages."""
+
+
+class LacqError(Exception):
+    """Base class for every error lacq reports to the user without a traceback."""
+
+
+class SourceError(LacqError):
+    """The llama.cpp source could not be fetched, verified or prepared."""
+
+
+class PatchError(SourceError):
+    """A patch of the series does not apply."""
+
+
+class BuildError(LacqError):
+    """cmake configure or build failed, or a build is missing."""
+
+
+class GGUFError(LacqError):
+    """A file is not a readable GGUF model."""
+
+
+class RecipeError(LacqError):
+    """A recipe or KV policy is malformed or does not fit the model."""
+
+
+class ToolError(LacqError):
+    """A llama.cpp tool failed; carries the tail of its log."""
+
+    def __init__(self, message: str, log_tail: str = ""):
+        super().__init__(message)
+        self.log_tail = log_tail
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        if self.log_tail:
+            return f"{base}\nlast lines of its log:\n{self.log_tail}"
+        return base
+
+
+class OutputExistsError(LacqError):
+    """Refusing to overwrite an existing output."""
+
+
+class StoreError(LacqError):
+    """The results database cannot be read or written."""

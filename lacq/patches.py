@@ -77,7 +77,7 @@ def _hunk_text(patch_path: Path, target_file: str, hunk_no: int) -> str:
 
 def apply_patch(tree: Path, patch: Patch) -> None:
     """Apply one patch; on failure raise PatchError naming the patch and the rejected hunk."""
-    base = ["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-i", str(patch.path), "-d", str(tree)]
+    base = ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "--no-backup-if-mismatch", "-i", str(patch.path), "-d", str(tree)]
     check = subprocess.run(base + ["--dry-run"], capture_output=True, text=True)
     if check.returncode != 0:
         out = check.stdout + check.stderr

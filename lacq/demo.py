@@ -1,0 +1,75 @@
+"""`lacq demo`: the layer-placement study on one model, end to end.
+
+Build the CPU tools, get the model, dequantize it to an F16 base, quantize the
+ten weight recipes, measure perplexity of each and of the base, and return the
+comparison table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from . import paths
+from .build import Build
+from .gguf_info import inspect_model
+from .jobs import convert_ftype, measure_ppl, quantize_with_plan
+from .kv import KvConfig
+from .recipe import load_recipe, resolve_recipe
+from .report import ppl_frame
+from .store import Store
+
+DEMO_RECIPES = ("uniform_q4_0", "first4_q8", "first8_q8", "last4_q8", "last8_q8", "middle8_q8",
+                "first_last4_q8", "alternating_even_q8", "attention_q8", "ffn_q8")
+
+Step = Callable[[str, float, str], None]  # (stage, fraction, detail)
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    study: str
+    table: pd.DataFrame
+    base: Path
+
+
+def run_demo(build: Build, store: Store, model: Path, corpus: Path, *, ctx: int = 512, chunks: int = 20,
+             recipes: tuple[str, ...] = DEMO_RECIPES, threads: int | None = None,
+             step: Step | None = None) -> DemoResult:
+    sha = store.sha256(model)[:12]
+    work = paths.sub("work") / sha
+    work.mkdir(parents=True, exist_ok=True)
+    info = inspect_model(model)
+    if any(t.type not in ("f16", "f32", "bf16") for t in info.tensors if len(t.shape) > 1):
+        base = convert_ftype(build, store, model, work / f"{model.stem}.f16.gguf", "F16",
+                             progress=lambda f, d: step and step("dequantize to F16", f, d))
+    else:
+        base = model
+    base_info = inspect_model(base)
+    study = f"demo:{sha}:{build.key}:c{ctx}:n{chunks}"
+    models = [("F16 base", base, None, None)]
+    for i, name in enumerate(recipes):
+        plan = resolve_recipe(load_recipe(name), base_info)
+        if step:
+            step("quantize", i / len(recipes), name)
+        out = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{model.stem}.{name}.gguf")
+        models.append((name, out.output, name, plan.plan_hash))
+    if step:
+        step("quantize", 1.0, "done")
+    done = {r.label for r in store.results(kind="ppl", study=study)}
+    for i, (label, path, recipe, plan_hash) in enumerate(models):
+        if label in done:
+            continue
+
+        def on_chunk(frac: float, detail: str, i=i, label=label) -> None:
+            if step:
+                step("perplexity", (i + frac) / len(models), f"{label}: {detail}")
+
+        measure_ppl(build, store, path, inspect_model(path), KvConfig(), corpus, ctx=ctx, chunks=chunks,
+                    threads=threads, label=label, study=study, recipe=recipe, plan_hash=plan_hash,
+                    progress=on_chunk)
+    if step:
+        step("perplexity", 1.0, "done")
+    return DemoResult(study, ppl_frame(store.results(kind="ppl", study=study), base_label="F16 base"), base)

@@ -1,0 +1,144 @@
+"""KV-cache configurations: default types, per-layer policies by KV-layer
+ordinal, and how they reach the patched llama.cpp.
+
+The patch (patches/, "per-layer K/V types by KV-layer ordinal") reads
+LLAMA_KV_TYPES_K / LLAMA_KV_TYPES_V: comma-separated `ORDS=TYPE` items where
+ORDS is `3`, `-1` (from the end) or an inclusive range `A..B`, and `*=TYPE`
+sets the default. Later items win.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import RecipeError
+from .kvtypes import kv_type, valid_names
+
+ENV_K = "LLAMA_KV_TYPES_K"
+ENV_V = "LLAMA_KV_TYPES_V"
+_RANGE = re.compile(r"^(-?\d+)(?:\.\.(-?\d+))?$")
+
+
+@dataclass(frozen=True)
+class Override:
+    start: int  # inclusive; negative counts from the end (-1 = last KV layer)
+    end: int
+    type: str
+
+    def spec(self) -> str:
+        where = str(self.start) if self.start == self.end else f"{self.start}..{self.end}"
+        return f"{where}={self.type}"
+
+    def ordinals(self, n_kv: int) -> range:
+        lo = self.start + n_kv if self.start < 0 else self.start
+        hi = self.end + n_kv if self.end < 0 else self.end
+        for value, raw in ((lo, self.start), (hi, self.end)):
+            if not 0 <= value < n_kv:
+                raise RecipeError(f"KV-layer ordinal {raw} is out of range: this model has {n_kv} KV layers "
+                                  f"(valid ordinals 0..{n_kv - 1}, or -{n_kv}..-1 from the end)")
+        if lo > hi:
+            raise RecipeError(f"KV-layer range {self.start}..{self.end} is empty on a model with {n_kv} KV layers")
+        return range(lo, hi + 1)
+
+
+def check_type(name: str, what: str = "KV cache type") -> str:
+    try:
+        return kv_type(name).name
+    except KeyError:
+        raise RecipeError(f"unknown {what} {name!r}; valid types: {valid_names()}") from None
+
+
+def parse_overrides(text: str) -> tuple[Override, ...]:
+    """Parse `0..1=q8_0,-2..-1=q8_0` (the patch's syntax) into overrides."""
+    out = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        where, sep, typ = item.partition("=")
+        m = _RANGE.match(where.strip())
+        if not sep or not m:
+            raise RecipeError(f"bad KV layer override {item!r}; expected ORD=TYPE or A..B=TYPE, e.g. 0..1=q8_0")
+        start = int(m.group(1))
+        end = int(m.group(2)) if m.group(2) is not None else start
+        out.append(Override(start, end, check_type(typ.strip())))
+    return tuple(out)
+
+
+def boundary(n: int, type_name: str) -> tuple[Override, ...]:
+    """The first n and last n KV layers (by ordinal) at `type_name`."""
+    if n < 1:
+        raise RecipeError(f"--boundary must be at least 1, got {n}")
+    return (Override(0, n - 1, type_name), Override(-n, -1, type_name))
+
+
+@dataclass(frozen=True)
+class KvConfig:
+    """Everything that decides the KV cache of a run."""
+
+    k: str = "f16"
+    v: str = "f16"
+    flash_attn: str = "auto"  # on | off | auto
+    k_overrides: tuple[Override, ...] = ()
+    v_overrides: tuple[Override, ...] = ()
+    policy_name: str | None = None
+
+    def __post_init__(self):
+        check_type(self.k)
+        check_type(self.v)
+        if self.flash_attn not in ("on", "off", "auto"):
+            raise RecipeError(f"flash attention must be on, off or auto, got {self.flash_attn!r}")
+
+    def all_types(self) -> tuple[set[str], set[str]]:
+        return ({self.k} | {o.type for o in self.k_overrides}, {self.v} | {o.type for o in self.v_overrides})
+
+    def with_fa_resolved(self) -> "KvConfig":
+        """Quantized V needs flash attention in llama.cpp: switch it on, refuse `off`."""
+        _, vtypes = self.all_types()
+        quant_v = sorted(t for t in vtypes if kv_type(t).quantized)
+        if not quant_v:
+            return self
+        if self.flash_attn == "off":
+            raise RecipeError(f"a quantized V cache ({', '.join(quant_v)}) needs flash attention; "
+                              "drop --no-fa / -fa off")
+        return KvConfig(self.k, self.v, "on", self.k_overrides, self.v_overrides, self.policy_name)
+
+    def per_layer(self, n_kv: int) -> list[tuple[str, str]]:
+        """(K type, V type) for each KV-layer ordinal; validates ordinals."""
+        ks, vs = [self.k] * n_kv, [self.v] * n_kv
+        for types, overrides in ((ks, self.k_overrides), (vs, self.v_overrides)):
+            for o in overrides:
+                for i in o.ordinals(n_kv):
+                    types[i] = o.type
+        return list(zip(ks, vs))
+
+    def bits_per_value(self, n_kv: int) -> tuple[float, float]:
+        """Mean bits/value of K and V over the KV layers (all layers equal in size)."""
+        layers = self.per_layer(n_kv)
+        k = sum(kv_type(k).bits_per_value for k, _ in layers) / n_kv
+        v = sum(kv_type(v).bits_per_value for _, v in layers) / n_kv
+        return k, v
+
+    def argv(self) -> list[str]:
+        return ["-ctk", self.k, "-ctv", self.v, "-fa", self.flash_attn]
+
+    def env(self) -> dict[str, str]:
+        env = {}
+        if self.k_overrides:
+            env[ENV_K] = ",".join(o.spec() for o in self.k_overrides)
+        if self.v_overrides:
+            env[ENV_V] = ",".join(o.spec() for o in self.v_overrides)
+        return env
+
+    def label(self) -> str:
+        text = f"{self.k}/{self.v}"
+        if self.policy_name:
+            text += f" +{self.policy_name}"
+        elif self.k_overrides or self.v_overrides:
+            text += " +" + ";".join(filter(None, [
+                "K:" + ",".join(o.spec() for o in self.k_overrides) if self.k_overrides else "",
+                "V:" + ",".join(o.spec() for o in self.v_overrides) if self.v_overrides else ""]))
+        return text
+
+    def to_dict(self) -> dict:
+        return {"k": self.k, "v": self.v, "flash_attn": self.flash_attn, "policy": self.policy_name,
+                "k_overrides": [o.spec() for o in self.k_overrides],
+                "v_overrides": [o.spec() for o in self.v_overrides]}

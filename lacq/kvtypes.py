@@ -1,0 +1,52 @@
+"""KV-cache types lacq can ask for, and their storage cost.
+
+Stock types take their block geometry from the gguf package. Types that
+lacq's patches add live here, mirroring the C definitions named beside them;
+keep the two equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+
+@dataclass(frozen=True)
+class KvType:
+    name: str
+    block_size: int
+    type_size: int  # bytes per block
+    patch: str | None = None  # the patch that adds it, None for stock types
+
+    @property
+    def bits_per_value(self) -> float:
+        return self.type_size * 8 / self.block_size
+
+    @property
+    def quantized(self) -> bool:
+        return self.name not in ("f32", "f16", "bf16")
+
+
+def _stock(name: str) -> KvType:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]]
+    return KvType(name, block, size)
+
+
+# The -ctk/-ctv list of the pinned common/arg.cpp (kv_cache_types), plus q2_0
+# from patch 0001.
+STOCK = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+KV_TYPES: dict[str, KvType] = {n: _stock(n) for n in STOCK}
+# ggml-common.h block_q2_0: fp16 scale + 64 2-bit values (gguf 0.19 lacks it).
+KV_TYPES["q2_0"] = KvType("q2_0", 64, 18, patch="0001-kv-cache-accept-q2-0-as-a-kv-cache-type.patch")
+
+
+def kv_type(name: str) -> KvType:
+    key = name.lower()
+    if key not in KV_TYPES:
+        raise KeyError(name)
+    return KV_TYPES[key]
+
+
+def valid_names() -> str:
+    return ", ".join(KV_TYPES)

@@ -1,0 +1,168 @@
+"""The results database: SQLite, append-only migrations, provenance with every row."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import StoreError
+from .fsutil import file_sha256
+
+# Append-only: never edit a migration that has shipped; add a new one.
+MIGRATIONS = [
+    """
+    CREATE TABLE results (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,              -- ppl | kld | niah | bench
+        created REAL NOT NULL,
+        label TEXT NOT NULL,             -- what a table row calls this configuration
+        study TEXT,                      -- groups rows that belong to one comparison
+        model_path TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        model_bytes INTEGER NOT NULL,
+        recipe TEXT,
+        plan_hash TEXT,
+        kv TEXT,                         -- JSON of KvConfig.to_dict()
+        corpus_sha256 TEXT,
+        ctx INTEGER,
+        chunks INTEGER,
+        build TEXT NOT NULL,             -- JSON of Build.provenance()
+        command TEXT NOT NULL,           -- JSON argv
+        env TEXT,                        -- JSON of the environment lacq added
+        wall_seconds REAL,
+        host TEXT,
+        metrics TEXT NOT NULL            -- JSON: the parsed result
+    );
+    CREATE TABLE file_hashes (
+        path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL
+    );
+    CREATE TABLE artifacts (
+        key TEXT PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL, info TEXT
+    );
+    """,
+]
+
+
+@dataclass(frozen=True)
+class Result:
+    id: int
+    kind: str
+    created: float
+    label: str
+    study: str | None
+    model_path: str
+    model_sha256: str
+    model_bytes: int
+    recipe: str | None
+    plan_hash: str | None
+    kv: dict | None
+    corpus_sha256: str | None
+    ctx: int | None
+    chunks: int | None
+    build: dict
+    command: list
+    env: dict | None
+    wall_seconds: float | None
+    host: str | None
+    metrics: dict
+
+
+_JSON_COLUMNS = ("kv", "build", "command", "env", "metrics")
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path)
+            self.db.row_factory = sqlite3.Row
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot use results database {self.path}: {exc}") from None
+
+    def _migrate(self) -> None:
+        self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (n INTEGER PRIMARY KEY, applied REAL)")
+        done = {r[0] for r in self.db.execute("SELECT n FROM _migrations")}
+        for n, sql in enumerate(MIGRATIONS):
+            if n in done:
+                continue
+            with self.db:
+                self.db.executescript(sql)
+                self.db.execute("INSERT INTO _migrations VALUES (?, ?)", (n, time.time()))
+
+    # -- file hashes (cached by size and mtime, so a 270 MB model hashes once)
+    def sha256(self, path: Path) -> str:
+        path = Path(path).resolve()
+        st = path.stat()
+        row = self.db.execute("SELECT size, mtime_ns, sha256 FROM file_hashes WHERE path = ?", (str(path),)).fetchone()
+        if row and row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns:
+            return row["sha256"]
+        digest = file_sha256(path)
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
+                            (str(path), st.st_size, st.st_mtime_ns, digest))
+        return digest
+
+    # -- artifacts (quantized models, logits files) keyed by a cache key
+    def artifact(self, key: str) -> Path | None:
+        row = self.db.execute("SELECT path, sha256 FROM artifacts WHERE key = ?", (key,)).fetchone()
+        if not row:
+            return None
+        path = Path(row["path"])
+        if path.exists() and self.sha256(path) == row["sha256"]:
+            return path
+        return None
+
+    def record_artifact(self, key: str, path: Path, info: dict | None = None) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)",
+                            (key, str(Path(path).resolve()), self.sha256(path), time.time(), json.dumps(info or {})))
+
+    # -- results
+    def add(self, *, kind: str, label: str, model: Path, build: dict, command: list, metrics: dict,
+            study: str | None = None, recipe: str | None = None, plan_hash: str | None = None,
+            kv: dict | None = None, corpus: Path | None = None, ctx: int | None = None,
+            chunks: int | None = None, env: dict | None = None, wall_seconds: float | None = None) -> int:
+        model = Path(model)
+        row = dict(kind=kind, created=time.time(), label=label, study=study, model_path=str(model.resolve()),
+                   model_sha256=self.sha256(model), model_bytes=model.stat().st_size, recipe=recipe,
+                   plan_hash=plan_hash, kv=json.dumps(kv) if kv is not None else None,
+                   corpus_sha256=self.sha256(corpus) if corpus else None, ctx=ctx, chunks=chunks,
+                   build=json.dumps(build), command=json.dumps(command),
+                   env=json.dumps(env) if env else None, wall_seconds=wall_seconds,
+                   host=socket.gethostname(), metrics=json.dumps(metrics))
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.db:
+            cur = self.db.execute(f"INSERT INTO results ({cols}) VALUES ({marks})", tuple(row.values()))
+        return int(cur.lastrowid)
+
+    def results(self, kind: str | None = None, study: str | None = None) -> list[Result]:
+        sql, args = "SELECT * FROM results WHERE 1=1", []
+        if kind:
+            sql += " AND kind = ?"
+            args.append(kind)
+        if study:
+            sql += " AND study = ?"
+            args.append(study)
+        out = []
+        for r in self.db.execute(sql + " ORDER BY id", args):
+            d = dict(r)
+            for c in _JSON_COLUMNS:
+                d[c] = json.loads(d[c]) if d[c] is not None else None
+            out.append(Result(**d))
+        return out
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_store(path: Path | None = None) -> Store:
+    from . import paths
+    return Store(Path(path) if path else Path(os.environ.get("LACQ_DB") or paths.default_db()))

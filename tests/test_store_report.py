@@ -1,0 +1,85 @@
+import io
+import json
+
+from rich.console import Console
+
+from lacq.report import ppl_frame, render
+from lacq.store import Store
+
+
+def _add(store, model, label, ppl, **kw):
+    return store.add(kind="ppl", label=label, model=model, build={"build_key": "k"}, command=["x"],
+                     metrics={"ppl": ppl, "ppl_error": 0.1, "k_bits_per_value": 16.0, "v_bits_per_value": 16.0},
+                     study="s", **kw)
+
+
+def _models(tmp_path, sizes):
+    out = {}
+    for name, size in sizes.items():
+        p = tmp_path / f"{name}.gguf"
+        p.write_bytes(b"\0" * size)
+        out[name] = p
+    return out
+
+
+def test_migrations_are_idempotent_and_rows_keep_provenance(tmp_path):
+    db = tmp_path / "r.sqlite"
+    m = _models(tmp_path, {"a": 1000})
+    store = Store(db)
+    rid = _add(store, m["a"], "A", 10.0, ctx=512, chunks=4, kv={"k": "f16"})
+    store.close()
+    store = Store(db)  # reopening applies nothing twice
+    (r,) = store.results(kind="ppl")
+    assert r.id == rid and r.label == "A" and r.ctx == 512 and r.kv == {"k": "f16"}
+    assert r.model_bytes == 1000 and len(r.model_sha256) == 64 and r.host
+
+
+def test_sha256_cache_follows_content(tmp_path):
+    store = Store(tmp_path / "r.sqlite")
+    p = tmp_path / "f.bin"
+    p.write_bytes(b"one")
+    h1 = store.sha256(p)
+    p.write_bytes(b"two!")
+    assert store.sha256(p) != h1
+
+
+def test_ppl_frame_deltas_compression_and_marks(tmp_path):
+    m = _models(tmp_path, {"base": 4000, "small": 1000, "mid": 1500, "bad": 1600})
+    store = Store(tmp_path / "r.sqlite")
+    _add(store, m["base"], "F16 base", 10.0)
+    _add(store, m["small"], "uniform", 12.0)
+    _add(store, m["mid"], "first8", 10.5)
+    _add(store, m["bad"], "last4", 11.8)  # bigger and worse than first8: not on the front
+    df = ppl_frame(store.results(), base_label="F16 base").set_index("configuration")
+    assert abs(df.loc["uniform", "ppl_delta_pct"] - 20.0) < 1e-9
+    assert abs(df.loc["first8", "compression"] - 4000 / 1500) < 1e-9
+    assert df.loc["F16 base", "mark"] == "base"
+    assert df.loc["first8", "mark"].startswith("★")
+    assert df.loc["last4", "mark"] == ""
+    assert df.loc["uniform", "mark"] == "pareto"
+
+
+def test_latest_result_per_label_wins(tmp_path):
+    m = _models(tmp_path, {"a": 100})
+    store = Store(tmp_path / "r.sqlite")
+    _add(store, m["a"], "A", 10.0)
+    _add(store, m["a"], "A", 11.0)
+    assert list(ppl_frame(store.results()).ppl) == [11.0]
+
+
+def test_render_formats(tmp_path):
+    m = _models(tmp_path, {"base": 4000, "small": 1000})
+    store = Store(tmp_path / "r.sqlite")
+    _add(store, m["base"], "F16 base", 10.0)
+    _add(store, m["small"], "uniform", 12.0)
+    df = ppl_frame(store.results())
+    outs = {}
+    for fmt in ("table", "md", "csv", "json"):
+        buf = io.StringIO()
+        render(df, fmt, Console(file=buf, width=200))
+        outs[fmt] = buf.getvalue()
+    assert "| Configuration |" in outs["md"] and "+20.00%" in outs["md"]
+    assert outs["csv"].splitlines()[0].startswith("configuration,size_mb,ppl")
+    rows = json.loads(outs["json"])
+    assert {r["configuration"] for r in rows} == {"F16 base", "uniform"}
+    assert "uniform" in outs["table"]

@@ -25,7 +25,7 @@ from . import paths
 from .errors import BuildError
 from .fsutil import canonical_hash, write_text_atomic
 from .patches import Patch, apply_series, read_series, series_hash
-from .source import Source, resolve_source
+from .source import Source, resolve_source, source_hash_if_present
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def prepare_tree(source: Source, patches: list[Patch]) -> Path:
     The prepared tree is keyed by (source hash, series hash), so every backend
     and the plain-CMake path share it.
     """
-    key = canonical_hash({"source": source.hash, "series": series_hash(patches)})[:16]
+    key = _tree_key(source.hash, patches)
     root = paths.sub("trees") / key
     tree = root / "llama.cpp"
     if (tree / PREPARED_STAMP).exists():
@@ -136,9 +136,9 @@ def prepared_source(spec: BuildSpec, source_spec: str | None = None) -> Path:
     return prepare_tree(resolve_source(source_spec), _series(spec))
 
 
-def build_key(source: Source, patches: list[Patch], spec: BuildSpec) -> str:
+def _build_key(source_hash: str, patches: list[Patch], spec: BuildSpec) -> str:
     return canonical_hash({
-        "source": source.hash, "series": series_hash(patches), "backend": spec.backend,
+        "source": source_hash, "series": series_hash(patches), "backend": spec.backend,
         "defines": spec.cmake_defines(), "targets": spec.targets(),
         "machine": platform.machine(),
     })[:16]
@@ -150,16 +150,20 @@ def _build_dir(tree: Path, spec: BuildSpec, key: str) -> Path:
     return tree / f"build-{spec.backend}-{key}"
 
 
+def _tree_key(source_hash: str, patches: list[Patch]) -> str:
+    return canonical_hash({"source": source_hash, "series": series_hash(patches)})[:16]
+
+
 def find_build(spec: BuildSpec, source_spec: str | None = None) -> Build | None:
-    """The finished build for this spec, or None. Never builds."""
-    source = resolve_source(source_spec)
-    patches = _series(spec)
-    key = build_key(source, patches, spec)
-    tree = paths.home() / "trees" / canonical_hash({"source": source.hash, "series": series_hash(patches)})[:16] / "llama.cpp"
-    stamp = _build_dir(tree, spec, key) / STAMP
-    if not stamp.exists():
+    """The finished build for this spec, or None. Never downloads or builds."""
+    source_hash = source_hash_if_present(source_spec)
+    if source_hash is None:
         return None
-    return _load_stamp(stamp)
+    patches = _series(spec)
+    key = _build_key(source_hash, patches, spec)
+    tree = paths.home() / "trees" / _tree_key(source_hash, patches) / "llama.cpp"
+    stamp = _build_dir(tree, spec, key) / STAMP
+    return _load_stamp(stamp) if stamp.exists() else None
 
 
 def _load_stamp(stamp: Path) -> Build:
@@ -224,7 +228,7 @@ def build(spec: BuildSpec, source_spec: str | None = None, progress: Progress | 
     """Build (or find) the patched llama.cpp for `spec`. Idempotent and cached."""
     source = resolve_source(source_spec)
     patches = _series(spec)
-    key = build_key(source, patches, spec)
+    key = _build_key(source.hash, patches, spec)
     tree = prepare_tree(source, patches)
     bdir = _build_dir(tree, spec, key)
     stamp = bdir / STAMP

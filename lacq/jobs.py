@@ -63,7 +63,7 @@ def quantize_with_plan(build: Build, store: Store, model: Path, info: ModelInfo,
     key = canonical_hash({"input": store.sha256(model), "plan": plan.plan_hash, "build": build.key,
                           "imatrix": store.sha256(imatrix) if imatrix else None})
     if not dry_run and output.exists():
-        cached = store.artifact(key)
+        cached = store.cache.artifact(key)
         if cached is not None and cached.resolve() == output.resolve():
             return QuantizeOutcome(output, plan, plan.predicted_bytes, output.stat().st_size, (), True,
                                    time.monotonic() - t0)
@@ -99,7 +99,7 @@ def quantize_with_plan(build: Build, store: Store, model: Path, info: ModelInfo,
             args = quantize.argv(binary, model, part, plan.base_ftype, tensor_type_file=ttf, imatrix=imatrix,
                                  allow_requantize=requant, threads=os.cpu_count())
             quantize.run(args, log_path=Path(tmp) / "quantize.log", on_line=on_line)
-    store.record_artifact(key, output, {"model": str(model), "plan": plan.plan_hash, "recipe": plan.recipe})
+    store.cache.record_artifact(key, output, {"model": str(model), "plan": plan.plan_hash, "recipe": plan.recipe})
     return QuantizeOutcome(output, plan, plan.predicted_bytes, output.stat().st_size, mismatches, False,
                            time.monotonic() - t0)
 
@@ -108,7 +108,7 @@ def convert_ftype(build: Build, store: Store, model: Path, output: Path, ftype: 
                   progress: Progress | None = None) -> Path:
     """Whole-model conversion (e.g. dequantize Q4_1 -> F16 for weight studies), cached."""
     key = canonical_hash({"input": store.sha256(model), "ftype": ftype, "build": build.key})
-    if output.exists() and (cached := store.artifact(key)) is not None and cached.resolve() == output.resolve():
+    if output.exists() and (cached := store.cache.artifact(key)) is not None and cached.resolve() == output.resolve():
         return output
     if output.exists():
         raise OutputExistsError(f"{output} exists; remove it or choose another path")
@@ -117,7 +117,7 @@ def convert_ftype(build: Build, store: Store, model: Path, output: Path, ftype: 
                              threads=os.cpu_count())
         quantize.run(args, log_path=Path(tmp) / "convert.log",
                      on_line=(lambda l: progress(0.5, "converting")) if progress else None)
-    store.record_artifact(key, output, {"model": str(model), "ftype": ftype})
+    store.cache.record_artifact(key, output, {"model": str(model), "ftype": ftype})
     return output
 
 

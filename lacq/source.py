@@ -143,6 +143,20 @@ def git_source(spec: str) -> Source:
     return Source(path=src.path, hash=src.hash, origin=f"git:{url}@{ref}")
 
 
+def source_hash_if_present(spec: str | None) -> str | None:
+    """The hash `resolve_source(spec)` would give, without downloading anything.
+
+    None when the source is not fetched yet (so nothing can have been built from it).
+    """
+    if spec is None or spec == "pinned":
+        return PINNED_SHA256
+    if spec.startswith("git+"):
+        url, _, ref = spec[len("git+"):].rpartition("@")
+        dest = paths.home() / "sources" / f"git-{canonical_hash([url, ref])[:16]}"
+        return tree_hash(dest) if (dest / "CMakeLists.txt").exists() else None
+    return local_source(Path(spec)).hash
+
+
 def resolve_source(spec: str | None) -> Source:
     """None -> the pinned tree; `git+URL@REF`; otherwise a local path."""
     if spec is None or spec == "pinned":

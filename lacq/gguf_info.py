@@ -1,0 +1,300 @@
+"""Read a GGUF model's layers, KV layers and tensors with the `gguf` package.
+
+`inspect_model(path)` returns a frozen `ModelInfo`; `ModelInfo.to_dict()` /
+`ModelInfo.from_dict()` round-trip it through JSON so recipes can be resolved
+and tested without the model file.
+
+Which blocks own an attention KV cache (`kv_blocks`) mirrors
+`llama_model::create_memory` and the per-arch `load_arch_hparams` of the pinned
+llama.cpp (src/llama-model.cpp, src/models/*.cpp):
+
+- no KV at all: encoder / diffusion models for which create_memory returns no
+  memory (bert family, gemma-embedding, dream, llada, rnd1, wavtokenizer-dec)
+  and the purely recurrent archs (mamba, mamba2, rwkv6/6qwen2/7, arwkv7);
+- "interval": qwen3next, qwen35, qwen35moe, qwen4exp, minimax-01 read
+  `{arch}.attention.recurrent_layers` (per-layer flags) if present, else a
+  block is attention iff (i + 1) % `{arch}.full_attention_interval` == 0
+  (default 4);
+- "head_count_kv > 0": jamba, plamo2, granitehybrid, lfm2, lfm2moe,
+  kimi-linear, kimi-k3, bailingmoe3, glm5-next mark a block recurrent when its
+  entry of the per-layer `{arch}.attention.head_count_kv` array is 0;
+- nemotron_h, nemotron_h_moe: attention iff head_count_kv > 0 and the block's
+  feed_forward_length entry is 0 (blocks with neither are MLP blocks);
+- falcon-h1: every block has attention and SSM side by side; deepseek4 (its own
+  compressed iSWA cache) also counts every trunk block;
+- gemma3n: only the first 20 blocks allocate KV (hard-coded
+  n_layer_kv_from_start); later blocks reuse it. gemma4: the first
+  block_count - `{arch}.attention.shared_kv_layers` blocks;
+- every other arch (iSWA ones included: both caches count): every block.
+
+Blocks appended for multi-token prediction (`{arch}.nextn_predict_layers`) are
+excluded: the main context's cache filters them out. An arch we do not know
+whose metadata looks hybrid (recurrent_layers, full_attention_interval, ssm.*
+keys, or zeros in head_count_kv) is resolved by the same generic rules where
+they apply; otherwise kv_rule starts with "unknown" and kv_ordinal_map() refuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from lacq.errors import GGUFError
+
+log = logging.getLogger(__name__)
+
+_NO_KV_ARCHS = {
+    "bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert", "jina-bert-v2",
+    "jina-bert-v3", "eurobert", "wavtokenizer-dec", "gemma-embedding", "dream", "llada",
+    "llada-moe", "rnd1",
+    "mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",
+}
+_INTERVAL_ARCHS = {"qwen3next", "qwen35", "qwen35moe", "qwen4exp", "minimax-01"}
+_HEAD_KV_ARCHS = {
+    "jamba", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "kimi-linear", "kimi-k3",
+    "bailingmoe3", "glm5-next",
+}
+_NEMOTRON_H_ARCHS = {"nemotron_h", "nemotron_h_moe"}
+_ALL_BLOCKS_HYBRID = {"falcon-h1", "deepseek4"}
+
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+_SUFFIX_RE = re.compile(r"\.(weight|bias|scale)$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    block: int | None
+    group: str  # name without "blk.N." and ".weight": attn_q, ffn_down, token_embd, ...
+    type: str  # lower-case ggml type name: q4_0, f16, f32, ...
+    shape: tuple[int, ...]  # ggml order: shape[0] is the row length (ne0)
+    n_elements: int
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    architecture: str
+    name: str | None
+    file_type: str | None
+    n_blocks: int
+    n_head: int | tuple[int, ...]
+    n_head_kv: int | tuple[int, ...]
+    head_dim: int
+    head_dim_v: int
+    n_ctx_train: int | None
+    n_embd: int
+    n_vocab: int | None
+    n_expert: int
+    kv_blocks: tuple[int, ...]
+    kv_rule: str
+    tensors: tuple[TensorInfo, ...] = field(repr=False)
+    total_bytes: int
+    bpw: float
+
+    def tensors_by_block(self) -> dict[int | None, list[TensorInfo]]:
+        out: dict[int | None, list[TensorInfo]] = {}
+        for t in self.tensors:
+            out.setdefault(t.block, []).append(t)
+        return out
+
+    def tensor(self, name: str) -> TensorInfo:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def kv_ordinal_map(self) -> dict[int, int]:
+        """block index -> KV-layer ordinal (its index among blocks that own KV)."""
+        if self.kv_rule.startswith("unknown"):
+            raise GGUFError(f"{self.path}: cannot tell which layers of '{self.architecture}' own a KV cache ({self.kv_rule})")
+        return {block: i for i, block in enumerate(self.kv_blocks)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
+        d = dict(d)
+        for key in ("n_head", "n_head_kv"):
+            if isinstance(d[key], list):
+                d[key] = tuple(d[key])
+        d["kv_blocks"] = tuple(d["kv_blocks"])
+        d["tensors"] = tuple(TensorInfo(**{**t, "shape": tuple(t["shape"])}) for t in d["tensors"])
+        return cls(**d)
+
+
+def tensor_nbytes(type_name: str, n_elements: int) -> int:
+    qtype = gguf.GGMLQuantizationType[type_name.upper()]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return n_elements // block_size * type_size
+
+
+def inspect_model(path: str | os.PathLike) -> ModelInfo:
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises whatever numpy/struct raise on a cut header
+        raise GGUFError(f"{path}: unreadable or truncated GGUF ({type(e).__name__}: {e})") from e
+
+    # A memmap happily maps past the data we have; compare offsets with the size instead.
+    data_end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if data_end > size:
+        raise GGUFError(f"{path}: truncated GGUF: tensor data ends at byte {data_end}, file has {size}")
+
+    # Tokenizer arrays are large and of no use here; decoding them doubles the read time.
+    meta = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("tokenizer.")}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise GGUFError(f"{path}: no general.architecture")
+    n_blocks = meta.get(f"{arch}.block_count")
+    if not isinstance(n_blocks, int):
+        raise GGUFError(f"{path}: no {arch}.block_count")
+
+    tensors = tuple(_tensor_info(t) for t in reader.tensors)
+    n_embd = int(meta.get(f"{arch}.embedding_length", 0))
+    n_head = _int_or_tuple(meta.get(f"{arch}.attention.head_count", 0))
+    n_head_kv = _int_or_tuple(meta.get(f"{arch}.attention.head_count_kv", n_head))
+    first_heads = max(n_head) if isinstance(n_head, tuple) else n_head
+    head_dim = int(meta.get(f"{arch}.attention.key_length") or (n_embd // first_heads if first_heads else 0))
+    head_dim_v = int(meta.get(f"{arch}.attention.value_length") or head_dim)
+    n_vocab = meta.get(f"{arch}.vocab_size")
+    if n_vocab is None and tokens is not None:
+        n_vocab = len(tokens.data)
+    if n_vocab is None:
+        embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
+        n_vocab = embd.shape[1] if embd and len(embd.shape) > 1 else None
+    kv_blocks, kv_rule = _kv_blocks(arch, n_blocks, meta)
+    total = sum(t.n_bytes for t in tensors)
+    n_el = sum(t.n_elements for t in tensors)
+    return ModelInfo(
+        path=str(path),
+        architecture=arch,
+        name=meta.get("general.name"),
+        file_type=_file_type_name(meta.get("general.file_type")),
+        n_blocks=n_blocks,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        head_dim_v=head_dim_v,
+        n_ctx_train=meta.get(f"{arch}.context_length"),
+        n_embd=n_embd,
+        n_vocab=n_vocab,
+        n_expert=int(meta.get(f"{arch}.expert_count") or 0),
+        kv_blocks=kv_blocks,
+        kv_rule=kv_rule,
+        tensors=tensors,
+        total_bytes=total,
+        bpw=round(8 * total / n_el, 4) if n_el else 0.0,
+    )
+
+
+def _field_value(f: Any) -> Any:
+    try:
+        value = f.contents()
+    except Exception:  # odd field types: keep going, nothing here needs them
+        return None
+    return value
+
+
+def _int_or_tuple(value: Any) -> int | tuple[int, ...]:
+    if isinstance(value, list):
+        return tuple(int(v) for v in value)
+    return int(value or 0)
+
+
+def _tensor_info(t: Any) -> TensorInfo:
+    type_name = gguf.GGMLQuantizationType(int(t.tensor_type)).name.lower()
+    m = _BLOCK_RE.match(t.name)
+    block, rest = (int(m.group(1)), m.group(2)) if m else (None, t.name)
+    n_elements = int(t.n_elements)
+    return TensorInfo(
+        name=t.name,
+        block=block,
+        group=_SUFFIX_RE.sub("", rest),
+        type=type_name,
+        shape=tuple(int(x) for x in t.shape),
+        n_elements=n_elements,
+        n_bytes=tensor_nbytes(type_name, n_elements),
+    )
+
+
+def _file_type_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        name = gguf.LlamaFileType(int(value)).name
+    except ValueError:
+        return str(value)
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def _per_layer(value: Any, n: int) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [int(v) for v in value] + [0] * (n - len(value))
+    return [int(value)] * n
+
+
+def _kv_blocks(arch: str, n_blocks: int, meta: dict[str, Any]) -> tuple[tuple[int, ...], str]:
+    # The main context never attends the multi-token-prediction blocks appended at the end.
+    n_trunk = n_blocks - int(meta.get(f"{arch}.nextn_predict_layers") or 0)
+    trunk = range(n_trunk)
+    head_kv = _per_layer(meta.get(f"{arch}.attention.head_count_kv"), n_blocks)
+    recurrent = meta.get(f"{arch}.attention.recurrent_layers")
+    interval = meta.get(f"{arch}.full_attention_interval")
+
+    def by_interval(default: int | None) -> tuple[tuple[int, ...], str] | None:
+        if isinstance(recurrent, list):
+            if len(recurrent) < n_trunk:
+                raise GGUFError(f"{arch}.attention.recurrent_layers has {len(recurrent)} entries for {n_trunk} blocks")
+            return tuple(i for i in trunk if not recurrent[i]), "attention.recurrent_layers == 0"
+        step = int(interval) if interval is not None else default
+        if step is None:
+            return None
+        return tuple(i for i in trunk if (i + 1) % step == 0), f"(i + 1) % full_attention_interval ({step}) == 0"
+
+    if arch in _NO_KV_ARCHS:
+        return (), "none: no attention KV cache"
+    if arch in _INTERVAL_ARCHS:
+        return by_interval(4)  # type: ignore[return-value]
+    if arch in _HEAD_KV_ARCHS:
+        return tuple(i for i in trunk if head_kv and head_kv[i] > 0), "head_count_kv > 0"
+    if arch in _NEMOTRON_H_ARCHS:
+        n_ff = _per_layer(meta.get(f"{arch}.feed_forward_length"), n_blocks) or [0] * n_blocks
+        return (tuple(i for i in trunk if head_kv and head_kv[i] > 0 and n_ff[i] == 0),
+                "head_count_kv > 0 and feed_forward_length == 0")
+    if arch in _ALL_BLOCKS_HYBRID:
+        return tuple(trunk), "all blocks (attention beside SSM)"
+    if arch == "gemma3n":
+        return tuple(range(min(20, n_trunk))), "first 20 blocks (n_layer_kv_from_start)"
+    if arch == "gemma4":
+        shared = int(meta.get(f"{arch}.attention.shared_kv_layers") or 0)
+        return tuple(range(n_blocks - shared)), "blocks before attention.shared_kv_layers"
+
+    # An arch this module does not list: apply the generic hybrid rules its metadata implies.
+    generic = by_interval(None)
+    if generic is not None:
+        return generic[0], "inferred: " + generic[1]
+    if head_kv and any(h == 0 for h in head_kv[:n_trunk]) and any(h > 0 for h in head_kv[:n_trunk]):
+        return tuple(i for i in trunk if head_kv[i] > 0), "inferred: head_count_kv > 0"
+    if any(k.startswith(f"{arch}.ssm.") or k.startswith(f"{arch}.shortconv.") for k in meta):
+        log.warning("%s: hybrid-looking metadata but no known KV layer rule", arch)
+        return (), "unknown: recurrent metadata without a known attention-layer rule"
+    return tuple(trunk), "all blocks"

@@ -1,0 +1,108 @@
+"""Bad input through the CLI: a short error, a non-zero exit, no traceback, no partial file.
+
+These need no llama.cpp build: lacq refuses before any tool runs.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from lacq.cli import cli
+from lacq.tools.base import run_tool
+from lacq.errors import ToolError
+from synth import write_synthetic_gguf
+
+
+def _run(*args):
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    return result
+
+
+def _assert_clean_error(result, *needles):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+def test_not_a_gguf(tmp_path):
+    p = tmp_path / "notes.gguf"
+    p.write_text("just text, no magic")
+    _assert_clean_error(_run("inspect", p), "not a GGUF")
+
+
+def test_truncated_gguf(tmp_path):
+    p = write_synthetic_gguf(tmp_path / "t.gguf", truncate=True)
+    _assert_clean_error(_run("inspect", p), "truncated")
+
+
+def test_missing_model(tmp_path):
+    _assert_clean_error(_run("ppl", tmp_path / "nope.gguf"), "does not exist")
+
+
+def _recipe(tmp_path, body):
+    p = tmp_path / "r.toml"
+    p.write_text('name = "r"\ndescription = "test"\nbase = "q4_0"\n' + body)
+    return p
+
+
+def test_recipe_unknown_type(tmp_path):
+    m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
+    r = _recipe(tmp_path, '[[rules]]\nlayers = "first:1"\ntensors = "*"\ntype = "q9_9"\n')
+    _assert_clean_error(_run("quantize", "--recipe", r, m), "q9_9")
+    assert not list(tmp_path.glob("m.r*.gguf"))
+
+
+def test_recipe_layer_beyond_model(tmp_path):
+    m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
+    _assert_clean_error(_run("quantize", "--recipe", "first8_q8", m), "first:8")
+
+
+def test_recipe_selector_matching_nothing(tmp_path):
+    m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
+    r = _recipe(tmp_path, '[[rules]]\nlayers = "all"\ntensors = "ffn_gate_exps"\ntype = "q8_0"\n')
+    _assert_clean_error(_run("quantize", "--recipe", r, m), "matches no quantizable tensor")
+
+
+def test_unknown_recipe_param(tmp_path):
+    m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
+    _assert_clean_error(_run("quantize", "--recipe", "first4_q8", "--set", "nope=q8_0", m), "nope")
+
+
+def test_missing_build(tmp_path):
+    m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
+    _assert_clean_error(_run("quantize", "--recipe", "first4_q8", m), "lacq build")
+    _assert_clean_error(_run("ppl", m, "--chunks", "1"), "lacq build")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ctv", "q9_0"], "unknown KV cache type"),
+    (["--ctv", "q4_0", "--fa", "off"], "needs flash attention"),
+    (["--ctv", "q4_0", "--boundary", "0"], "at least 1"),
+    (["--ctv", "q4_0", "--boundary", "3", "--boundary-type", "q7"], "unknown KV cache type"),
+])
+def test_bad_kv_settings_fail_before_work(tmp_path, args, needle):
+    m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
+    _assert_clean_error(_run("ppl", m, *args), needle)
+
+
+def test_report_on_empty_database():
+    _assert_clean_error(_run("report"), "no perplexity results")
+
+
+def test_tool_crash_shows_log_tail():
+    code = "import os, sys; print('loading model...'); print('fatal: bad tensor', flush=True); os.abort()"
+    with pytest.raises(ToolError) as exc:
+        run_tool([sys.executable, "-c", code], what="fake-tool")
+    text = str(exc.value)
+    assert "fake-tool was killed by signal" in text and "fatal: bad tensor" in text
+
+
+def test_tool_exit_status_reported():
+    with pytest.raises(ToolError, match="exited with status 3"):
+        run_tool([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], what="fake-tool")

@@ -1,0 +1,164 @@
+"""End to end on the real pinned llama.cpp (CPU build, cached) and real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lacq.build import BuildSpec, build
+from lacq.cli import cli
+from lacq.gguf_info import inspect_model
+from lacq.store import open_store
+
+from conftest import _lacq_home
+
+pytestmark = pytest.mark.e2e
+
+
+def lacq(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result
+
+
+def test_second_build_is_a_noop(cpu_build):
+    t0 = time.monotonic()
+    again = build(BuildSpec(backend="cpu"))
+    assert again.key == cpu_build.key
+    assert time.monotonic() - t0 < 5
+    for tool in ("llama-quantize", "llama-perplexity", "llama-bench", "llama-completion"):
+        assert cpu_build.tool(tool).exists()
+    assert cpu_build.patches == tuple(p.strip() for p in
+                                      (Path(__file__).parent.parent / "patches" / "series").read_text().splitlines()
+                                      if p.strip() and not p.startswith("#"))
+
+
+@pytest.fixture(scope="module")
+def quantized(cpu_build, smollm2_f16, e2e_home, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q")
+    paths = {}
+    with _lacq_home(e2e_home):
+        for recipe in ("first8_q8", "uniform_q4_0"):
+            target = out / f"{recipe}.gguf"
+            r = CliRunner().invoke(cli, ["quantize", "--recipe", recipe, str(smollm2_f16), "-o", str(target)])
+            assert r.exit_code == 0, r.output
+            assert "wrote" in r.output
+            paths[recipe] = target
+    return paths
+
+
+def test_first8_q8_has_blocks_0_to_7_at_q8_0(quantized):
+    info = inspect_model(quantized["first8_q8"])
+    for t in info.tensors:
+        if t.block is None or len(t.shape) < 2:
+            continue
+        assert t.type == ("q8_0" if t.block < 8 else "q4_0"), (t.name, t.type)
+    uniform = inspect_model(quantized["uniform_q4_0"])
+    assert {t.type for t in uniform.tensors if t.block is not None and len(t.shape) > 1} == {"q4_0"}
+    assert quantized["first8_q8"].stat().st_size > quantized["uniform_q4_0"].stat().st_size
+
+
+def test_inspect_json_agrees(quantized):
+    r = lacq("inspect", quantized["first8_q8"], "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.output)
+    assert data["n_blocks"] == 30 and data["kv_blocks"] == list(range(30))
+
+
+def test_same_plan_again_is_skipped_and_existing_output_refused(quantized, smollm2_f16):
+    target = quantized["first8_q8"]
+    mtime = target.stat().st_mtime_ns
+    r = lacq("quantize", "--recipe", "first8_q8", smollm2_f16, "-o", target)
+    assert r.exit_code == 0 and "up to date" in r.output, r.output
+    r = lacq("quantize", "--recipe", "last4_q8", smollm2_f16, "-o", target)
+    assert r.exit_code != 0 and "--force" in r.output and "Traceback" not in r.output
+    assert target.stat().st_mtime_ns == mtime
+
+
+def test_dry_run_writes_nothing(smollm2_f16, tmp_path):
+    target = tmp_path / "x.gguf"
+    r = lacq("quantize", "--recipe", "ffn_q8", smollm2_f16, "-o", target, "--dry-run", "--strict")
+    assert r.exit_code == 0, r.output
+    assert "would write" in r.output and not target.exists()
+
+
+def test_ppl_and_report(quantized):
+    for recipe, path in quantized.items():
+        r = lacq("ppl", path, "--chunks", "3", "--label", recipe, "--study", "e2e")
+        assert r.exit_code == 0, r.output
+        assert "PPL = " in r.output
+    results = open_store().results(kind="ppl", study="e2e")
+    assert {r.label for r in results} == {"first8_q8", "uniform_q4_0"}
+    by = {r.label: r.metrics for r in results}
+    for m in by.values():
+        assert len(m["chunks"]) == 3 and m["ppl"] == m["chunks"][-1]
+        assert 10 < m["ppl"] < 100
+    assert by["first8_q8"]["ppl"] < by["uniform_q4_0"]["ppl"]  # 8 blocks at q8_0 help on this model
+    r = lacq("report", "--study", "e2e", "--format", "csv")
+    assert r.exit_code == 0 and "first8_q8" in r.output and "uniform_q4_0" in r.output
+
+
+def test_quantized_kv_cache_runs_with_flash_attention(quantized):
+    r = lacq("ppl", quantized["uniform_q4_0"], "--chunks", "2", "--ctk", "q8_0", "--ctv", "q4_0")
+    assert r.exit_code == 0, r.output
+    (res,) = open_store().results(kind="ppl")
+    assert res.metrics["k_type"] == "q8_0" and res.metrics["v_type"] == "q4_0"
+    assert res.metrics["flash_attn"] == "enabled"
+    assert res.kv["flash_attn"] == "on"
+
+
+def test_tool_failure_shows_log(cpu_build, quantized, tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("far too short to evaluate")
+    r = lacq("ppl", quantized["uniform_q4_0"], "-f", corpus, "--chunks", "1")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "you need at least" in r.output
+
+
+def test_llama_cpp_refusing_a_model_shows_its_log(cpu_build, tmp_path):
+    from synth import write_synthetic_gguf
+    model = write_synthetic_gguf(tmp_path / "no-tokenizer.gguf", n_blocks=2)
+    r = lacq("ppl", model, "--chunks", "1")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "llama-perplexity exited with status" in r.output and "last lines of its log" in r.output
+
+
+def _interrupt(args, ready, tmp_path) -> subprocess.CompletedProcess:
+    """Start `lacq ARGS`, wait until `ready()` holds, send Ctrl-C (SIGINT)."""
+    proc = subprocess.Popen([sys.executable, "-m", "lacq", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    deadline = time.monotonic() + 120
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(args, proc.returncode, out)
+
+
+def test_ctrl_c_during_quantize_leaves_no_partial_file(smollm2_f16, tmp_path):
+    target = tmp_path / "out" / "interrupted.gguf"
+    target.parent.mkdir()
+    done = _interrupt(["quantize", "--recipe", "uniform_q4_0", smollm2_f16, "-o", target],
+                      lambda: any(target.parent.glob("*.part")), tmp_path)
+    assert done.returncode == 130, done.stdout
+    assert "interrupted" in done.stdout and "Traceback" not in done.stdout
+    assert list(target.parent.iterdir()) == []
+
+
+def test_ctrl_c_during_ppl_stores_nothing(quantized, tmp_path):
+    marker = tmp_path / "started"
+    log_dir = Path(os.environ["LACQ_HOME"])
+    t0 = time.monotonic()
+    done = _interrupt(["ppl", quantized["uniform_q4_0"], "--chunks", "8"],
+                      lambda: time.monotonic() - t0 > 4, tmp_path)
+    assert done.returncode == 130, done.stdout
+    assert "Traceback" not in done.stdout
+    assert open_store().results(kind="ppl") == []

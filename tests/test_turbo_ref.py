@@ -1,0 +1,98 @@
+"""lacq.turbo_ref against the patched libggml's turbo quantizer, bit for bit.
+
+Needs a libggml-base built from the patched tree: set LACQ_GGML_BASE_LIB to its
+path (default: /work/llama-wt/turbo/build-cpu/bin/libggml-base.so). Skipped when
+the library is absent or predates the turbo types.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lacq import turbo_ref
+
+LIB = Path(os.environ.get("LACQ_GGML_BASE_LIB", "/work/llama-wt/turbo/build-cpu/bin/libggml-base.so"))
+TYPE_IDS = {"turbo2": 43, "turbo3": 44, "turbo4": 45}
+
+
+class TypeTraits(ctypes.Structure):
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    if not LIB.exists():
+        pytest.skip(f"{LIB} not built")
+    lib = ctypes.CDLL(str(LIB))
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    for name, tid in TYPE_IDS.items():
+        tt = lib.ggml_get_type_traits(tid).contents
+        if tt.type_name is None or tt.type_name.decode() != name:
+            pytest.skip(f"{LIB} has no {name} type")
+    return lib
+
+
+def _data(rng, nrows, ncols):
+    x = rng.standard_normal((nrows, ncols)).astype(np.float32)
+    x[0, :32] = 0.0                                       # all-zero block
+    x[1, :32] = np.float32(3.0)                           # constant block
+    x[2, :] *= np.float32(1e-3)                           # small scale
+    x[3, :32] = np.linspace(-2, 2, 32, dtype=np.float32)  # values on a grid
+    x[4, :] = rng.uniform(-1, 1, ncols).astype(np.float32) * np.float32(40.0)
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(TYPE_IDS))
+def test_quantize_matches_ggml(ggml, name):
+    bits = turbo_ref.TYPE_BITS[name]
+    tid = TYPE_IDS[name]
+    tt = ggml.ggml_get_type_traits(tid).contents
+    assert tt.blck_size == 32
+    assert tt.type_size == turbo_ref.BLOCK_BYTES[bits]
+    assert tt.is_quantized
+
+    rng = np.random.default_rng(1234 + bits)
+    nrows, ncols = 64, 256
+    x = _data(rng, nrows, ncols)
+    out = ctypes.create_string_buffer(nrows * ncols // 32 * tt.type_size)
+    n = ggml.ggml_quantize_chunk(tid, x.ctypes.data, out, 0, nrows, ncols, None)
+    assert n == len(out.raw)
+
+    ref = turbo_ref.quantize(x, bits)
+    got = out.raw
+    assert got == ref
+
+    y = np.zeros(nrows * ncols, dtype=np.float32)
+    TO_FLOAT(tt.to_float)(out, y.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), nrows * ncols)
+    np.testing.assert_array_equal(y, turbo_ref.dequantize(ref, bits))
+    assert not np.any(y[:32])                             # all-zero block stays zero
+
+
+def test_reference_mse_on_gaussian():
+    x = np.random.default_rng(0).standard_normal((2000, 32)).astype(np.float32)
+    expected = {2: 0.106, 3: 0.0259, 4: 0.0059}
+    for bits, mse in expected.items():
+        y = turbo_ref.dequantize(turbo_ref.quantize(x, bits), bits).reshape(x.shape)
+        rel = float(((x - y) ** 2).sum() / (x ** 2).sum())
+        assert abs(rel - mse) < 0.1 * mse, (bits, rel)
+        assert turbo_ref.bits_per_value(bits) == bits + 0.5

@@ -8,6 +8,7 @@ changes and why; the diff follows (`patch` skips the header).
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +76,21 @@ def _hunk_text(patch_path: Path, target_file: str, hunk_no: int) -> str:
     return "\n".join(out[:40])
 
 
+def _git_apply(tree: Path, patch: Patch) -> None:
+    """Fallback where GNU patch is not installed: git apply, strict context."""
+    check = subprocess.run(["git", "apply", "--check", "-v", str(patch.path)], cwd=tree, capture_output=True, text=True)
+    if check.returncode != 0:
+        errors = [l for l in check.stderr.splitlines() if l.startswith("error:")]
+        raise PatchError(f"patch {patch.name} does not apply:\n" + "\n".join(errors[:6] or [check.stderr.strip()[-800:]]))
+    subprocess.run(["git", "apply", str(patch.path)], cwd=tree, check=True, capture_output=True)
+
+
 def apply_patch(tree: Path, patch: Patch) -> None:
     """Apply one patch; on failure raise PatchError naming the patch and the rejected hunk."""
+    if shutil.which("patch") is None:
+        if shutil.which("git") is None:
+            raise PatchError("applying patches needs GNU patch or git; install one (apt-get install patch)")
+        return _git_apply(tree, patch)
     base = ["patch", "-p1", "--forward", "--batch", "--fuzz=0", "--no-backup-if-mismatch", "-i", str(patch.path), "-d", str(tree)]
     check = subprocess.run(base + ["--dry-run"], capture_output=True, text=True)
     if check.returncode != 0:

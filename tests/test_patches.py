@@ -81,3 +81,17 @@ def test_shipped_series_has_headers():
     for p in patches:
         assert isinstance(p, Patch)
         assert "What:" in p.header and "Why:" in p.header, p.name
+
+
+def test_git_apply_fallback_without_gnu_patch(tmp_path, monkeypatch):
+    import shutil as _shutil
+    real = _shutil.which
+    monkeypatch.setattr("lacq.patches.shutil.which", lambda name: None if name == "patch" else real(name))
+    tree = _tree(tmp_path)
+    apply_series(tree, read_series(_series(tmp_path, GOOD)))
+    assert (tree / "src" / "a.txt").read_text() == "one\nTWO\nthree\n"
+    other = tmp_path / "other"
+    other.mkdir()
+    tree2 = _tree(other)
+    with pytest.raises(PatchError, match="0001-p.patch"):
+        apply_series(tree2, read_series(_series(other, BAD)))

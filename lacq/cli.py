@@ -238,8 +238,8 @@ def quantize_cmd(ctx, model_spec, recipe_name, output, sets, imatrix, dry_run, s
 # ---------------------------------------------------------------- ppl
 def kv_options(fn):
     opts = [
-        click.option("--ctk", default="f16", show_default=True, help="K cache type."),
-        click.option("--ctv", default="f16", show_default=True, help="V cache type."),
+        click.option("--ctk", default=None, help="K cache type (default f16, or the KV policy's)."),
+        click.option("--ctv", default=None, help="V cache type (default f16, or the KV policy's)."),
         click.option("--fa", "flash_attn", type=click.Choice(["on", "off", "auto"]), default="auto",
                      show_default=True, help="Flash attention (a quantized V cache switches it on)."),
         click.option("--boundary", "boundary_n", type=int, default=None,
@@ -260,6 +260,7 @@ def kv_config(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_po
         if boundary_n is not None:
             raise LacqError("give either --boundary or --kv-policy, not both")
         return load_kv_policy(kv_policy).config(ctk=ctk, ctv=ctv, flash_attn=flash_attn)
+    ctk, ctv = ctk or "f16", ctv or "f16"
     if boundary_n is None:
         return KvConfig(ctk, ctv, flash_attn)
     high = check_type(boundary_type)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import RecipeError
-from .kvtypes import kv_type, valid_names
+from .kvtypes import backend_problem, kv_type, valid_names
 
 ENV_K = "LLAMA_KV_TYPES_K"
 ENV_V = "LLAMA_KV_TYPES_V"
@@ -100,6 +100,14 @@ class KvConfig:
             raise RecipeError(f"a quantized V cache ({', '.join(quant_v)}) needs flash attention; "
                               "drop --no-fa / -fa off")
         return KvConfig(self.k, self.v, "on", self.k_overrides, self.v_overrides, self.policy_name)
+
+    def check_backend(self, backend: str) -> None:
+        """Refuse, before any work, types this backend cannot run."""
+        ks, vs = self.all_types()
+        for role, types in (("K", ks), ("V", vs)):
+            for t in sorted(types):
+                if why := backend_problem(t, backend):
+                    raise RecipeError(f"{role} cache type {t} cannot run on the {backend} backend: {why}")
 
     def per_layer(self, n_kv: int) -> list[tuple[str, str]]:
         """(K type, V type) for each KV-layer ordinal; validates ordinals."""

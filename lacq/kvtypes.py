@@ -50,3 +50,15 @@ def kv_type(name: str) -> KvType:
 
 def valid_names() -> str:
     return ", ".join(KV_TYPES)
+
+
+# KV types a backend of the pinned tree cannot run in flash attention (which a
+# quantized V cache needs), with the reason shown to the user.
+UNSUPPORTED: dict[tuple[str, str], str] = {
+    ("q2_0", "cuda"): "the pinned tree's CUDA flash-attention kernels have no q2_0 variant",
+    ("q2_0", "metal"): "the pinned tree's Metal flash-attention kernels have no q2_0 variant",
+}
+
+
+def backend_problem(name: str, backend: str) -> str | None:
+    return UNSUPPORTED.get((name.lower(), backend))

@@ -85,6 +85,10 @@ def test_missing_build(tmp_path):
     (["--ctv", "q4_0", "--fa", "off"], "needs flash attention"),
     (["--ctv", "q4_0", "--boundary", "0"], "at least 1"),
     (["--ctv", "q4_0", "--boundary", "3", "--boundary-type", "q7"], "unknown KV cache type"),
+    (["--ctv", "q4_0", "--boundary", "5"], "ordinal 4 is out of range: this model has 4 KV layers"),
+    (["--kv-policy", "nope"], "no KV policy named"),
+    (["--kv-policy", "boundary_v2", "--boundary", "2"], "not both"),
+    (["--ctv", "q4_0", "--kv-policy", "layer0_high", "--backend", "cuda"], "lacq build --backend cuda"),
 ])
 def test_bad_kv_settings_fail_before_work(tmp_path, args, needle):
     m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)

@@ -68,3 +68,42 @@ def test_kv_type_sizes_mirror_ggml():
     assert kv_type("q4_0").bits_per_value == 4.5
     assert kv_type("q2_0").bits_per_value == 2.25
     assert kv_type("f16").bits_per_value == 16
+
+
+def test_backend_support_is_checked_before_running():
+    KvConfig("q8_0", "q2_0", "on").check_backend("cpu")
+    with pytest.raises(RecipeError, match="cannot run on the cuda backend"):
+        KvConfig("q8_0", "q2_0", "on").check_backend("cuda")
+
+
+def test_shipped_kv_policies():
+    from lacq.kvpolicy import list_kv_policies, load_kv_policy
+    assert {"boundary_v2", "boundary_v4", "last8_v", "layer0_high"} <= set(list_kv_policies())
+    cfg = load_kv_policy("boundary_v2").config(ctk="q8_0", ctv="q4_0")
+    assert [i for i, (_, v) in enumerate(cfg.per_layer(30)) if v == "q8_0"] == [0, 1, 28, 29]
+    cfg = load_kv_policy("layer0_high").config(ctk="q4_0", ctv="q4_0")
+    assert cfg.per_layer(16)[0] == ("f16", "f16") and set(cfg.per_layer(16)[1:]) == {("q4_0", "q4_0")}
+    cfg = load_kv_policy("last8_v").config(ctk="q8_0", ctv="q4_0", overrides={"high": "q5_0"})
+    assert [i for i, (_, v) in enumerate(cfg.per_layer(30)) if v == "q5_0"] == list(range(22, 30))
+
+
+def test_kv_policy_errors(tmp_path):
+    from lacq.kvpolicy import load_kv_policy
+    with pytest.raises(RecipeError, match="no KV policy named"):
+        load_kv_policy("nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "b"\ndescription = "d"\n[[v_layers]]\nlayers = "0"\ntype = "q3_9"\n')
+    with pytest.raises(RecipeError, match="unknown KV cache type"):
+        load_kv_policy(bad)
+    bad.write_text('name = "b"\ndescription = "d"\nextra = 1\n[[v_layers]]\nlayers = "0"\ntype = "q8_0"\n')
+    with pytest.raises(RecipeError, match="unknown keys extra"):
+        load_kv_policy(bad)
+    bad.write_text('name = "b"\ndescription = "d"\n[[v_layers]]\nlayers = "1..x"\ntype = "q8_0"\n')
+    with pytest.raises(RecipeError, match="bad KV layer override"):
+        load_kv_policy(bad)
+    bad.write_text('name = "b"\ndescription = "d"\n')
+    with pytest.raises(RecipeError, match="at least one"):
+        load_kv_policy(bad)
+    cfg = load_kv_policy("boundary_v4").config(ctk="q8_0", ctv="q4_0")
+    with pytest.raises(RecipeError, match="out of range"):
+        cfg.per_layer(3)

@@ -31,6 +31,10 @@ def temp_sibling(path: Path) -> Path:
     """A temporary name beside `path`, removed by the caller or by `atomic_output`."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file 0600; outputs should get the usual mode (umask applies).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
 
 

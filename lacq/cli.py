@@ -382,3 +382,7 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# Commands defined in other modules register themselves on `cli` when imported.
+from . import cli_measure  # noqa: E402,F401

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""Perplexity of KV-cache configurations on one model: the KV studies' table.
+
+    python bench/kv_table.py --preset boundary [--backend cpu] [--chunks 40] [--ctx 512]
+    python bench/kv_table.py --configs "q8_0/f16,q8_0/q4_0,q8_0/q4_0+b2" ...
+
+A configuration is K/V, optionally +bN (V of the first and last N KV layers at
+--boundary-type, by KV-layer ordinal). Prints a markdown table (PPL, Δ% vs the
+first row, K and V bits/value, the fraction of the low→high gap a boundary
+policy recovers) and appends it, with the exact command, to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lacq import paths  # noqa: E402
+from lacq.build import BuildSpec, build  # noqa: E402
+from lacq.gguf_info import inspect_model  # noqa: E402
+from lacq.jobs import convert_ftype, measure_ppl  # noqa: E402
+from lacq.kv import KvConfig, boundary  # noqa: E402
+from lacq.models import resolve_model  # noqa: E402
+from lacq.store import open_store  # noqa: E402
+
+PRESETS = {
+    "boundary": "q8_0/f16,q8_0/q8_0,q8_0/q5_0,q8_0/q4_0,q8_0/q4_0+b2,q8_0/q4_0+b4,"
+                "q8_0/q2_0,q8_0/q2_0+b2,q8_0/q2_0+b4",
+    "boundary-gpu": "q8_0/f16,q8_0/q8_0,q8_0/q5_0,q8_0/q4_0,q8_0/q4_0+b2,q8_0/q4_0+b4",
+}
+
+
+def parse_config(text: str, fa: str, boundary_type: str) -> tuple[str, KvConfig]:
+    kv, _, pol = text.partition("+")
+    k, _, v = kv.partition("/")
+    over = boundary(int(pol[1:]), boundary_type) if pol else ()
+    return text, KvConfig(k, v, fa, (), over, policy_name=f"boundary {pol[1:]}" if pol else None)
+
+
+def gap_note(label: str, ppl: dict[str, float]) -> str:
+    """Fraction of the low-type→boundary-type gap a +bN row recovers."""
+    if "+b" not in label:
+        return ""
+    kv = label.split("+")[0]
+    k, low = kv.split("/")
+    high = f"{k}/q8_0"
+    if kv not in ppl or high not in ppl or ppl[kv] == ppl[high]:
+        return ""
+    return f"{(ppl[kv] - ppl[label]) / (ppl[kv] - ppl[high]) * 100:.0f}% of {low}→q8_0 gap"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS))
+    ap.add_argument("--configs")
+    ap.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M, dequantized to F16)")
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--source", default=None)
+    ap.add_argument("--ngl", type=int, default=None)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--fa", default="on")
+    ap.add_argument("--boundary-type", default="q8_0")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    configs = args.configs or PRESETS.get(args.preset or "boundary")
+
+    b = build(BuildSpec(backend=args.backend), args.source)
+    store = open_store()
+    model = resolve_model(args.model)
+    if args.model is None:  # the weight-exact F16 base of the Q4_1 file
+        model = convert_ftype(b, store, model, paths.sub("models") / "SmolLM2-135M-Instruct.f16.gguf")
+    info = inspect_model(model)
+    rows, ppl = [], {}
+    study = f"bench-kv:{args.backend}:{b.key}:c{args.ctx}:n{args.chunks}"
+    for text in configs.split(","):
+        label, kv = parse_config(text.strip(), args.fa, args.boundary_type)
+        out = measure_ppl(b, store, model, info, kv, paths.default_corpus(), ctx=args.ctx, chunks=args.chunks,
+                          threads=args.threads, ngl=args.ngl, label=label, study=study)
+        ppl[label] = out.result.ppl
+        rows.append((label, out.result.ppl, out.result.ppl_error, out.k_bits_per_value, out.v_bits_per_value,
+                     out.seconds))
+        print(f"{label}: PPL {out.result.ppl:.4f} ({out.seconds:.0f} s)", file=sys.stderr, flush=True)
+    base = rows[0][1]
+    lines = [f"### {model.name}, {args.backend}, {args.chunks} chunks of {args.ctx}, flash attention {args.fa}",
+             "", f"`{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`", "",
+             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, host {platform.node()}, "
+             f"build {b.key} ({', '.join(b.patches) or 'no patches'})", "",
+             "| K/V | PPL | ± | Δ% vs first row | K bits/value | V bits/value | gap recovered | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, p, err, kb, vb, secs in rows:
+        lines.append(f"| {label} | {p:.4f} | {err:.4f} | {(p / base - 1) * 100:+.2f}% | {kb:.3f} | {vb:.3f} | "
+                     f"{gap_note(label, ppl)} | {secs:.0f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -74,3 +74,28 @@ def test_perplexity_argv_has_kv_and_log_level(tmp_path):
                            kv_args=["-ctk", "q8_0", "-ctv", "q4_0", "-fa", "on"])
     assert args[args.index("--chunks") + 1] == "3"
     assert "-lv" in args and args[args.index("-ctv") + 1] == "q4_0"
+
+
+@pytest.mark.parametrize("name,blocks,upgraded,k_bpv,v_bpv", [
+    # SmolLM2, pure attention: ordinal = block; boundary 2 by ordinal -> blocks 0, 1, 28, 29
+    ("kv_policy_smollm2.log", list(range(30)), [0, 1, 28, 29], 8.5, 5.0333),
+    # lfm2 hybrid: attention only in blocks 2, 5, 6, 9, 12, 14 -> ordinals 0..5
+    ("kv_policy_hybrid.log", [2, 5, 6, 9, 12, 14], [2, 5, 12, 14], 8.5, 7.1667),
+    # gemma3 iSWA: two caches, ordinals over both in block order
+    ("kv_policy_iswa_gemma3.log", list(range(12)), [0, 1, 10, 11], 8.5, 5.8333),
+])
+def test_per_layer_kv_lines(capture, name, blocks, upgraded, k_bpv, v_bpv):
+    r = perplexity.parse(capture(name))
+    assert [l.block for l in r.kv_layers] == blocks
+    assert [l.ordinal for l in r.kv_layers] == list(range(len(blocks)))
+    assert [l.block for l in r.kv_layers if l.v_type == "q8_0"] == upgraded
+    assert {l.v_type for l in r.kv_layers if l.block not in upgraded} == {"q4_0"}
+    assert {l.k_type for l in r.kv_layers} == {"q8_0"}
+    assert r.k_bits_per_value == pytest.approx(k_bpv) and r.v_bits_per_value == pytest.approx(v_bpv)
+    assert r.v_type == "mixed" and r.k_type == "q8_0"
+
+
+def test_iswa_cache_sizes_add_up(capture):
+    r = perplexity.parse(capture("kv_policy_iswa_gemma3.log"))
+    assert r.k_mib == pytest.approx(0.27 + 1.33)
+    assert r.v_mib == pytest.approx(0.20 + 0.89)

@@ -70,7 +70,11 @@ def parse(text: str) -> PerplexityResult:
         elif m := _KV_SUMMARY.search(line):
             values["k_bpv"], values["v_bpv"] = float(m.group(2)), float(m.group(3))
         elif m := _KV_SIZE.search(line):
-            values.update(k_type=m.group(4), k_mib=float(m.group(5)), v_type=m.group(6), v_mib=float(m.group(7)))
+            # iSWA models print one size line per cache: add them up.
+            for key, typ, mib in (("k", m.group(4), m.group(5)), ("v", m.group(6), m.group(7))):
+                seen = values.get(f"{key}_type")
+                values[f"{key}_type"] = typ if seen in (None, typ) else "mixed"
+                values[f"{key}_mib"] = values.get(f"{key}_mib", 0.0) + float(mib)
         elif m := _KV_BUF.search(line):
             values["kv_mib"] = values.get("kv_mib", 0.0) + float(m.group(2))
         elif m := _FA.search(line):

@@ -73,7 +73,7 @@ def test_hybrid_boundary_uses_attention_blocks_only(cpu_build, lfm2):
 
 
 def test_hybrid_ordinal_beyond_kv_layers_is_refused_before_work(lfm2):
-    r = lacq("ppl", lfm2["path"], "--ctv", "q4_0", "--boundary", "4")
+    r = lacq("ppl", lfm2["path"], "--ctv", "q4_0", "--boundary", "7")
     assert r.exit_code != 0 and "this model has 6 KV layers" in r.output
 
 

@@ -59,7 +59,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS))
     ap.add_argument("--configs")
-    ap.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M, dequantized to F16)")
+    ap.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M Q4_1 from PyPI)")
+    ap.add_argument("--as-is", action="store_true",
+                    help="measure --model as it is; by default it is dequantized to an exact F16 base first")
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--source", default=None)
     ap.add_argument("--ngl", type=int, default=None)
@@ -75,8 +77,8 @@ def main() -> None:
     b = build(BuildSpec(backend=args.backend), args.source)
     store = open_store()
     model = resolve_model(args.model)
-    if args.model is None:  # the weight-exact F16 base of the Q4_1 file
-        model = convert_ftype(b, store, model, paths.sub("models") / "SmolLM2-135M-Instruct.f16.gguf")
+    if not args.as_is:  # the weight-exact F16 base of the quantized file
+        model = convert_ftype(b, store, model, paths.sub("models") / f"{model.stem}.f16.gguf")
     info = inspect_model(model)
     rows, ppl = [], {}
     study = f"bench-kv:{args.backend}:{b.key}:c{args.ctx}:n{args.chunks}"

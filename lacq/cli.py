@@ -19,7 +19,9 @@ from .build import BACKENDS, BuildSpec, build as run_build, find_build, prepared
 from .errors import LacqError
 from .kv import KvConfig, boundary, check_type, parse_overrides
 
-console = Console()
+# Tables are wide: when output is not a terminal (a pipe, a log file, CI), do not
+# squeeze them into rich's default 80 columns.
+console = Console() if Console().is_terminal else Console(width=160)
 err_console = Console(stderr=True)
 
 

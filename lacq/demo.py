@@ -45,6 +45,8 @@ def run_demo(build: Build, store: Store, model: Path, corpus: Path, *, ctx: int 
     if any(t.type not in ("f16", "f32", "bf16") for t in info.tensors if len(t.shape) > 1):
         base = convert_ftype(build, store, model, work / f"{model.stem}.f16.gguf", "F16",
                              progress=lambda f, d: step and step("dequantize to F16", f, d))
+        if step:
+            step("dequantize to F16", 1.0, "done")
     else:
         base = model
     base_info = inspect_model(base)

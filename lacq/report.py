@@ -115,6 +115,9 @@ def _fmt(col: str, value) -> str:
 def render(df: pd.DataFrame, fmt: str, console: Console, title: str | None = None,
            columns: dict[str, str] = PPL_COLUMNS) -> None:
     cols = [c for c in columns if c in df.columns]
+    # A column that is the same on every row (KV bits/value in a weight study) says nothing in a table.
+    if fmt in ("table", "md", "markdown") and len(df) > 1:
+        cols = [c for c in cols if c not in ("k_bpv", "v_bpv") or df[c].nunique(dropna=False) > 1]
     if fmt == "json":
         console.print_json(json.dumps(df[cols].to_dict(orient="records"), default=str))
         return

@@ -293,7 +293,12 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, threads, ngl, label, study
     kv = kv_config(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy)
     model = resolve_model(model_spec)
     info = inspect_model(model)
-    kv.with_fa_resolved().per_layer(len(info.kv_blocks))  # bad ordinals fail before the build lookup
+    resolved = kv.with_fa_resolved()
+    resolved.per_layer(len(info.kv_blocks))  # bad ordinals fail before the build lookup
+    resolved.check_backend(backend)
+    if resolved.flash_attn != kv.flash_attn:
+        err_console.print(f"[yellow]note[/yellow]: flash attention switched on: "
+                          f"{', '.join(kv.needs_flash_attention())} need it")
     build = require_build(BuildSpec(backend=backend), source)
     store = _store(ctx)
     with _progress() as progress:

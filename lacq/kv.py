@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import RecipeError
-from .kvtypes import backend_problem, kv_type, valid_names
+from .kvtypes import TURBO, backend_problem, kv_type, pair_problem, valid_names
 
 ENV_K = "LLAMA_KV_TYPES_K"
 ENV_V = "LLAMA_KV_TYPES_V"
@@ -90,15 +90,19 @@ class KvConfig:
     def all_types(self) -> tuple[set[str], set[str]]:
         return ({self.k} | {o.type for o in self.k_overrides}, {self.v} | {o.type for o in self.v_overrides})
 
+    def needs_flash_attention(self) -> list[str]:
+        """Types that need flash attention: any quantized V, and turbo K (its
+        kernels exist only in the flash-attention path)."""
+        ktypes, vtypes = self.all_types()
+        return sorted({t for t in vtypes if kv_type(t).quantized} | {t for t in ktypes if t in TURBO})
+
     def with_fa_resolved(self) -> "KvConfig":
-        """Quantized V needs flash attention in llama.cpp: switch it on, refuse `off`."""
-        _, vtypes = self.all_types()
-        quant_v = sorted(t for t in vtypes if kv_type(t).quantized)
-        if not quant_v:
+        """Switch flash attention on where the types need it; refuse an explicit `off`."""
+        need = self.needs_flash_attention()
+        if not need or self.flash_attn == "on":
             return self
         if self.flash_attn == "off":
-            raise RecipeError(f"a quantized V cache ({', '.join(quant_v)}) needs flash attention; "
-                              "drop --no-fa / -fa off")
+            raise RecipeError(f"KV cache type(s) {', '.join(need)} need flash attention; drop --fa off")
         return KvConfig(self.k, self.v, "on", self.k_overrides, self.v_overrides, self.policy_name)
 
     def check_backend(self, backend: str) -> None:
@@ -108,6 +112,10 @@ class KvConfig:
             for t in sorted(types):
                 if why := backend_problem(t, backend):
                     raise RecipeError(f"{role} cache type {t} cannot run on the {backend} backend: {why}")
+        for k in sorted(ks):
+            for v in sorted(vs):
+                if why := pair_problem(k, v, backend):
+                    raise RecipeError(f"K {k} with V {v} cannot run on the {backend} backend: {why}")
 
     def per_layer(self, n_kv: int) -> list[tuple[str, str]]:
         """(K type, V type) for each KV-layer ordinal; validates ordinals."""

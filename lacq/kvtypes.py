@@ -52,6 +52,15 @@ def valid_names() -> str:
     return ", ".join(KV_TYPES)
 
 
+# ggml-common.h block_turbo2/3/4 of patch 0003: fp16 scale + 32 codebook
+# indices of 2, 3 or 4 bits (KV-only types; they never reach a GGUF file).
+TURBO_PATCH = "0003-ggml-turbo2-turbo3-turbo4-kv-cache-types-lloyd-m.patch"
+KV_TYPES["turbo2"] = KvType("turbo2", 32, 10, patch=TURBO_PATCH)
+KV_TYPES["turbo3"] = KvType("turbo3", 32, 14, patch=TURBO_PATCH)
+KV_TYPES["turbo4"] = KvType("turbo4", 32, 18, patch=TURBO_PATCH)
+TURBO = ("turbo2", "turbo3", "turbo4")
+
+
 # KV types a backend of the pinned tree cannot run in flash attention (which a
 # quantized V cache needs), with the reason shown to the user.
 UNSUPPORTED: dict[tuple[str, str], str] = {
@@ -62,3 +71,10 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
 
 def backend_problem(name: str, backend: str) -> str | None:
     return UNSUPPORTED.get((name.lower(), backend))
+
+
+def pair_problem(k: str, v: str, backend: str) -> str | None:
+    """Problems of a K/V type pair (flash attention dispatches on both)."""
+    if backend == "metal" and (k in TURBO or v in TURBO) and k != v:
+        return "the patch's Metal flash attention runs turbo types only with K and V of the same type"
+    return None

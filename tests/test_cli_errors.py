@@ -82,7 +82,9 @@ def test_missing_build(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--ctv", "q9_0"], "unknown KV cache type"),
-    (["--ctv", "q4_0", "--fa", "off"], "needs flash attention"),
+    (["--ctv", "q4_0", "--fa", "off"], "need flash attention"),
+    (["--ctk", "turbo3", "--fa", "off"], "turbo3 need flash attention"),
+    (["--ctk", "q8_0", "--ctv", "turbo2", "--backend", "metal"], "same type"),
     (["--ctv", "q4_0", "--boundary", "0"], "at least 1"),
     (["--ctv", "q4_0", "--boundary", "3", "--boundary-type", "q7"], "unknown KV cache type"),
     (["--ctv", "q4_0", "--boundary", "5"], "ordinal 4 is out of range: this model has 4 KV layers"),

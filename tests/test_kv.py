@@ -52,7 +52,7 @@ def test_ordinal_beyond_model_and_empty_range():
 def test_quantized_v_switches_flash_attention_on_or_refuses():
     assert KvConfig("q8_0", "q4_0", "auto").with_fa_resolved().flash_attn == "on"
     assert KvConfig("f16", "f16", "auto").with_fa_resolved().flash_attn == "auto"
-    with pytest.raises(RecipeError, match="needs flash attention"):
+    with pytest.raises(RecipeError, match="need flash attention"):
         KvConfig("q8_0", "q4_0", "off").with_fa_resolved()
 
 
@@ -107,3 +107,17 @@ def test_kv_policy_errors(tmp_path):
     cfg = load_kv_policy("boundary_v4").config(ctk="q8_0", ctv="q4_0")
     with pytest.raises(RecipeError, match="out of range"):
         cfg.per_layer(3)
+
+
+def test_turbo_types_and_their_bits():
+    assert kv_type("turbo2").bits_per_value == 2.5
+    assert kv_type("turbo3").bits_per_value == 3.5
+    assert kv_type("turbo4").bits_per_value == 4.5
+    # a turbo K needs flash attention even with an f16 V
+    assert KvConfig("turbo3", "f16", "auto").with_fa_resolved().flash_attn == "on"
+    from lacq.kvpolicy import load_kv_policy
+    cfg = load_kv_policy("boundary_v2_turbo").config()
+    assert (cfg.k, cfg.v) == ("q8_0", "turbo2")
+    assert cfg.bits_per_value(30)[1] == pytest.approx((26 * 2.5 + 4 * 8.5) / 30)
+    cfg = load_kv_policy("boundary_v2_turbo4").config()
+    assert [v for _, v in cfg.per_layer(30)].count("turbo4") == 4

@@ -1,8 +1,7 @@
 """lacq.turbo_ref against the patched libggml's turbo quantizer, bit for bit.
 
-Needs a libggml-base built from the patched tree: set LACQ_GGML_BASE_LIB to its
-path (default: /work/llama-wt/turbo/build-cpu/bin/libggml-base.so). Skipped when
-the library is absent or predates the turbo types.
+Uses libggml-base of lacq's CPU build of the patched tree (the e2e build
+fixture); LACQ_GGML_BASE_LIB points it at another library.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import pytest
 
 from lacq import turbo_ref
 
-LIB = Path(os.environ.get("LACQ_GGML_BASE_LIB", "/work/llama-wt/turbo/build-cpu/bin/libggml-base.so"))
 TYPE_IDS = {"turbo2": 43, "turbo3": 44, "turbo4": 45}
 
 
@@ -36,9 +34,9 @@ TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float
 
 
 @pytest.fixture(scope="module")
-def ggml():
-    if not LIB.exists():
-        pytest.skip(f"{LIB} not built")
+def ggml(cpu_build):
+    """libggml-base of lacq's CPU build of the patched tree (LACQ_GGML_BASE_LIB overrides)."""
+    LIB = Path(os.environ.get("LACQ_GGML_BASE_LIB") or cpu_build.bin_dir / "libggml-base.so")
     lib = ctypes.CDLL(str(LIB))
     lib.ggml_get_type_traits.restype = ctypes.POINTER(TypeTraits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
@@ -63,6 +61,7 @@ def _data(rng, nrows, ncols):
 
 
 @pytest.mark.parametrize("name", sorted(TYPE_IDS))
+@pytest.mark.e2e
 def test_quantize_matches_ggml(ggml, name):
     bits = turbo_ref.TYPE_BITS[name]
     tid = TYPE_IDS[name]

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The commands lacq's CUDA figures in bench/results/ come from, run on the GPU
+# host (no network) from a copy of this checkout:
+#   .whl/       gguf + platformdirs wheels (the host's Python lacks them)
+#   .gpu/src/   llama-src.tar.xz: the pinned llama.cpp tree (models/ and docs/ left out)
+#   .gpu/m1, .gpu/m2: SmolLM2-135M-Instruct.Q4_1.gguf split in two (upload limit)
+# Usage: bash bench/gpu/session.sh STAGE   (stages in order: setup, wait, tests, ppl, speed)
+set -uo pipefail
+export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+SRC=/tmp/g/llama.cpp
+MODEL=/tmp/g/model.gguf
+bin() { python3 -m lacq build --backend cuda --source "$SRC" --target test-backend-ops --print-path; }
+
+case "$1" in
+setup)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  mkdir -p /tmp/g && tar -C /tmp/g -xJf .gpu/src/llama-src.tar.xz && cp .gpu/m1/* /tmp/g/
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC --target test-backend-ops; echo rc=\$?" \
+    > /tmp/build.log 2>&1 < /dev/null &
+  sleep 30; tail -n 3 /tmp/build.log ;;
+wait)
+  [ -f .gpu/m2/model.part.01 ] && cp .gpu/m2/* /tmp/g/ && cat /tmp/g/model.part.* > "$MODEL"
+  for _ in $(seq 1 "${2:-55}"); do grep -q '^rc=' /tmp/build.log && break; sleep 10; done
+  tail -n 4 /tmp/build.log
+  if ! grep -q '^rc=0' /tmp/build.log; then
+    grep -h -B2 -A6 'error' $(find "$LACQ_HOME" -name lacq-build.log) | head -80; exit 1
+  fi ;;
+tests)
+  B=$(bin)
+  for op in SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT; do
+    "$B/test-backend-ops" test -b CUDA0 -o "$op" -p turbo > "$OUT/test-backend-ops-$op-turbo.log" 2>&1
+    echo "$op turbo: $(grep -c 'OK' "$OUT/test-backend-ops-$op-turbo.log") OK," \
+         "$(grep -c 'FAIL' "$OUT/test-backend-ops-$op-turbo.log") FAIL," \
+         "$(grep -c 'not supported' "$OUT/test-backend-ops-$op-turbo.log") not supported; $(tail -n 1 "$OUT/test-backend-ops-$op-turbo.log")"
+  done ;;
+ppl)
+  C="q8_0/f16,q8_0/q8_0,q8_0/q4_0,q8_0/turbo4,q8_0/turbo3,q8_0/turbo2,q8_0/turbo2+b2,q8_0/turbo2+b4"
+  C="$C,f16/turbo3,turbo4/turbo4,turbo3/turbo3,turbo2/turbo2"
+  python3 bench/kv_table.py --configs "$C" --backend cuda --source "$SRC" --ngl 99 --model "$MODEL" \
+    --chunks 40 --out "$OUT/kv_turbo_cuda.md" 2>/dev/null
+  python3 bench/kv_table.py --configs "$C" --backend cuda --source "$SRC" --ngl 99 --model "$MODEL" \
+    --ctx 4096 --chunks 8 --out "$OUT/kv_turbo_cuda.md" 2>/dev/null | tail -n 16 ;;
+speed)
+  B=$(bin)
+  {
+    echo "llama-bench on $(nvidia-smi --query-gpu=name --format=csv,noheader), $MODEL (Q4_1), -ngl 99 -fa 1 -r 5"
+    for cfg in q4_0 turbo4 turbo3 turbo2 turbo2+b2; do
+      v=${cfg%+b2}; env=()
+      [ "$cfg" != "$v" ] && env=(LLAMA_KV_TYPES_V="0..1=q8_0,-2..-1=q8_0")
+      echo; echo "K q8_0, V $cfg: \`${env[*]} llama-bench -m model.gguf -ngl 99 -fa 1 -ctk q8_0 -ctv $v -p 512 -n 128 -d 0,8192 -r 5 -o md\`"
+      env "${env[@]}" "$B/llama-bench" -m "$MODEL" -ngl 99 -fa 1 -ctk q8_0 -ctv "$v" -p 512 -n 128 -d 0,8192 -r 5 -o md 2>/dev/null
+    done
+  } | tee "$OUT/kv_turbo_speed_cuda.md" ;;
+esac

@@ -296,6 +296,7 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, threads, ngl, label, study
     resolved = kv.with_fa_resolved()
     resolved.per_layer(len(info.kv_blocks))  # bad ordinals fail before the build lookup
     resolved.check_backend(backend)
+    resolved.check_head_size(info.head_dim, info.head_dim_v)
     if resolved.flash_attn != kv.flash_attn:
         err_console.print(f"[yellow]note[/yellow]: flash attention switched on: "
                           f"{', '.join(kv.needs_flash_attention())} need it")

@@ -139,6 +139,7 @@ def measure_ppl(build: Build, store: Store, model: Path, info: ModelInfo, kv: Kv
         raise LacqError(f"corpus {corpus} does not exist")
     kv = kv.with_fa_resolved()
     kv.check_backend(build.backend)
+    kv.check_head_size(info.head_dim, info.head_dim_v)
     n_kv = len(info.kv_blocks)
     k_bpv, v_bpv = kv.bits_per_value(n_kv)  # also validates ordinals before any work
     if kv.k_overrides or kv.v_overrides:

@@ -117,6 +117,16 @@ class KvConfig:
                 if why := pair_problem(k, v, backend):
                     raise RecipeError(f"K {k} with V {v} cannot run on the {backend} backend: {why}")
 
+    def check_head_size(self, head_dim_k: int | None, head_dim_v: int | None) -> None:
+        """turbo types rely on the cache's Hadamard rotation, which needs head sizes that are
+        multiples of 64 (patch 0003 refuses the rest; lacq says so before loading the model)."""
+        ks, vs = self.all_types()
+        for role, types, dim in (("K", ks, head_dim_k), ("V", vs, head_dim_v)):
+            turbo = sorted(t for t in types if t in TURBO)
+            if turbo and dim and dim % 64:
+                raise RecipeError(f"{role} cache type {turbo[0]} needs a head size that is a multiple of 64 "
+                                  f"(for the Hadamard rotation); this model's is {dim}")
+
     def per_layer(self, n_kv: int) -> list[tuple[str, str]]:
         """(K type, V type) for each KV-layer ordinal; validates ordinals."""
         ks, vs = [self.k] * n_kv, [self.v] * n_kv

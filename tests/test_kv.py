@@ -121,3 +121,10 @@ def test_turbo_types_and_their_bits():
     assert cfg.bits_per_value(30)[1] == pytest.approx((26 * 2.5 + 4 * 8.5) / 30)
     cfg = load_kv_policy("boundary_v2_turbo4").config()
     assert [v for _, v in cfg.per_layer(30)].count("turbo4") == 4
+
+
+def test_turbo_needs_head_size_multiple_of_64():
+    KvConfig("q8_0", "turbo3", "on").check_head_size(64, 128)
+    KvConfig("q8_0", "q4_0", "on").check_head_size(32, 32)
+    with pytest.raises(RecipeError, match="multiple of 64.*this model's is 32"):
+        KvConfig("q8_0", "turbo3", "on").check_head_size(64, 32)

@@ -4,7 +4,8 @@
 #   .whl/       gguf + platformdirs wheels (the host's Python lacks them)
 #   .gpu/src/   llama-src.tar.xz: the pinned llama.cpp tree (models/ and docs/ left out)
 #   .gpu/m1, .gpu/m2: SmolLM2-135M-Instruct.Q4_1.gguf split in two (upload limit)
-# Usage: bash bench/gpu/session.sh STAGE   (stages in order: setup, wait, tests, ppl, speed)
+# Usage: bash bench/gpu/session.sh STAGE   (stages in order: setup, wait, tests, ppl, speed;
+#        cpu-setup and cpu-ppl run the same PPL tables on the host's 16-core CPU backend)
 set -uo pipefail
 export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/site:$PWD
@@ -44,6 +45,21 @@ ppl)
     --chunks 40 --out "$OUT/kv_turbo_cuda.md" 2>/dev/null
   python3 bench/kv_table.py --configs "$C" --backend cuda --source "$SRC" --ngl 99 --model "$MODEL" \
     --ctx 4096 --chunks 8 --out "$OUT/kv_turbo_cuda.md" 2>/dev/null | tail -n 16 ;;
+cpu-setup)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  mkdir -p /tmp/g && tar -C /tmp/g -xJf .gpu/src/llama-src.tar.xz && cp .gpu/m1/* /tmp/g/
+  setsid nohup bash -c "python3 -m lacq build --backend cpu --source $SRC; echo rc=\$?" \
+    > /tmp/build.log 2>&1 < /dev/null &
+  sleep 20; lscpu | grep -E 'Model name|^CPU\(s\)' ;;
+cpu-ppl)
+  C="q8_0/f16,q8_0/q8_0,q8_0/q4_0,q8_0/turbo4,q8_0/turbo3,q8_0/turbo2,q8_0/turbo2+b2,q8_0/turbo2+b4"
+  C="$C,f16/turbo3,turbo4/turbo4,turbo3/turbo3,turbo2/turbo2"
+  python3 bench/kv_table.py --configs "$C" --source "$SRC" --threads 16 --model "$MODEL" \
+    --chunks 40 --out "$OUT/kv_turbo_cpu16.md" 2>/dev/null | tail -n 16
+  python3 bench/kv_table.py --preset boundary --source "$SRC" --threads 16 --model "$MODEL" \
+    --chunks 40 --out "$OUT/kv_boundary_cpu16.md" 2>/dev/null | tail -n 12
+  python3 bench/kv_table.py --configs "$C" --source "$SRC" --threads 16 --model "$MODEL" \
+    --ctx 4096 --chunks 8 --out "$OUT/kv_turbo_cpu16.md" 2>/dev/null | tail -n 16 ;;
 speed)
   B=$(bin)
   {

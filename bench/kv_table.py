@@ -50,8 +50,10 @@ def gap_note(label: str, ppl: dict[str, float]) -> str:
     kv = label.split("+")[0]
     k, low = kv.split("/")
     high = f"{k}/q8_0"
-    if kv not in ppl or high not in ppl or ppl[kv] == ppl[high]:
+    if kv not in ppl or high not in ppl:
         return ""
+    if ppl[kv] <= ppl[high]:
+        return f"n/a: {low} is not worse than q8_0 here"
     return f"{(ppl[kv] - ppl[label]) / (ppl[kv] - ppl[high]) * 100:.0f}% of {low}→q8_0 gap"
 
 

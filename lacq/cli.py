@@ -327,10 +327,10 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, threads, ngl, label, study
 @click.pass_context
 @handle_errors
 def report_cmd(ctx, study, base_label, fmt, list_studies):
-    """Comparison table of stored perplexity results."""
-    from .report import ppl_frame, render
+    """Comparison table of stored results: PPL, and KLD and NIAH where the study has them."""
+    from .report import combined_frame, render
     store = _store(ctx)
-    results = store.results(kind="ppl")
+    results = [r for r in store.results() if r.kind in ("ppl", "kld", "niah")]
     studies = list(dict.fromkeys(r.study for r in results if r.study))
     if list_studies:
         for s in studies:
@@ -343,7 +343,8 @@ def report_cmd(ctx, study, base_label, fmt, list_studies):
     rows = [r for r in results if r.study == study] if study else results
     if not rows:
         raise LacqError(f"no results for study {study!r}; known studies: {', '.join(studies) or 'none'}")
-    render(ppl_frame(rows, base_label), fmt, console, title=study)
+    df, columns = combined_frame(rows, base_label)
+    render(df, fmt, console, title=study, columns=columns)
 
 
 # ---------------------------------------------------------------- demo

@@ -56,7 +56,9 @@ def run_demo(build: Build, store: Store, model: Path, corpus: Path, *, ctx: int 
         plan = resolve_recipe(load_recipe(name), base_info)
         if step:
             step("quantize", i / len(recipes), name)
-        out = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{model.stem}.{name}.gguf")
+        # The work directory is lacq's own: a file made by another build is replaced.
+        out = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{model.stem}.{name}.gguf",
+                                 force=True)
         models.append((name, out.output, name, plan.plan_hash))
     if step:
         step("quantize", 1.0, "done")

@@ -106,8 +106,13 @@ def quantize_with_plan(build: Build, store: Store, model: Path, info: ModelInfo,
 
 def convert_ftype(build: Build, store: Store, model: Path, output: Path, ftype: str = "F16",
                   progress: Progress | None = None) -> Path:
-    """Whole-model conversion (e.g. dequantize Q4_1 -> F16 for weight studies), cached."""
-    key = canonical_hash({"input": store.sha256(model), "ftype": ftype, "build": build.key})
+    """Whole-model conversion (e.g. dequantize Q4_1 -> F16 for weight studies), cached.
+
+    The key leaves the build out on purpose: dequantizing to a float type is exact
+    arithmetic in every build of ggml, so a rebuild (a new patch) must not strand
+    the base every study was measured on.
+    """
+    key = canonical_hash({"input": store.sha256(model), "ftype": ftype})
     if output.exists() and (cached := store.cache.artifact(key)) is not None and cached.resolve() == output.resolve():
         return output
     if output.exists():

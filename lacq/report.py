@@ -60,6 +60,39 @@ def ppl_frame(results: list[Result], base_label: str | None = None) -> pd.DataFr
     return df
 
 
+# The combined comparison: KLD first where a base exists, PPL beside it, NIAH after.
+COMBINED_COLUMNS = {
+    "configuration": "Configuration", "size_mb": "Size (MB)", "kld_mean": "Mean KLD", "kld_mean_error": "KLD ±",
+    "kld_p99": "KLD 99%", "same_top_p_pct": "Same top p %", "ppl": "PPL", "ppl_error": "±",
+    "ppl_delta_pct": "PPL Δ%", "compression": "Compression ×", "k_bpv": "K bits/value", "v_bpv": "V bits/value",
+    "niah_pass_pct": "NIAH %", "niah_by_length": "NIAH by length", "mark": "",
+}
+
+
+def combined_frame(results: list[Result], base_label: str | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
+    """PPL rows joined with KLD and NIAH results of the same configurations.
+
+    Returns the frame and the columns to show: PPL's table alone when the study
+    has no KLD or NIAH results; sorted by mean KLD when it has KLD.
+    """
+    from .measure import kld_frame, niah_summary_frame
+
+    df = ppl_frame(results, base_label)
+    columns = PPL_COLUMNS
+    kld = kld_frame(results)
+    if len(kld):
+        kld = kld.drop(columns=[c for c in ("size_mb", "recipe", "ppl_q") if c in kld.columns])
+        df = df.merge(kld, on="configuration", how="outer").sort_values("kld_mean", na_position="first")
+        columns = COMBINED_COLUMNS
+    niah = niah_summary_frame(results)
+    if len(niah):
+        df = df.merge(niah, on="configuration", how="left" if len(df) else "outer")
+        columns = COMBINED_COLUMNS
+    if columns is COMBINED_COLUMNS:
+        columns = {c: h for c, h in COMBINED_COLUMNS.items() if c in df.columns and df[c].notna().any()}
+    return df.reset_index(drop=True), columns
+
+
 def _marks(df: pd.DataFrame, base_label: str) -> list[str]:
     """'base', '*' on the Pareto front (no row both smaller and better), '★ best trade-off'.
 
@@ -109,6 +142,10 @@ def _fmt(col: str, value) -> str:
         return f"{value:.2f}×"
     if col in ("k_bpv", "v_bpv"):
         return f"{value:.3f}"
+    if col in ("kld_mean", "kld_mean_error"):
+        return f"{value:.5f}"
+    if col in ("kld_p99", "same_top_p_pct", "niah_pass_pct"):
+        return f"{value:.2f}" if col != "niah_pass_pct" else f"{value:.0f}%"
     return str(value)
 
 

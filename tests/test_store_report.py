@@ -83,3 +83,24 @@ def test_render_formats(tmp_path):
     rows = json.loads(outs["json"])
     assert {r["configuration"] for r in rows} == {"F16 base", "uniform"}
     assert "uniform" in outs["table"]
+
+
+def test_report_joins_kld_and_niah_and_sorts_by_kld(tmp_path):
+    from lacq.report import combined_frame
+    m = _models(tmp_path, {"base": 4000, "a": 1000, "b": 1200})
+    store = Store(tmp_path / "r.sqlite")
+    _add(store, m["base"], "F16 base", 10.0)
+    _add(store, m["a"], "a", 12.0)
+    _add(store, m["b"], "b", 11.0)
+    for label, model, kld in (("a", m["a"], 0.30), ("b", m["b"], 0.10)):
+        store.add(kind="kld", label=label, model=model, build={}, command=[], study="s",
+                  metrics={"kld_mean": kld, "kld_mean_error": 0.01, "kld_quantiles": {"p99": 1.0, "max": 3.0},
+                           "dp_rms_pct": 5.0, "same_top_p_pct": 80.0, "ppl_q": 11.0, "ppl_ratio": 1.1})
+    store.add(kind="niah", label="a", model=m["a"], build={}, command=[], study="s",
+              metrics={"pass_rate": 0.5, "trials": 2, "grid": [{"length": 1024, "passed": 1, "n": 2}]})
+    df, cols = combined_frame(store.results())
+    assert list(df.configuration) == ["F16 base", "b", "a"]  # base first, then KLD order (not PPL)
+    assert {"kld_mean", "ppl", "niah_pass_pct"} <= set(cols)
+    assert df.set_index("configuration").loc["a", "niah_pass_pct"] == 50.0
+    only_ppl, cols = combined_frame([r for r in store.results() if r.kind == "ppl"])
+    assert "kld_mean" not in cols

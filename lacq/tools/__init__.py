@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import perplexity, quantize
+from . import bench, kld, perplexity, quantize
 
 REGISTRY: dict[str, ModuleType] = {
     "llama-quantize": quantize,
     "llama-perplexity": perplexity,
+    "llama-perplexity --kl-divergence": kld,
+    "llama-bench": bench,
 }
 
 

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""KL-divergence of the layer-placement study's ten weight recipes against the F16 base.
+
+    python bench/kld_recipes.py [--chunks 20] [--ctx 512] [--threads N] [--backend cuda --ngl 99]
+
+Quantizes (or reuses) each recipe from the exact F16 base of SmolLM2 (or --model),
+runs `lacq kld` for each, and prints a table sorted by mean KLD with the PPL of
+the same chunks beside it, plus Spearman's rank correlation between the KLD and
+PPL rankings. Appends it, with the exact command, to bench/results/kld_recipes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lacq import paths  # noqa: E402
+from lacq.build import BuildSpec, require_build  # noqa: E402
+from lacq.gguf_info import inspect_model  # noqa: E402
+from lacq.jobs import convert_ftype, default_output, quantize_with_plan  # noqa: E402
+from lacq.kv import KvConfig  # noqa: E402
+from lacq.measure import (  # noqa: E402
+    results_header, measure_kld, spearman,
+)
+from lacq.models import resolve_model  # noqa: E402
+from lacq.recipe import list_recipes, load_recipe, resolve_recipe  # noqa: E402
+from lacq.store import open_store  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def emit(lines: list[str], out: Path) -> None:
+    """Print the table and append it to `out`."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(text + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF whose F16 dequantization is the base (default SmolLM2)")
+    ap.add_argument("--recipes", default=None, help="comma-separated (default: every shipped recipe)")
+    ap.add_argument("--from-dir", type=Path, default=None,
+                    help="reuse <stem>.<recipe>.gguf and <stem>.f16.gguf files there (e.g. a `lacq demo` work dir)")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--source", default=None)
+    ap.add_argument("--ngl", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS / "kld_recipes.md")
+    args = ap.parse_args()
+    b = require_build(BuildSpec(backend=args.backend), args.source)
+    store = open_store()
+    src = resolve_model(args.model)
+    if args.from_dir:
+        base = args.from_dir / f"{src.stem}.f16.gguf"
+    else:
+        base = convert_ftype(b, store, src, paths.sub("models") / f"{src.stem}.f16.gguf")
+    base_info = inspect_model(base)
+    work = paths.sub("bench-kld")
+    corpus = paths.default_corpus()
+    study = f"bench-kld:{args.backend}:{b.key}:c{args.ctx}:n{args.chunks}"
+    rows = []
+    for name in (args.recipes.split(",") if args.recipes else list_recipes()):
+        plan = resolve_recipe(load_recipe(name), base_info, {})
+        if args.from_dir:
+            qpath = args.from_dir / f"{src.stem}.{name}.gguf"
+        else:
+            qpath = quantize_with_plan(b, store, base, base_info, plan,
+                                       output=default_output(work / base.name, name)).output
+        info = inspect_model(qpath)
+        out = measure_kld(b, store, qpath, info, base, base_info, KvConfig(), corpus, ctx=args.ctx,
+                          chunks=args.chunks, threads=args.threads, ngl=args.ngl, label=name, study=study,
+                          recipe=name, plan_hash=plan.plan_hash)
+        r = out.result
+        rows.append((name, qpath.stat().st_size / 1e6, r))
+        print(f"{name}: KLD {r.kld_mean:.5f}, PPL {r.ppl_q:.4f} ({out.seconds:.0f} s)", file=sys.stderr, flush=True)
+    rows.sort(key=lambda x: x[2].kld_mean)
+    rho = spearman([r.kld_mean for _, _, r in rows], [r.ppl_q for _, _, r in rows])
+    lines = results_header(f"KLD vs F16, {base.name}, {args.backend}, {args.chunks} chunks of {args.ctx}",
+                           b, ["python", *sys.argv])
+    lines += ["| recipe | size (MB) | mean KLD | ± | KLD 99% | KLD max | RMS Δp % | same top p % | PPL | PPL rank |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ppl_rank = {n: i + 1 for i, (n, _, _) in enumerate(sorted(rows, key=lambda x: x[2].ppl_q))}
+    for name, mb, r in rows:
+        lines.append(f"| {name} | {mb:.1f} | {r.kld_mean:.5f} | {r.kld_mean_error:.5f} | "
+                     f"{r.kld_quantiles.get('p99', float('nan')):.4f} | {r.kld_quantiles.get('max', float('nan')):.3f} | "
+                     f"{r.dp_rms_pct:.3f} | {r.same_top_p_pct:.2f} | {r.ppl_q:.4f} | {ppl_rank[name]} |")
+    lines += ["", f"F16 base PPL on the same chunks: {rows[0][2].ppl_base:.4f}. "
+              f"Spearman's rank correlation between the KLD and PPL rankings: {rho:+.3f}.", ""]
+    emit(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Needle-in-a-haystack grids (depth × context) for KV configurations, f16 baseline first.
+
+    python bench/niah_grid.py [--configs f16/f16,q8_0/q4_0,q8_0/q4_0+b2] [--ctx 1024,2048,4096,8192]
+                              [--depths 0,25,50,75,100] [--trials 5] [--threads N] [--backend cuda --ngl 99]
+
+Prints one markdown grid per configuration and appends them, with the exact
+command, to bench/results/niah_grid.md (or --out); --plot writes all heatmaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lacq.build import BuildSpec, require_build  # noqa: E402
+from lacq.gguf_info import inspect_model  # noqa: E402
+from lacq.measure import (  # noqa: E402
+    parse_kv_label as parse_config, results_header, measure_niah, niah_grid_frame, plot_niah,
+)
+from lacq.models import resolve_model  # noqa: E402
+from lacq.store import open_store  # noqa: E402
+
+DEFAULT = "f16/f16,q8_0/q4_0,q8_0/q4_0+b2"
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def emit(lines: list[str], out: Path) -> None:
+    """Print the table and append it to `out`."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(text + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=DEFAULT, help="K/V or K/V+bN, comma-separated; the first is the baseline")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--ctx", default="1024,2048,4096,8192")
+    ap.add_argument("--depths", default="0,25,50,75,100")
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runner", default="bindings", choices=["bindings", "completion"])
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--source", default=None)
+    ap.add_argument("--ngl", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--fa", default="auto")
+    ap.add_argument("--out", type=Path, default=RESULTS / "niah_grid.md")
+    ap.add_argument("--plot", type=Path, default=None)
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.ctx.split(",")]
+    depths = [int(x) for x in args.depths.split(",")]
+    b = require_build(BuildSpec(backend=args.backend), args.source)
+    store = open_store()
+    model = resolve_model(args.model)
+    info = inspect_model(model)
+    study = f"bench-niah:{args.backend}:{b.key}:t{args.trials}:s{args.seed}"
+    lines = results_header(f"NIAH, {model.name}, {args.backend}, {args.trials} trials per cell, seed {args.seed}",
+                           b, ["python", *sys.argv])
+    frames = {}
+    for text in args.configs.split(","):
+        label, kv = parse_config(text, args.fa)
+        t0 = time.monotonic()
+        out = measure_niah(b, store, model, info, kv, lengths=lengths, depths=depths, trials=args.trials,
+                           seed=args.seed, runner=args.runner, threads=args.threads, ngl=args.ngl, label=label,
+                           study=study,
+                           progress=lambda f, d: print(f"\r{label}: {f:4.0%} {d:40}", end="", file=sys.stderr))
+        print(file=sys.stderr)
+        (res,) = [r for r in store.results(kind="niah") if r.id == out.result_id]
+        df = niah_grid_frame(res.metrics)
+        frames[label] = df
+        lines += [f"**{label}** ({res.metrics['pass_rate']:.0%} overall, {time.monotonic() - t0:.0f} s, "
+                  f"{out.runner})", "", "| depth \\ context | " + " | ".join(map(str, df.columns)) + " |",
+                  "|" + " --- |" * (len(df.columns) + 1)]
+        for d in df.index:
+            lines.append(f"| {d}% | " + " | ".join(f"{df.loc[d, c]:.0%}" for c in df.columns) + " |")
+        by_len = {c: df[c].mean() for c in df.columns}
+        lines += ["| all depths | " + " | ".join(f"{v:.0%}" for v in by_len.values()) + " |", ""]
+    emit(lines, args.out)
+    if args.plot:
+        plot_niah(frames, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

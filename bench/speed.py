@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Prefill and decode speed (llama-bench) per KV configuration and depth.
+
+    python bench/speed.py --backend cuda --ngl 99 [--source PATH] \
+        [--configs f16/f16,q8_0/q4_0,q8_0/q4_0+b2] [--pp 512] [--tg 128] [--depth 0,8192] [-r 5]
+
+Per-layer policies (+bN) reach llama-bench through the patch's environment
+variables. Prints a markdown table (tokens/s ± stddev, device, build key) and
+appends it, with the exact command, to bench/results/speed.md; --plot writes a chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lacq.build import BuildSpec, require_build  # noqa: E402
+from lacq.gguf_info import inspect_model  # noqa: E402
+from lacq.measure import (  # noqa: E402
+    parse_kv_label as parse_config, results_header, bench_frame, measure_bench, plot_bench,
+)
+from lacq.models import resolve_model  # noqa: E402
+from lacq.store import open_store  # noqa: E402
+
+DEFAULT = "f16/f16,q8_0/q4_0,q8_0/q4_0+b2"
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def emit(lines: list[str], out: Path) -> None:
+    """Print the table and append it to `out`."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(text + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=DEFAULT)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--pp", type=int, default=512)
+    ap.add_argument("--tg", type=int, default=128)
+    ap.add_argument("--depth", default="0,8192")
+    ap.add_argument("-r", "--repetitions", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--source", default=None)
+    ap.add_argument("--ngl", type=int, default=None)
+    ap.add_argument("--fa", default="on")
+    ap.add_argument("--out", type=Path, default=RESULTS / "speed.md")
+    ap.add_argument("--plot", type=Path, default=None)
+    args = ap.parse_args()
+    b = require_build(BuildSpec(backend=args.backend), args.source)
+    store = open_store()
+    model = resolve_model(args.model)
+    info = inspect_model(model)
+    study = f"bench-speed:{args.backend}:{b.key}"
+    results = []
+    for text in args.configs.split(","):
+        label, kv = parse_config(text, args.fa)
+        out = measure_bench(b, store, model, info, kv, pp=args.pp, tg=args.tg,
+                            depths=tuple(int(d) for d in args.depth.split(",")), repetitions=args.repetitions,
+                            threads=args.threads, ngl=args.ngl, label=label, study=study)
+        results += [r for r in store.results(kind="bench") if r.id == out.result_id]
+        print(f"{label}: done ({out.seconds:.0f} s)", file=sys.stderr, flush=True)
+    df = bench_frame(results)
+    device = df.device.iloc[0]
+    lines = results_header(f"llama-bench, {model.name}, {args.backend} ({device}), pp{args.pp} / tg{args.tg}, "
+                   f"{args.repetitions} repetitions",
+                           b, ["python", *sys.argv])
+    lines += ["| K/V | depth | prefill t/s | ± | decode t/s | ± |", "| --- | --- | --- | --- | --- | --- |"]
+    for _, r in df.iterrows():
+        lines.append(f"| {r.configuration} | {r.depth} | {r.pp_ts:.1f} | {r.pp_sd:.1f} | {r.tg_ts:.1f} | {r.tg_sd:.1f} |")
+    emit(lines + [""], args.out)
+    if args.plot:
+        plot_bench(df, args.plot)
+
+
+if __name__ == "__main__":
+    main()

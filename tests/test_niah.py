@@ -1,0 +1,224 @@
+"""Needle-in-a-haystack: prompt building, scoring, bad input; e2e both runners agree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from lacq import niah
+from lacq.cli import cli
+from lacq.kv import KvConfig
+
+CORPUS = " ".join(f"Sentence {i} talks about the history of the river valley and its towns." for i in range(4000))
+
+
+def word_count(text: str) -> int:
+    """A stand-in tokenizer for unit tests: one token per whitespace-separated word."""
+    return len(text.split())
+
+
+def plain_builder(**kw) -> niah.PromptBuilder:
+    return niah.PromptBuilder(CORPUS, niah.ChatTemplate("none", None), word_count, **kw)
+
+
+# ---------------------------------------------------------------- scoring
+@pytest.mark.parametrize("answer,key,passed", [
+    (" 9150.", "9150", True),
+    (" 9150", "9150", True),
+    (" is 9150, remember", "9150", True),
+    (" 1234. Or 9150.", "9150", False),  # the first number counts
+    (" 91500", "9150", False),
+    (" nine one five zero", "9150", False),
+    ("", "9150", False),
+])
+def test_score_is_exact_first_number(answer, key, passed):
+    assert niah.score(key, answer) is passed
+
+
+# ---------------------------------------------------------------- prompts
+def test_prompt_fills_the_budget_and_hides_the_needle_at_depth():
+    b = plain_builder(seed=3, n_predict=16)
+    for depth in (0, 50, 100):
+        p = b.prompt(1024, depth, 0)
+        assert b.budget(1024) - 20 <= p.n_tokens <= b.budget(1024)
+        needle = niah.NEEDLE.format(key=p.key)
+        assert p.text.count(needle) == 1 and p.text.endswith(niah.ANSWER_PREFIX)
+        body = p.text.split("\n\n")[1]
+        frac = body.index(needle) / len(body)
+        assert abs(frac - depth / 100) < 0.1, (depth, frac)
+
+
+def test_prompts_are_seeded_per_trial_and_shared_across_depths():
+    a, b = plain_builder(seed=1), plain_builder(seed=1)
+    assert a.prompt(512, 50, 0) == b.prompt(512, 50, 0)
+    assert a.prompt(512, 0, 0).key == a.prompt(512, 100, 0).key
+    keys = {a.prompt(512, 50, t).key for t in range(6)}
+    assert len(keys) > 1
+    assert plain_builder(seed=2).prompt(512, 50, 0).text != a.prompt(512, 50, 0).text
+
+
+def test_key_never_appears_in_the_haystack():
+    corpus = " ".join(str(n) for n in range(1000, 10000))  # every 4-digit key is in the text
+    b = niah.PromptBuilder(corpus * 3, niah.ChatTemplate("none", None), word_count)
+    # the slice is short enough that some key is missing from it
+    p = b.prompt(256, 50, 0)
+    assert p.text.count(p.key) == 2  # the needle says it twice, the haystack never
+
+
+def test_chat_template_renders_and_prefills_the_answer():
+    t = niah.ChatTemplate("chatml", niah.CHATML)
+    text = t.render("hello")
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n" + niah.ANSWER_PREFIX
+
+
+# ---------------------------------------------------------------- bad input
+def test_context_longer_than_the_model_supports():
+    with pytest.raises(niah.NiahError, match="longer than the model supports"):
+        niah.check_lengths([1024, 16384], 8192)
+    with pytest.raises(niah.NiahError, match="too short"):
+        niah.check_lengths([64], 8192)
+    with pytest.raises(niah.NiahError, match="percentage"):
+        niah.check_depths([0, 120])
+
+
+def test_needle_that_does_not_fit():
+    b = plain_builder(n_predict=48)  # template, needle and question take about 40 "tokens" here
+    with pytest.raises(niah.NiahError, match="cannot hold the needle: .* leaving"):
+        b.check_fits(128)
+    b.check_fits(512)
+
+
+def test_haystack_too_short():
+    b = niah.PromptBuilder("just a few words " * 50, niah.ChatTemplate("none", None), word_count)
+    with pytest.raises(niah.NiahError, match="longer --haystack"):
+        b.prompt(4096, 50, 0)
+
+
+def test_unknown_chat_template(tmp_path, monkeypatch):
+    monkeypatch.setattr(niah, "model_chat_metadata", lambda m: ("{{ messages[0].content }}", "", ""))
+    with pytest.raises(niah.NiahError, match="unknown chat template 'llama9'"):
+        niah.resolve_template("llama9", tmp_path / "m.gguf")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{{ raise_exception('this template needs a system message') }}")
+    with pytest.raises(niah.NiahError, match="does not render .*needs a system message"):
+        niah.resolve_template(str(broken), tmp_path / "m.gguf")
+    assert niah.resolve_template("auto", tmp_path / "m.gguf").name == "model"
+    monkeypatch.setattr(niah, "model_chat_metadata", lambda m: (None, "", ""))
+    assert niah.resolve_template("auto", tmp_path / "m.gguf").source is None
+
+
+def test_bindings_version_and_library_checks(tmp_path):
+    niah.check_bindings_version(niah.BINDINGS_VERSION)
+    with pytest.raises(niah.NiahError, match="0.3.2 does not match"):
+        niah.check_bindings_version("0.3.2")
+    lib = tmp_path / "bin" / "libllama.so"
+    niah.check_loaded_library(str(lib), tmp_path / "bin")
+    with pytest.raises(niah.NiahError, match="not the build's"):
+        niah.check_loaded_library("/usr/lib/libllama.so", tmp_path / "bin")
+
+
+def test_bindings_that_cannot_bind_the_library_fail_cleanly(tmp_path):
+    code = ("from lacq import niah\n"
+            "try:\n    niah.load_bindings(__import__('pathlib').Path(%r))\n"
+            "except niah.NiahError as e:\n    print('NIAHERROR', e)\n") % str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "NIAHERROR" in out.stdout, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_completion_output_parsing(capture):
+    out = capture("niah_completion_q8_0_q4_0_b2.stdout.log")
+    err = capture("niah_completion_q8_0_q4_0_b2.stderr.log")
+    text, n = niah.parse_completion(out, err)
+    assert text == " 5996." and n == 235
+    assert niah.parse_completion(" 12 34\n\n", "")[0] == " 12 34"  # stopped at -n, no end-of-text marker
+
+
+def test_completion_argv_passes_prompt_bytes_and_greedy():
+    args = niah.completion_argv("llama-completion", "m.gguf", "p.txt", n_ctx=1024, n_predict=16, threads=2,
+                                ngl=99, kv=KvConfig("q8_0", "q4_0", "auto"))
+    assert args[args.index("-bf") + 1] == "p.txt" and "-no-cnv" in args
+    assert args[args.index("--temp") + 1] == "0" and args[args.index("-fa") + 1] == "on"
+    assert args[args.index("-ctv") + 1] == "q4_0" and args[args.index("-ngl") + 1] == "99"
+
+
+def test_pass_rates():
+    t = lambda l, d, ok: niah.NiahTrial(l, d, 0, "1", "", ok, 10, 0.1)
+    grid = niah.pass_rates([t(512, 0, True), t(512, 0, False), t(512, 100, True)])
+    assert grid == {(512, 0): (1, 2), (512, 100): (1, 1)}
+
+
+def test_cli_refuses_bad_ctx_before_work(monkeypatch, tmp_path):
+    from synth import write_synthetic_gguf
+    model = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=2)
+    r = CliRunner().invoke(cli, ["niah", str(model), "--ctx", "1024,x"])
+    assert r.exit_code != 0 and "comma-separated integers" in r.output
+
+
+# ---------------------------------------------------------------- e2e
+def _need_bindings():
+    import importlib.metadata
+    try:
+        importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llama-cpp-python is not installed (pip install -e .[niah])")
+
+
+@pytest.mark.e2e
+def test_bindings_and_completion_give_the_same_answers(cpu_build, smollm2):
+    """The same prompt text through llama-cpp-python and llama-completion: same tokens, same answers."""
+    _need_bindings()
+    from lacq import paths
+    kv = KvConfig("q8_0", "q4_0", "on")
+    bind = niah.BindingsRunner(cpu_build, smollm2, kv, threads=1)
+    comp = niah.CompletionRunner(cpu_build, smollm2, kv, threads=1)
+    template = niah.resolve_template("auto", smollm2)
+    builder = niah.PromptBuilder(paths.default_corpus().read_text(errors="replace"), template, bind.count_tokens,
+                                 seed=7, n_predict=8)
+    try:
+        for length, depth in ((512, 0), (1024, 100)):
+            p = builder.prompt(length, depth, 0)
+            assert p.text.startswith("<|im_start|>system")  # SmolLM2's own template
+            a, b = bind.generate(p, 8), comp.generate(p, 8)
+            assert a.n_prompt_tokens == b.n_prompt_tokens == p.n_tokens
+            assert a.text.strip() == b.text.strip(), (a.text, b.text)
+            assert niah.first_number(a.text) is not None  # it answered with a number, not nothing
+    finally:
+        bind.close()
+    assert comp.count_tokens(p.text) == p.n_tokens
+
+
+@pytest.mark.e2e
+def test_niah_cli_stores_a_grid(cpu_build, smollm2, tmp_path):
+    _need_bindings()
+    from lacq.store import open_store
+    png = tmp_path / "grid.png"
+    r = CliRunner().invoke(cli, ["niah", str(smollm2), "--ctx", "256", "--depths", "0,100", "--trials", "1",
+                                 "-t", "1", "--ctk", "q8_0", "--ctv", "q4_0", "--boundary", "2", "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    (res,) = open_store().results(kind="niah")
+    assert res.kv["v_overrides"] == ["0..1=q8_0", "-2..-1=q8_0"] and res.kv["flash_attn"] == "on"
+    assert [(c["length"], c["depth"], c["n"]) for c in res.metrics["grid"]] == [(256, 0, 1), (256, 100, 1)]
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.e2e
+def test_niah_cli_refuses_too_long_a_context(cpu_build, smollm2):
+    r = CliRunner().invoke(cli, ["niah", str(smollm2), "--ctx", "16384"])
+    assert r.exit_code != 0 and "longer than the model supports (8192" in r.output and "Traceback" not in r.output
+
+
+def test_grid_and_summary_frames():
+    from types import SimpleNamespace
+    from lacq.measure import niah_grid_frame, niah_summary_frame
+    metrics = {"trials": 2, "pass_rate": 0.75, "grid": [
+        {"length": 1024, "depth": 0, "passed": 2, "n": 2}, {"length": 1024, "depth": 100, "passed": 2, "n": 2},
+        {"length": 2048, "depth": 0, "passed": 1, "n": 2}, {"length": 2048, "depth": 100, "passed": 1, "n": 2}]}
+    df = niah_grid_frame(metrics)
+    assert list(df.index) == [0, 100] and list(df.columns) == [1024, 2048]
+    assert df.loc[0, 2048] == 0.5 and df.loc[100, 1024] == 1.0
+    s = niah_summary_frame([SimpleNamespace(kind="niah", label="f16/f16", metrics=metrics)])
+    assert s.loc[0, "niah_by_length"] == "1024:100% 2048:50%" and s.loc[0, "niah_pass_pct"] == 75

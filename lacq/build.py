@@ -15,7 +15,6 @@ import platform
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Callable
 
 from . import paths
 from .errors import BuildError
-from .fsutil import canonical_hash, write_text_atomic
+from .fsutil import atomic_directory, canonical_hash, write_text_atomic
 from .patches import Patch, apply_series, read_series, series_hash
 from .source import Source, resolve_source, source_hash_if_present
 
@@ -116,19 +115,12 @@ def prepare_tree(source: Source, patches: list[Patch]) -> Path:
     tree = root / "llama.cpp"
     if (tree / PREPARED_STAMP).exists():
         return tree
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{key}-"))
-    try:
+    with atomic_directory(root) as tmp:
         shutil.copytree(source.path, tmp / "llama.cpp", symlinks=True, ignore=_skip_build_dirs(source.path))
         apply_series(tmp / "llama.cpp", patches)
         stamp = {"source": source.origin, "source_hash": source.hash, "patches": [p.name for p in patches],
                  "series_hash": series_hash(patches)}
         (tmp / "llama.cpp" / PREPARED_STAMP).write_text(json.dumps(stamp, indent=1))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return tree
 
 

@@ -17,7 +17,7 @@ from rich.table import Table
 from . import __version__, paths
 from .build import BACKENDS, BuildSpec, build as run_build, find_build, prepared_source, require_build
 from .errors import LacqError
-from .kv import KvConfig, boundary, check_type, parse_overrides
+from .kv import KvConfig, boundary, check_type
 
 # Tables are wide: when output is not a terminal (a pipe, a log file, CI), do not
 # squeeze them into rich's default 80 columns.

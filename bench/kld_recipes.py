@@ -27,18 +27,10 @@ from lacq.measure import (  # noqa: E402
 )
 from lacq.models import resolve_model  # noqa: E402
 from lacq.recipe import list_recipes, load_recipe, resolve_recipe  # noqa: E402
+from lacq.measure import emit_table  # noqa: E402
 from lacq.store import open_store  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def emit(lines: list[str], out: Path) -> None:
-    """Print the table and append it to `out`."""
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(text + "\n")
 
 
 def main() -> None:
@@ -61,7 +53,7 @@ def main() -> None:
     if args.from_dir:
         base = args.from_dir / f"{src.stem}.f16.gguf"
     else:
-        base = convert_ftype(b, store, src, paths.sub("models") / f"{src.stem}.f16.gguf")
+        base = convert_ftype(b, store, src, paths.sub("models") / f"{src.stem}.f16.gguf", force=True)
     base_info = inspect_model(base)
     work = paths.sub("bench-kld")
     corpus = paths.default_corpus()
@@ -94,7 +86,7 @@ def main() -> None:
                      f"{r.dp_rms_pct:.3f} | {r.same_top_p_pct:.2f} | {r.ppl_q:.4f} | {ppl_rank[name]} |")
     lines += ["", f"F16 base PPL on the same chunks: {rows[0][2].ppl_base:.4f}. "
               f"Spearman's rank correlation between the KLD and PPL rankings: {rho:+.3f}.", ""]
-    emit(lines, args.out)
+    emit_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def main() -> None:
     store = open_store()
     model = resolve_model(args.model)
     if not args.as_is:  # the weight-exact F16 base of the quantized file
-        model = convert_ftype(b, store, model, paths.sub("models") / f"{model.stem}.f16.gguf")
+        model = convert_ftype(b, store, model, paths.sub("models") / f"{model.stem}.f16.gguf", force=True)
     info = inspect_model(model)
     rows, ppl = [], {}
     study = f"bench-kv:{args.backend}:{b.key}:c{args.ctx}:n{args.chunks}"

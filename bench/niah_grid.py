@@ -23,20 +23,12 @@ from lacq.measure import (  # noqa: E402
     parse_kv_label as parse_config, results_header, measure_niah, niah_grid_frame, plot_niah,
 )
 from lacq.models import resolve_model  # noqa: E402
+from lacq.measure import emit_table  # noqa: E402
 from lacq.store import open_store  # noqa: E402
 
 DEFAULT = "f16/f16,q8_0/q4_0,q8_0/q4_0+b2"
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def emit(lines: list[str], out: Path) -> None:
-    """Print the table and append it to `out`."""
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(text + "\n")
 
 
 def main() -> None:
@@ -84,7 +76,7 @@ def main() -> None:
             lines.append(f"| {d}% | " + " | ".join(f"{df.loc[d, c]:.0%}" for c in df.columns) + " |")
         by_len = {c: df[c].mean() for c in df.columns}
         lines += ["| all depths | " + " | ".join(f"{v:.0%}" for v in by_len.values()) + " |", ""]
-    emit(lines, args.out)
+    emit_table(lines, args.out)
     if args.plot:
         plot_niah(frames, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)

@@ -23,20 +23,12 @@ from lacq.measure import (  # noqa: E402
     parse_kv_label as parse_config, results_header, bench_frame, measure_bench, plot_bench,
 )
 from lacq.models import resolve_model  # noqa: E402
+from lacq.measure import emit_table  # noqa: E402
 from lacq.store import open_store  # noqa: E402
 
 DEFAULT = "f16/f16,q8_0/q4_0,q8_0/q4_0+b2"
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def emit(lines: list[str], out: Path) -> None:
-    """Print the table and append it to `out`."""
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write(text + "\n")
 
 
 def main() -> None:
@@ -76,7 +68,7 @@ def main() -> None:
     lines += ["| K/V | depth | prefill t/s | ± | decode t/s | ± |", "| --- | --- | --- | --- | --- | --- |"]
     for _, r in df.iterrows():
         lines.append(f"| {r.configuration} | {r.depth} | {r.pp_ts:.1f} | {r.pp_sd:.1f} | {r.tg_ts:.1f} | {r.tg_sd:.1f} |")
-    emit(lines + [""], args.out)
+    emit_table(lines + [""], args.out)
     if args.plot:
         plot_bench(df, args.plot)
 

@@ -44,7 +44,7 @@ def run_demo(build: Build, store: Store, model: Path, corpus: Path, *, ctx: int 
     info = inspect_model(model)
     if any(t.type not in ("f16", "f32", "bf16") for t in info.tensors if len(t.shape) > 1):
         base = convert_ftype(build, store, model, work / f"{model.stem}.f16.gguf", "F16",
-                             progress=lambda f, d: step and step("dequantize to F16", f, d))
+                             progress=lambda f, d: step and step("dequantize to F16", f, d), force=True)
         if step:
             step("dequantize to F16", 1.0, "done")
     else:

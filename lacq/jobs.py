@@ -105,7 +105,7 @@ def quantize_with_plan(build: Build, store: Store, model: Path, info: ModelInfo,
 
 
 def convert_ftype(build: Build, store: Store, model: Path, output: Path, ftype: str = "F16",
-                  progress: Progress | None = None) -> Path:
+                  progress: Progress | None = None, force: bool = False) -> Path:
     """Whole-model conversion (e.g. dequantize Q4_1 -> F16 for weight studies), cached.
 
     The key leaves the build out on purpose: dequantizing to a float type is exact
@@ -115,7 +115,7 @@ def convert_ftype(build: Build, store: Store, model: Path, output: Path, ftype: 
     key = canonical_hash({"input": store.sha256(model), "ftype": ftype})
     if output.exists() and (cached := store.cache.artifact(key)) is not None and cached.resolve() == output.resolve():
         return output
-    if output.exists():
+    if output.exists() and not force:
         raise OutputExistsError(f"{output} exists; remove it or choose another path")
     with tempfile.TemporaryDirectory() as tmp, atomic_output(output) as part:
         args = quantize.argv(build.tool("llama-quantize"), model, part, ftype, allow_requantize=True,
@@ -124,6 +124,23 @@ def convert_ftype(build: Build, store: Store, model: Path, output: Path, ftype: 
                      on_line=(lambda l: progress(0.5, "converting")) if progress else None)
     store.cache.record_artifact(key, output, {"model": str(model), "ftype": ftype})
     return output
+
+
+def prepare_kv(build: Build, kv: KvConfig, info: ModelInfo) -> KvConfig:
+    """Every check of a KV configuration against this build and model, before any work.
+
+    Switches flash attention on where the types need it, refuses types the backend
+    cannot run or the model's head size cannot take, validates ordinals, and
+    requires the per-layer patch when the configuration has per-layer types.
+    """
+    kv = kv.with_fa_resolved()
+    kv.check_backend(build.backend)
+    kv.check_head_size(info.head_dim, info.head_dim_v)
+    kv.per_layer(len(info.kv_blocks))
+    if (kv.k_overrides or kv.v_overrides) and not any("per-layer" in p for p in build.patches):
+        raise RecipeError("this build lacks the patch for per-layer K/V types by KV-layer ordinal; "
+                          "rebuild with the current patches/series")
+    return kv
 
 
 @dataclass(frozen=True)
@@ -142,15 +159,8 @@ def measure_ppl(build: Build, store: Store, model: Path, info: ModelInfo, kv: Kv
                 log_dir: Path | None = None) -> PplOutcome:
     if not corpus.exists():
         raise LacqError(f"corpus {corpus} does not exist")
-    kv = kv.with_fa_resolved()
-    kv.check_backend(build.backend)
-    kv.check_head_size(info.head_dim, info.head_dim_v)
-    n_kv = len(info.kv_blocks)
-    k_bpv, v_bpv = kv.bits_per_value(n_kv)  # also validates ordinals before any work
-    if kv.k_overrides or kv.v_overrides:
-        need = "per-layer K/V types by KV-layer ordinal"
-        if not any("per-layer" in p for p in build.patches):
-            raise RecipeError(f"this build lacks the patch for {need}; rebuild with the current patches/series")
+    kv = prepare_kv(build, kv, info)
+    k_bpv, v_bpv = kv.bits_per_value(len(info.kv_blocks))
     args = perplexity.argv(build.tool("llama-perplexity"), model, corpus, ctx=ctx, chunks=chunks,
                            threads=threads, ngl=ngl, kv_args=kv.argv())
     env = kv.env()

@@ -18,9 +18,10 @@ import pandas as pd
 
 from . import paths
 from .build import Build
-from .errors import LacqError, RecipeError
+from .errors import LacqError
 from .fsutil import atomic_output, canonical_hash
 from .gguf_info import ModelInfo
+from .jobs import prepare_kv
 from .kv import KvConfig
 from .store import Result, Store
 from .tools import bench, kld, perplexity
@@ -29,20 +30,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
 DISK_MARGIN = 1 << 30  # keep a GiB free beyond the logits file
-
-
-def _check_per_layer_patch(build: Build, kv: KvConfig) -> None:
-    if (kv.k_overrides or kv.v_overrides) and not any("per-layer" in p for p in build.patches):
-        raise RecipeError("this build lacks the patch for per-layer K/V types by KV-layer ordinal; "
-                          "rebuild with the current patches/series")
-
-
-def prepare_kv(build: Build, kv: KvConfig, info: ModelInfo) -> KvConfig:
-    kv = kv.with_fa_resolved()
-    kv.check_backend(build.backend)
-    kv.per_layer(len(info.kv_blocks))  # bad ordinals fail before any work
-    _check_per_layer_patch(build, kv)
-    return kv
 
 
 def parse_kv_label(text: str, fa: str = "auto", boundary_type: str = "q8_0") -> tuple[str, KvConfig]:
@@ -402,3 +389,12 @@ def plot_bench(df: pd.DataFrame, out: Path) -> Path:
         fig.savefig(part, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def emit_table(lines: list[str], out: Path) -> None:
+    """Print a bench table and append it to `out` (bench/results/...)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(text + "\n")

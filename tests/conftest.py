@@ -83,4 +83,6 @@ def smollm2_f16(cpu_build, smollm2, e2e_home, tmp_path_factory) -> Path:
     from lacq.store import Store
     with _lacq_home(e2e_home):
         store = Store(tmp_path_factory.mktemp("db") / "results.sqlite")
-        return convert_ftype(cpu_build, store, smollm2, e2e_home / "models" / "SmolLM2-135M-Instruct.f16.gguf")
+        # force: the cache home is lacq's own; a base left by an older lacq is replaced
+        return convert_ftype(cpu_build, store, smollm2, e2e_home / "models" / "SmolLM2-135M-Instruct.f16.gguf",
+                             force=True)

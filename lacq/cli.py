@@ -54,6 +54,15 @@ def source_options(fn):
     return fn
 
 
+def run_options(fn):
+    """Threads, GPU layers and where the result is filed: shared by every measurement command."""
+    fn = click.option("--study", default=None, help="Group results for `lacq report --study`.")(fn)
+    fn = click.option("--label", default=None, help="Row name in reports.")(fn)
+    fn = click.option("-ngl", "--n-gpu-layers", "ngl", type=int, default=None)(fn)
+    fn = click.option("-t", "--threads", type=int, default=None)(fn)
+    return fn
+
+
 def output_format(fn):
     fn = click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON.")(fn)
     return fn
@@ -276,10 +285,7 @@ def kv_config(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_po
               help="Text to evaluate (default: WikiText-2 raw test split).")
 @click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True)
 @click.option("--chunks", type=int, default=20, show_default=True)
-@click.option("-t", "--threads", type=int, default=None)
-@click.option("-ngl", "--n-gpu-layers", "ngl", type=int, default=None)
-@click.option("--label", default=None, help="Row name in reports.")
-@click.option("--study", default=None, help="Group results for `lacq report --study`.")
+@run_options
 @kv_options
 @source_options
 @click.pass_context

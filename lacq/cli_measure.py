@@ -9,7 +9,7 @@ from rich.table import Table
 
 from . import paths
 from .build import BuildSpec, require_build
-from .cli import _progress, _store, cli, console, handle_errors, kv_config, kv_options, source_options
+from .cli import _progress, _store, cli, console, handle_errors, kv_config, kv_options, run_options, source_options
 from .errors import LacqError
 
 
@@ -44,10 +44,7 @@ def _fmt_table(fmt: str, df, columns: dict, title: str) -> None:
 @click.option("--runner", type=click.Choice(["bindings", "completion"]), default="bindings", show_default=True,
               help="In process through llama-cpp-python, or llama-completion in a subprocess.")
 @click.option("-n", "--n-predict", type=int, default=16, show_default=True)
-@click.option("-t", "--threads", type=int, default=None)
-@click.option("-ngl", "--n-gpu-layers", "ngl", type=int, default=None)
-@click.option("--label", default=None)
-@click.option("--study", default=None)
+@run_options
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG heatmap.")
 @click.option("--format", "fmt", type=click.Choice(["table", "md", "json"]), default="table")
 @kv_options
@@ -108,10 +105,7 @@ def print_niah_grid(df, fmt: str, title: str) -> None:
               help="Text to evaluate (default: WikiText-2 raw test split).")
 @click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True)
 @click.option("--chunks", type=int, default=20, show_default=True)
-@click.option("-t", "--threads", type=int, default=None)
-@click.option("-ngl", "--n-gpu-layers", "ngl", type=int, default=None)
-@click.option("--label", default=None)
-@click.option("--study", default=None)
+@run_options
 @click.option("--recipe", default=None, help="Weight recipe name to record with the result.")
 @kv_options
 @source_options
@@ -152,10 +146,7 @@ def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, threads, ngl, l
 @click.option("--depth", "depth_list", default="0", show_default=True,
               help="Tokens already in the KV cache, comma-separated (e.g. 0,8192).")
 @click.option("-r", "--repetitions", type=int, default=5, show_default=True)
-@click.option("-t", "--threads", type=int, default=None)
-@click.option("-ngl", "--n-gpu-layers", "ngl", type=int, default=None)
-@click.option("--label", default=None)
-@click.option("--study", default=None)
+@run_options
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG chart.")
 @click.option("--format", "fmt", type=click.Choice(["table", "md", "csv", "json"]), default="table")
 @kv_options

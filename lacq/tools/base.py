@@ -40,6 +40,12 @@ class ToolRun:
     log_path: Path | None
 
 
+def thread_gpu_args(threads: int | None, ngl: int | None) -> list[str]:
+    """The -t / -ngl arguments every llama.cpp tool lacq runs takes the same way."""
+    args = ["-t", str(threads)] if threads else []
+    return args + (["-ngl", str(ngl)] if ngl is not None else [])
+
+
 def tail(text: str, n: int = 15) -> str:
     lines = [l for l in text.splitlines() if l.strip()]
     return "\n".join(lines[-n:])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ToolError
-from .base import LineHook, ToolRun, run_tool
+from .base import LineHook, ToolRun, run_tool, thread_gpu_args
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,7 @@ def argv(binary: Path, model: Path, *, pp: int = 512, tg: int = 128, depths: tup
          kv_args: list[str] = (), extra: list[str] = ()) -> list[str]:
     args = [str(binary), "-m", str(model), "-p", str(pp), "-n", str(tg),
             "-d", ",".join(str(d) for d in depths), "-r", str(repetitions), "-o", "json"]
-    if threads:
-        args += ["-t", str(threads)]
-    if ngl is not None:
-        args += ["-ngl", str(ngl)]
-    return args + list(kv_args) + list(extra)
+    return args + thread_gpu_args(threads, ngl) + list(kv_args) + list(extra)
 
 
 def run(args: list[str], *, env: dict | None = None, log_path: Path | None = None,

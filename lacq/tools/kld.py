@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ToolError
-from .base import LineHook, ToolRun, message_lines, run_tool, strip_prefix
+from .base import LineHook, ToolRun, message_lines, run_tool, strip_prefix, thread_gpu_args
 
 MAGIC = b"_logits_"
 # "_logits_", n_ctx (u32), n_vocab (i32), n_chunk (i32); then n_chunk*n_ctx int32 tokens,
@@ -200,11 +200,7 @@ def argv(binary: Path, model: Path, logits: Path, *, ctx: int, threads: int | No
     # -c must be at least the file's n_ctx (llama-perplexity only warns otherwise).
     args = [str(binary), "-m", str(model), "-c", str(ctx), "-lv", "4", "--no-log-timestamps",
             "--kl-divergence-base", str(logits), "--kl-divergence"]
-    if threads:
-        args += ["-t", str(threads)]
-    if ngl is not None:
-        args += ["-ngl", str(ngl)]
-    return args + list(kv_args) + list(extra)
+    return args + thread_gpu_args(threads, ngl) + list(kv_args) + list(extra)
 
 
 def run(args: list[str], *, env: dict | None = None, log_path: Path | None = None,

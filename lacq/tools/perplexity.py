@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ToolError
-from .base import LineHook, ToolRun, message_lines, run_tool, strip_prefix
+from .base import LineHook, ToolRun, message_lines, run_tool, strip_prefix, thread_gpu_args
 
 _ERROR_LINE = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?E ")
 _FINAL = re.compile(r"Final estimate: PPL = ([\d.]+|nan|inf) \+/- ([\d.]+|nan|inf)")
@@ -107,14 +107,9 @@ def argv(binary: Path, model: Path, corpus: Path, *, ctx: int = 512, chunks: int
             "-lv", "4", "--no-log-timestamps"]
     if chunks:
         args += ["--chunks", str(chunks)]
-    if threads:
-        args += ["-t", str(threads)]
     if batch:
         args += ["-b", str(batch)]
-    if ngl is not None:
-        args += ["-ngl", str(ngl)]
-    args += list(kv_args) + list(extra)
-    return args
+    return args + thread_gpu_args(threads, ngl) + list(kv_args) + list(extra)
 
 
 def run(args: list[str], *, env: dict | None = None, log_path: Path | None = None,

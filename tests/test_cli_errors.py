@@ -109,3 +109,8 @@ def test_tool_crash_shows_log_tail():
 def test_tool_exit_status_reported():
     with pytest.raises(ToolError, match="exited with status 3"):
         run_tool([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], what="fake-tool")
+
+
+def test_tool_that_prints_nothing_says_so():
+    with pytest.raises(ToolError, match="exited with status 2 and printed nothing"):
+        run_tool([sys.executable, "-c", "import sys; sys.exit(2)"], what="fake-tool")

@@ -127,7 +127,9 @@ def test_llama_cpp_refusing_a_model_shows_its_log(cpu_build, tmp_path):
     model = write_synthetic_gguf(tmp_path / "no-tokenizer.gguf", n_blocks=2)
     r = lacq("ppl", model, "--chunks", "1")
     assert r.exit_code != 0 and "Traceback" not in r.output
-    assert "llama-perplexity exited with status" in r.output and "last lines of its log" in r.output
+    assert "llama-perplexity exited with status" in r.output
+    # llama.cpp's async logger sometimes exits before writing anything; then lacq says so
+    assert "last lines of its log" in r.output or "printed nothing" in r.output
 
 
 def _interrupt(args, ready, tmp_path) -> subprocess.CompletedProcess:

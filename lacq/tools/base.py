@@ -100,5 +100,9 @@ def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None, log_path:
     if rc != 0:
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
         where = f" (full log: {log_path})" if log_path else ""
+        if not output.strip():
+            # Seen with llama.cpp's asynchronous logger: a tool that fails early can
+            # exit before its log thread writes anything (2 runs in 12 here).
+            how += " and printed nothing"
         raise ToolError(f"{name} {how}{where}", log_tail=tail(output))
     return ToolRun(tuple(argv), rc, output, seconds, log_path)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The commands lacq's CUDA figures in bench/results/ come from, run on the GPU
 # host (no network) from a copy of this checkout:
-#   .whl/       gguf + platformdirs wheels (the host's Python lacks them)
+#   .whl/       gguf, platformdirs, diskcache and llama-cpp-python 0.3.36 wheels (the host's Python
+#               lacks them; llama-cpp-python built here with CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF")
 #   .gpu/src/   llama-src.tar.xz: the pinned llama.cpp tree (models/ and docs/ left out)
 #   .gpu/m1, .gpu/m2: SmolLM2-135M-Instruct.Q4_1.gguf split in two (upload limit)
 # Usage: bash bench/gpu/session.sh STAGE   (stages in order: setup, wait, tests, ppl, speed;
-#        cpu-setup and cpu-ppl run the same PPL tables on the host's 16-core CPU backend)
+#        cpu-setup and cpu-ppl run the same PPL tables on the host's 16-core CPU backend;
+#        measure-setup, wait, niah, kvbench give issue 5's NIAH grids and lacq bench table)
 set -uo pipefail
 export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/site:$PWD
@@ -45,6 +47,25 @@ ppl)
     --chunks 40 --out "$OUT/kv_turbo_cuda.md" 2>/dev/null
   python3 bench/kv_table.py --configs "$C" --backend cuda --source "$SRC" --ngl 99 --model "$MODEL" \
     --ctx 4096 --chunks 8 --out "$OUT/kv_turbo_cuda.md" 2>/dev/null | tail -n 16 ;;
+measure-setup)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  mkdir -p /tmp/g && tar -C /tmp/g -xJf .gpu/src/llama-src.tar.xz && cp .gpu/m1/* /tmp/g/
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC; echo rc=\$?" \
+    > /tmp/build.log 2>&1 < /dev/null &
+  sleep 20; tail -n 3 /tmp/build.log ;;
+niah)
+  # Runs detached (a grid outlasts one call); later calls print progress and copy the results.
+  C="f16/f16,q8_0/q4_0,q8_0/q4_0+b2,q8_0/turbo3,q8_0/turbo2+b2"
+  mkdir -p /tmp/res
+  [ -f /tmp/niah.log ] || setsid nohup bash -c "python3 bench/niah_grid.py --configs $C --backend cuda \
+    --source $SRC --ngl 99 --model $MODEL --trials 5 --out /tmp/res/niah_grid_cuda.md \
+    --plot /tmp/res/niah_cuda.png; echo rc=\$?" > /tmp/niah.log 2>&1 < /dev/null &
+  sleep "${2:-5}"; tr '\r' '\n' < /tmp/niah.log | tail -n 3; cp /tmp/res/* "$OUT"/ 2>/dev/null ;;
+kvbench)
+  python3 bench/speed.py --configs f16/f16,q8_0/q4_0,q8_0/q4_0+b2,q8_0/turbo3,q8_0/turbo2+b2 \
+    --backend cuda --source "$SRC" --ngl 99 --model "$MODEL" --depth 0,8192 -r 5 \
+    --out "$OUT/speed_cuda.md" --plot "$OUT/speed_cuda.png" 2>&1 | tail -n 20 ;;
 cpu-setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   mkdir -p /tmp/g && tar -C /tmp/g -xJf .gpu/src/llama-src.tar.xz && cp .gpu/m1/* /tmp/g/

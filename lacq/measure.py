@@ -152,7 +152,7 @@ def plot_niah(frames: dict[str, pd.DataFrame], out: Path) -> Path:
     for ax, (name, df) in zip(axes[0], frames.items()):
         im = ax.imshow(df.values.astype(float), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(df.columns)), [str(c) for c in df.columns])
-        ax.set_yticks(range(len(df.index)), [f"{d}%" for d in df.index])
+        ax.set_yticks(range(len(df.index)), [f"{d}%" for d in df.index] if ax is axes[0][0] else [])
         ax.set_xlabel("context (tokens)")
         ax.set_title(name, fontsize=9)
         for i in range(df.shape[0]):

@@ -55,12 +55,14 @@ measure-setup)
     > /tmp/build.log 2>&1 < /dev/null &
   sleep 20; tail -n 3 /tmp/build.log ;;
 niah)
-  # Runs detached (a grid outlasts one call); later calls print progress and copy the results.
-  C="f16/f16,q8_0/q4_0,q8_0/q4_0+b2,q8_0/turbo3,q8_0/turbo2+b2"
+  # Runs detached (the grids outlast one call), one configuration per file so a lost
+  # machine loses one grid at most; later calls print progress and copy the results.
+  R=${NIAH_RUNNER:-bindings}
   mkdir -p /tmp/res
-  [ -f /tmp/niah.log ] || setsid nohup bash -c "python3 bench/niah_grid.py --configs $C --backend cuda \
-    --source $SRC --ngl 99 --model $MODEL --trials 5 --out /tmp/res/niah_grid_cuda.md \
-    --plot /tmp/res/niah_cuda.png; echo rc=\$?" > /tmp/niah.log 2>&1 < /dev/null &
+  [ -f /tmp/niah.log ] || setsid nohup bash -c "for c in f16/f16 q8_0/q4_0 q8_0/q4_0+b2 q8_0/turbo3 q8_0/turbo2+b2; do
+    f=\$(echo \$c | tr '/+' '__'); python3 bench/niah_grid.py --configs \$c --runner $R --backend cuda \\
+    --source $SRC --ngl 99 --model $MODEL --trials 5 --out /tmp/res/niah_\$f.md --plot /tmp/res/niah_\$f.png;
+    echo rc=\$?; done" > /tmp/niah.log 2>&1 < /dev/null &
   sleep "${2:-5}"; tr '\r' '\n' < /tmp/niah.log | tail -n 3; cp /tmp/res/* "$OUT"/ 2>/dev/null ;;
 kvbench)
   python3 bench/speed.py --configs f16/f16,q8_0/q4_0,q8_0/q4_0+b2,q8_0/turbo3,q8_0/turbo2+b2 \

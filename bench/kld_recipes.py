@@ -27,7 +27,7 @@ from lacq.measure import (  # noqa: E402
 )
 from lacq.models import resolve_model  # noqa: E402
 from lacq.recipe import list_recipes, load_recipe, resolve_recipe  # noqa: E402
-from lacq.measure import emit_table  # noqa: E402
+from lacq.measure import emit_table, run_script  # noqa: E402
 from lacq.store import open_store  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

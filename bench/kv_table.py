@@ -27,6 +27,7 @@ from lacq.gguf_info import inspect_model  # noqa: E402
 from lacq.jobs import convert_ftype, measure_ppl  # noqa: E402
 from lacq.kv import KvConfig, boundary  # noqa: E402
 from lacq.models import resolve_model  # noqa: E402
+from lacq.measure import run_script  # noqa: E402
 from lacq.store import open_store  # noqa: E402
 
 PRESETS = {
@@ -111,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

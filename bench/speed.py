@@ -23,7 +23,7 @@ from lacq.measure import (  # noqa: E402
     parse_kv_label as parse_config, results_header, bench_frame, measure_bench, plot_bench,
 )
 from lacq.models import resolve_model  # noqa: E402
-from lacq.measure import emit_table  # noqa: E402
+from lacq.measure import emit_table, run_script  # noqa: E402
 from lacq.store import open_store  # noqa: E402
 
 DEFAULT = "f16/f16,q8_0/q4_0,q8_0/q4_0+b2"
@@ -74,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

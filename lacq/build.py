@@ -2,7 +2,8 @@
 
 Flags come from lacq/data/build_flags.json, which the top-level
 CMakeLists.txt reads too. A build is keyed by (source hash, patch series
-hash, backend, flags, targets, host machine); building again with the same
+hash, backend, flags, targets, host machine, and the CC/CXX/CUDAHOSTCXX
+compilers where set); building again with the same
 key only checks a stamp file.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import paths
+from .elf import PRIVATE_RUNTIME_HINT, private_cxx_runtime
 from .errors import BuildError
 from .fsutil import atomic_directory, canonical_hash, write_text_atomic
 from .patches import Patch, apply_series, read_series, series_hash
@@ -128,12 +130,21 @@ def prepared_source(spec: BuildSpec, source_spec: str | None = None) -> Path:
     return prepare_tree(resolve_source(source_spec), _series(spec))
 
 
+# The environment variables through which CMake picks compilers at configure time. A
+# build directory keeps the compilers of its first configure, so they belong in the key.
+COMPILER_ENV = ("CC", "CXX", "CUDAHOSTCXX")
+
+
 def _build_key(source_hash: str, patches: list[Patch], spec: BuildSpec) -> str:
-    return canonical_hash({
+    fields = {
         "source": source_hash, "series": series_hash(patches), "backend": spec.backend,
         "defines": spec.cmake_defines(), "targets": spec.targets(),
         "machine": platform.machine(),
-    })[:16]
+    }
+    compilers = {k: os.environ[k] for k in COMPILER_ENV if os.environ.get(k)}
+    if compilers:  # only when set, so keys made without them stay valid
+        fields["compilers"] = compilers
+    return canonical_hash(fields)[:16]
 
 
 def _build_dir(tree: Path, spec: BuildSpec, key: str) -> Path:
@@ -246,4 +257,7 @@ def build(spec: BuildSpec, source_spec: str | None = None, progress: Progress | 
     data = asdict(result)
     data["bin_dir"] = str(result.bin_dir)
     write_text_atomic(stamp, json.dumps(data, indent=1))
+    if (lib := private_cxx_runtime(result.bin_dir)) is not None:
+        log.warning("%s defines std::locale: the tools run, but `lacq niah --runner bindings` will refuse "
+                    "this build: %s", lib.name, PRIVATE_RUNTIME_HINT)
     return result

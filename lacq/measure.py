@@ -398,3 +398,17 @@ def emit_table(lines: list[str], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(text + "\n")
+
+
+def run_script(main: Callable[[], None]) -> int:
+    """Run a bench/ script's main: lacq's errors as one line and exit 1, Ctrl-C as exit 130."""
+    import sys
+    try:
+        main()
+    except LacqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -349,6 +349,10 @@ def load_bindings(bin_dir: Path):
                         f'CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install llama-cpp-python=={BINDINGS_VERSION}'
                         ", or run with --runner completion") from None
     check_bindings_version(version)
+    from .elf import PRIVATE_RUNTIME_HINT, private_cxx_runtime
+    if (lib := private_cxx_runtime(bin_dir)) is not None:
+        raise NiahError(f"the in-process runner cannot use the build in {bin_dir}: {lib.name} defines "
+                        f"std::locale; {PRIVATE_RUNTIME_HINT}, or run with --runner completion")
     if "llama_cpp" not in sys.modules:
         os.environ["LLAMA_CPP_LIB_PATH"] = str(bin_dir)
     try:

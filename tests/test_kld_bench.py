@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from lacq.cli import cli
 from lacq.errors import LacqError, ToolError
-from lacq.measure import bench_frame, kld_frame, spearman
+from lacq.measure import bench_frame, kld_frame, run_script, spearman
 from lacq.tools import bench, kld, perplexity
 
 # ---------------------------------------------------------------- KLD parser
@@ -250,3 +250,16 @@ def test_kld_base_with_another_tokenizer_is_refused(tmp_path, kw, match):
     check_same_model(inspect_model(base), inspect_model(base), base, base)
     with pytest.raises(LacqError, match=match):
         check_same_model(inspect_model(base), inspect_model(model), base, model)
+
+
+def test_bench_scripts_turn_lacq_errors_into_one_line(capsys):
+    def bad():
+        raise LacqError("depth 8192 + 512 tokens is longer than the model supports (8192 tokens)")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_script(lambda: None) == 0
+    assert run_script(bad) == 1
+    assert capsys.readouterr().err == "error: depth 8192 + 512 tokens is longer than the model supports (8192 tokens)\n"
+    assert run_script(interrupted) == 130

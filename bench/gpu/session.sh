@@ -7,7 +7,10 @@
 #   .gpu/m1, .gpu/m2: SmolLM2-135M-Instruct.Q4_1.gguf split in two (upload limit)
 # Usage: bash bench/gpu/session.sh STAGE   (stages in order: setup, wait, tests, ppl, speed;
 #        cpu-setup and cpu-ppl run the same PPL tables on the host's 16-core CPU backend;
-#        measure-setup, wait, niah, kvbench give issue 5's NIAH grids and lacq bench table)
+#        measure-setup, wait, niah, kvbench give issue 5's NIAH grids and lacq bench table.
+#        The host's default CC/CXX (/opt/gcc) copy libstdc++ into every shared library, which
+#        crashes the in-process NIAH runner: build with CC=/usr/bin/gcc CXX=/usr/bin/g++
+#        CUDAHOSTCXX=/usr/bin/g++ before measure-setup when the bindings runner is wanted)
 set -uo pipefail
 export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/site:$PWD
@@ -55,15 +58,17 @@ measure-setup)
     > /tmp/build.log 2>&1 < /dev/null &
   sleep 20; tail -n 3 /tmp/build.log ;;
 niah)
-  # Runs detached (the grids outlast one call), one configuration per file so a lost
-  # machine loses one grid at most; later calls print progress and copy the results.
+  # Detached (the grids outlast one call): the five configurations run as parallel processes,
+  # one file each; later calls print progress and copy the results.
   R=${NIAH_RUNNER:-bindings}
   mkdir -p /tmp/res
-  [ -f /tmp/niah.log ] || setsid nohup bash -c "for c in f16/f16 q8_0/q4_0 q8_0/q4_0+b2 q8_0/turbo3 q8_0/turbo2+b2; do
-    f=\$(echo \$c | tr '/+' '__'); python3 bench/niah_grid.py --configs \$c --runner $R --backend cuda \\
-    --source $SRC --ngl 99 --model $MODEL --trials 5 --out /tmp/res/niah_\$f.md --plot /tmp/res/niah_\$f.png;
-    echo rc=\$?; done" > /tmp/niah.log 2>&1 < /dev/null &
-  sleep "${2:-5}"; tr '\r' '\n' < /tmp/niah.log | tail -n 3; cp /tmp/res/* "$OUT"/ 2>/dev/null ;;
+  for c in f16/f16 q8_0/q4_0 q8_0/q4_0+b2 q8_0/turbo3 q8_0/turbo2+b2; do
+    f=$(echo $c | tr '/+' '__'); [ -f /tmp/niah_$f.log ] && continue
+    setsid nohup python3 bench/niah_grid.py --configs $c --runner $R --backend cuda --source $SRC --ngl 99 \
+      --model $MODEL --trials 5 --out /tmp/res/niah_$f.md > /tmp/niah_$f.log 2>&1 < /dev/null &
+  done
+  for _ in $(seq 1 "${2:-1}"); do sleep 5; [ $(ls /tmp/res/*.md 2>/dev/null | wc -l) = 5 ] && break; done
+  for f in /tmp/niah_*.log; do echo "$(tr '\r' '\n' < $f | tail -n 1)"; done; cp /tmp/res/* "$OUT"/ 2>/dev/null ;;
 kvbench)
   python3 bench/speed.py --configs f16/f16,q8_0/q4_0,q8_0/q4_0+b2,q8_0/turbo3,q8_0/turbo2+b2 \
     --backend cuda --source "$SRC" --ngl 99 --model "$MODEL" --depth 0,8192 -r 5 \

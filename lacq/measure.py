@@ -85,16 +85,26 @@ def measure_niah(build: Build, store: Store, model: Path, info: ModelInfo, kv: K
     else:
         raise niah.NiahError(f"unknown runner {runner!r}; use bindings or completion")
     t0 = time.monotonic()
+    cache = store.cache
+    journal = niah.Journal(paths.sub("work") / "niah" / (canonical_hash({
+        "niah_version": niah.NIAH_VERSION, "model": cache.sha256(model), "build": build.key, "kv": kv.to_dict(),
+        "runner": run.name, "ngl": ngl, "haystack": cache.sha256(haystack), "template": [template.name,
+        template.source], "seed": seed, "n_predict": n_predict})[:24] + ".jsonl"))
+    total = len(lengths) * len(depths) * trials
     try:
         builder = niah.PromptBuilder(haystack.read_text(errors="replace"), template, run.count_tokens,
                                      seed=seed, n_predict=n_predict)
         for n in lengths:  # every length is checked before the first generation
             builder.check_fits(n)
         if progress:
-            progress(0.0, "building haystacks")
-        results = niah.run_grid(run, builder, lengths, depths, trials, progress)
+            progress(0.0, f"resuming, {len(journal.done)} probes done before" if journal.done
+                     else "building haystacks")
+        results = niah.run_grid(run, builder, lengths, depths, trials, progress, journal)
     finally:
         run.close()
+        if journal.path.exists() and len(journal.done) < total:
+            log.warning("%d of %d probes are saved; the same command resumes from there",
+                        len(journal.done), total)
     grid = niah.pass_rates(results)
     metrics = {
         "niah_version": niah.NIAH_VERSION, "runner": run.name, "lengths": lengths, "depths": depths,
@@ -109,6 +119,7 @@ def measure_niah(build: Build, store: Store, model: Path, info: ModelInfo, kv: K
                     build=build.provenance(), command=["niah", runner, str(haystack)], metrics=metrics, study=study,
                     kv=kv.to_dict(), corpus=haystack, ctx=max(lengths), chunks=None, env=kv.env(),
                     wall_seconds=seconds)
+    journal.remove()
     return NiahOutcome(tuple(results), grid, rid, seconds, run.name)
 
 

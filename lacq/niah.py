@@ -17,6 +17,7 @@ Two runners give the same answers on the same prompt text: `BindingsRunner`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -24,7 +25,7 @@ import re
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -501,20 +502,58 @@ def check_depths(depths: list[int]) -> None:
             raise NiahError(f"depth {d} is not a percentage between 0 and 100")
 
 
+class Journal:
+    """The probes of one grid run so far, one JSON line each, so an interrupted grid resumes.
+
+    The file's name is a hash of everything that decides the answers (model, build,
+    KV configuration, runner, haystack, template, seed, n_predict): a probe read back
+    is the one the same command would produce again.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.done: dict[tuple[int, int, int], NiahTrial] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    t = NiahTrial(**json.loads(line))
+                except (ValueError, TypeError):
+                    break  # a line cut short by a kill: everything before it stands
+                self.done[(t.length, t.depth, t.trial)] = t
+
+    def get(self, length: int, depth: int, trial: int) -> NiahTrial | None:
+        return self.done.get((length, depth, trial))
+
+    def add(self, t: NiahTrial) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(asdict(t)) + "\n")
+        self.done[(t.length, t.depth, t.trial)] = t
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def run_grid(runner, builder: PromptBuilder, lengths: list[int], depths: list[int], trials: int,
-             progress: Callable[[float, str], None] | None = None) -> list[NiahTrial]:
+             progress: Callable[[float, str], None] | None = None,
+             journal: Journal | None = None) -> list[NiahTrial]:
     out = []
     total = len(lengths) * len(depths) * trials
     for length in lengths:
         for trial in range(trials):
             for depth in depths:
-                p = builder.prompt(length, depth, trial)
-                a = runner.generate(p, builder.n_predict)
-                if a.n_prompt_tokens and a.n_prompt_tokens != p.n_tokens:
-                    raise NiahError(f"the runner tokenized the prompt to {a.n_prompt_tokens} tokens, the builder "
-                                    f"counted {p.n_tokens}: tokenizers disagree")
-                out.append(NiahTrial(length, depth, trial, p.key, a.text, score(p.key, a.text), p.n_tokens,
-                                     round(a.seconds, 3)))
+                t = journal.get(length, depth, trial) if journal else None
+                if t is None:
+                    p = builder.prompt(length, depth, trial)
+                    a = runner.generate(p, builder.n_predict)
+                    if a.n_prompt_tokens and a.n_prompt_tokens != p.n_tokens:
+                        raise NiahError(f"the runner tokenized the prompt to {a.n_prompt_tokens} tokens, the "
+                                        f"builder counted {p.n_tokens}: tokenizers disagree")
+                    t = NiahTrial(length, depth, trial, p.key, a.text, score(p.key, a.text), p.n_tokens,
+                                  round(a.seconds, 3))
+                    if journal:
+                        journal.add(t)
+                out.append(t)
                 if progress:
                     progress(len(out) / total, f"ctx {length} depth {depth}% trial {trial + 1}")
     return out

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner
 
-from lacq import niah
+from lacq import niah, paths
 from lacq.cli import cli
 from lacq.kv import KvConfig
 
@@ -222,3 +223,47 @@ def test_grid_and_summary_frames():
     assert df.loc[0, 2048] == 0.5 and df.loc[100, 1024] == 1.0
     s = niah_summary_frame([SimpleNamespace(kind="niah", label="f16/f16", metrics=metrics)])
     assert s.loc[0, "niah_by_length"] == "1024:100% 2048:50%" and s.loc[0, "niah_pass_pct"] == 75
+
+
+@pytest.mark.e2e
+def test_an_interrupted_grid_resumes_where_it_stopped(cpu_build, smollm2):
+    """Ctrl-C after the first probe keeps it; the same call finishes the grid without redoing it."""
+    _need_bindings()
+    from lacq.gguf_info import inspect_model
+    from lacq.measure import measure_niah
+    from lacq.store import open_store
+    store, info, kv = open_store(), inspect_model(smollm2), KvConfig("q8_0", "q4_0", "on")
+    kwargs = dict(lengths=[256], depths=[0, 100], trials=1, runner="bindings", threads=1)
+
+    def stop_after_first(frac, detail):
+        if frac >= 0.5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        measure_niah(cpu_build, store, smollm2, info, kv, progress=stop_after_first, **kwargs)
+    assert store.results(kind="niah") == []  # nothing stored for a grid that did not finish
+    (journal,) = (paths.home() / "work" / "niah").glob("*.jsonl")
+    (first,) = [niah.NiahTrial(**json.loads(line)) for line in journal.read_text().splitlines()]
+    assert (first.length, first.depth, first.trial) == (256, 0, 0)
+
+    seen = []
+    out = measure_niah(cpu_build, store, smollm2, info, kv, progress=lambda f, d: seen.append(d), **kwargs)
+    assert seen[0] == "resuming, 1 probes done before"
+    assert out.trials[0] == first  # read back, not run again (its timing would differ)
+    assert out.trials[1].depth == 100 and out.trials[1].seconds > 0
+    assert not journal.exists()  # a finished grid leaves no journal
+    again = measure_niah(cpu_build, store, smollm2, info, kv, **kwargs)
+    assert [(t.key, t.answer) for t in again.trials] == [(t.key, t.answer) for t in out.trials]
+
+
+def test_journal_keeps_whole_lines_only(tmp_path):
+    t = niah.NiahTrial(1024, 50, 2, "4821", " 4821.", True, 1010, 0.5)
+    j = niah.Journal(tmp_path / "j" / "grid.jsonl")
+    assert j.get(1024, 50, 2) is None
+    j.add(t)
+    with open(j.path, "a") as f:
+        f.write('{"length": 1024, "depth": 75, "tri')  # killed mid-write
+    again = niah.Journal(j.path)
+    assert again.get(1024, 50, 2) == t and len(again.done) == 1
+    again.remove()
+    assert not j.path.exists()

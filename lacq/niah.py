@@ -513,13 +513,16 @@ class Journal:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.done: dict[tuple[int, int, int], NiahTrial] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    t = NiahTrial(**json.loads(line))
-                except (ValueError, TypeError):
-                    break  # a line cut short by a kill: everything before it stands
-                self.done[(t.length, t.depth, t.trial)] = t
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        for n, line in enumerate(lines):
+            try:
+                t = NiahTrial(**json.loads(line))
+            except (ValueError, TypeError):  # a line cut short by a kill: keep what came before it
+                self.path.write_text("".join(f"{good}\n" for good in lines[:n]))
+                break
+            self.done[(t.length, t.depth, t.trial)] = t
 
     def get(self, length: int, depth: int, trial: int) -> NiahTrial | None:
         return self.done.get((length, depth, trial))

@@ -265,5 +265,8 @@ def test_journal_keeps_whole_lines_only(tmp_path):
         f.write('{"length": 1024, "depth": 75, "tri')  # killed mid-write
     again = niah.Journal(j.path)
     assert again.get(1024, 50, 2) == t and len(again.done) == 1
+    later = niah.NiahTrial(1024, 75, 2, "0917", " 917", False, 1012, 0.5)
+    again.add(later)  # lands on a line of its own: the cut line was dropped on reading
+    assert niah.Journal(j.path).done == {(1024, 50, 2): t, (1024, 75, 2): later}
     again.remove()
     assert not j.path.exists()

@@ -77,6 +77,7 @@ def measure_niah(build: Build, store: Store, model: Path, info: ModelInfo, kv: K
     haystack = Path(haystack) if haystack else paths.default_corpus()
     if not haystack.is_file():
         raise niah.NiahError(f"haystack {haystack} does not exist")
+    niah.check_tokenizer(model)
     template = niah.resolve_template(chat_template, model)
     if runner == "bindings":
         run = niah.BindingsRunner(build, model, kv, threads=threads, ngl=ngl)

@@ -101,6 +101,15 @@ def model_chat_metadata(model: Path) -> tuple[str | None, str, str]:
         token_text("tokenizer.ggml.eos_token_id")
 
 
+def check_tokenizer(model: Path) -> None:
+    """A needle probe tokenizes text: refuse a GGUF that carries no tokenizer."""
+    import gguf
+    fields = gguf.GGUFReader(model).fields
+    if "tokenizer.ggml.model" not in fields or "tokenizer.ggml.tokens" not in fields:
+        raise NiahError(f"{Path(model).name} has no tokenizer (no tokenizer.ggml.* metadata); "
+                        "needle probes need one")
+
+
 def resolve_template(spec: str, model: Path) -> ChatTemplate:
     """auto (the model's own, plain if it has none), none, chatml, or a .jinja file."""
     source, bos, eos = model_chat_metadata(model)
@@ -306,7 +315,10 @@ class BindingsRunner:
             from llama_cpp._internals import LlamaModel
             params = self.llama_cpp.llama_model_default_params()
             params.vocab_only = True
-            self._vocab = LlamaModel(path_model=str(self.model), params=params, verbose=False)
+            try:
+                self._vocab = LlamaModel(path_model=str(self.model), params=params, verbose=False)
+            except ValueError:
+                raise NiahError(f"llama-cpp-python could not load the vocabulary of {self.model}") from None
         return self._vocab
 
     def count_tokens(self, text: str) -> int:

@@ -270,3 +270,13 @@ def test_journal_keeps_whole_lines_only(tmp_path):
     assert niah.Journal(j.path).done == {(1024, 50, 2): t, (1024, 75, 2): later}
     again.remove()
     assert not j.path.exists()
+
+
+@pytest.mark.e2e
+def test_niah_cli_refuses_a_model_without_tokenizer(cpu_build, tmp_path):
+    from synth import write_synthetic_gguf
+    model = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=2)
+    for runner in ("bindings", "completion"):
+        r = CliRunner().invoke(cli, ["niah", str(model), "--ctx", "256", "--runner", runner])
+        assert r.exit_code == 1, r.output
+        assert "m.gguf has no tokenizer" in r.output and "Traceback" not in r.output

@@ -31,6 +31,7 @@ from typing import Callable
 
 from .errors import LacqError, ToolError
 from .kv import ENV_K, ENV_V, KvConfig
+from .tools import completion
 
 log = logging.getLogger(__name__)
 
@@ -414,33 +415,6 @@ def ggml_type_ids(bin_dir: Path) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- llama-completion
-_EOT = " [end of text]\n"
-_TOO_LONG = re.compile(r"prompt is too long \((\d+) tokens, max (\d+)\)")
-_N_PROMPT = re.compile(r"number of tokens in prompt = (\d+)")
-
-
-def completion_argv(binary: Path, model: Path, prompt_file: Path, *, n_ctx: int, n_predict: int,
-                    threads: int | None, ngl: int | None, kv: KvConfig) -> list[str]:
-    args = [str(binary), "-m", str(model), "-bf", str(prompt_file), "-c", str(n_ctx), "-n", str(n_predict),
-            "-no-cnv", "--temp", "0", "--top-k", "1", "--repeat-penalty", "1.0", "-b", "512", "-ub", "512",
-            "--no-display-prompt", "--verbose-prompt", "--no-warmup", "-ctk", kv.k, "-ctv", kv.v,
-            "-fa", "on" if _fa_on(kv) else "off"]
-    if threads:
-        args += ["-t", str(threads)]
-    if ngl is not None:
-        args += ["-ngl", str(ngl)]
-    return args
-
-
-def parse_completion(stdout: str, stderr: str) -> tuple[str, int | None]:
-    """(generated text, prompt tokens) from llama-completion's stdout and log."""
-    # stdout: the generated pieces, " [end of text]\n" after an end-of-generation token, "\n\n" at exit.
-    text = stdout[:-2] if stdout.endswith("\n\n") else stdout
-    text = text[:-len(_EOT)] if text.endswith(_EOT) else text
-    m = _N_PROMPT.search(stderr)
-    return text, int(m.group(1)) if m else None
-
-
 class CompletionRunner:
     """llama-completion in a subprocess per prompt (for builds used without Python bindings)."""
 
@@ -456,8 +430,8 @@ class CompletionRunner:
         with tempfile.TemporaryDirectory() as tmp:
             pf = Path(tmp) / "prompt.txt"
             pf.write_bytes(text.encode())
-            args = completion_argv(self.binary, self.model, pf, n_ctx=n_ctx, n_predict=n_predict,
-                                   threads=self.threads, ngl=self.ngl, kv=self.kv)
+            args = completion.argv(self.binary, self.model, pf, n_ctx=n_ctx, n_predict=n_predict,
+                                   threads=self.threads, ngl=self.ngl, kv=self.kv, flash_attn=_fa_on(self.kv))
             env = {k: v for k, v in os.environ.items() if k not in (ENV_K, ENV_V)}
             env.update(self.kv.env())
             proc = subprocess.run(args, capture_output=True, env=env, stdin=subprocess.DEVNULL)
@@ -466,9 +440,9 @@ class CompletionRunner:
     def count_tokens(self, text: str) -> int:
         """Tokens llama-completion makes of `text`: it says so when the prompt is longer than n_ctx - 4."""
         out, err, rc = self._run(text, 8, 1)
-        if m := _TOO_LONG.search(err):
-            return int(m.group(1))
-        _, n = parse_completion(out, err)
+        if (n := completion.prompt_too_long(err)) is not None:
+            return n
+        _, n = completion.parse(out, err)
         if n is None:
             raise ToolError("llama-completion did not report the prompt's token count", log_tail=err[-2000:])
         return n
@@ -479,7 +453,7 @@ class CompletionRunner:
         if rc != 0:
             tail = "\n".join(l for l in err.splitlines() if l.strip())[-2000:]
             raise ToolError(f"llama-completion exited with status {rc}", log_tail=tail)
-        text, n = parse_completion(out, err)
+        text, n = completion.parse(out, err)
         return Answer(text, n or 0, time.monotonic() - t0)
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from lacq import niah, paths
 from lacq.cli import cli
 from lacq.kv import KvConfig
+from lacq.tools import completion
 
 CORPUS = " ".join(f"Sentence {i} talks about the history of the river valley and its towns." for i in range(4000))
 
@@ -133,14 +134,14 @@ def test_bindings_that_cannot_bind_the_library_fail_cleanly(tmp_path):
 def test_completion_output_parsing(capture):
     out = capture("niah_completion_q8_0_q4_0_b2.stdout.log")
     err = capture("niah_completion_q8_0_q4_0_b2.stderr.log")
-    text, n = niah.parse_completion(out, err)
+    text, n = completion.parse(out, err)
     assert text == " 5996." and n == 235
-    assert niah.parse_completion(" 12 34\n\n", "")[0] == " 12 34"  # stopped at -n, no end-of-text marker
+    assert completion.parse(" 12 34\n\n", "")[0] == " 12 34"  # stopped at -n, no end-of-text marker
 
 
 def test_completion_argv_passes_prompt_bytes_and_greedy():
-    args = niah.completion_argv("llama-completion", "m.gguf", "p.txt", n_ctx=1024, n_predict=16, threads=2,
-                                ngl=99, kv=KvConfig("q8_0", "q4_0", "auto"))
+    args = completion.argv("llama-completion", "m.gguf", "p.txt", n_ctx=1024, n_predict=16, threads=2,
+                           ngl=99, kv=KvConfig("q8_0", "q4_0", "auto"), flash_attn=True)
     assert args[args.index("-bf") + 1] == "p.txt" and "-no-cnv" in args
     assert args[args.index("--temp") + 1] == "0" and args[args.index("-fa") + 1] == "on"
     assert args[args.index("-ctv") + 1] == "q4_0" and args[args.index("-ngl") + 1] == "99"

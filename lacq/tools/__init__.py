@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import bench, kld, perplexity, quantize
+from . import bench, completion, kld, perplexity, quantize
 
 REGISTRY: dict[str, ModuleType] = {
     "llama-quantize": quantize,
     "llama-perplexity": perplexity,
     "llama-perplexity --kl-divergence": kld,
     "llama-bench": bench,
+    "llama-completion": completion,
 }
 
 

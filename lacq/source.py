@@ -92,16 +92,32 @@ def pinned_source() -> Source:
 
 
 def tree_hash(tree: Path) -> str:
-    """sha256 over the build-relevant files of a llama.cpp tree (names and contents)."""
-    h = hashlib.sha256()
+    """sha256 over the build-relevant files of a llama.cpp tree (names and content hashes).
+
+    File contents are hashed through lacq's cache, keyed by size and mtime, so
+    hashing an unchanged local checkout again only stats its files.
+    """
+    from .store import Cache
+    tree = Path(tree).resolve()
+    files: list[Path] = []
     for part in HASHED_PARTS:
         root = tree / part
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-        for f in files:
-            rel = f.relative_to(tree).as_posix()
-            if "/.git/" in f"/{rel}" or rel.startswith("build"):
-                continue
-            h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
+        if root.is_file():
+            files.append(root)
+            continue
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d != ".git"]
+            found += [Path(dirpath, f) for f in filenames]
+        files += sorted(f for f in found if f.is_file())
+    cache = Cache(paths.home() / "cache.sqlite")
+    try:
+        digests = cache.sha256_many(files)
+    finally:
+        cache.db.close()
+    h = hashlib.sha256()
+    for f, digest in zip(files, digests):
+        h.update(f.relative_to(tree).as_posix().encode() + b"\0" + digest.encode() + b"\0")
     return h.hexdigest()
 
 

@@ -120,6 +120,29 @@ class Cache:
                             (str(path), st.st_size, st.st_mtime_ns, digest))
         return digest
 
+    def sha256_many(self, files: list[Path]) -> list[str]:
+        """sha256 of each file, reading only those whose size or mtime changed; one transaction."""
+        keys = [os.path.abspath(f) for f in files]  # callers pass resolved trees; resolving each file is slow
+        known = {}
+        for i in range(0, len(keys), 500):  # SQLite's host-parameter limit
+            chunk = keys[i:i + 500]
+            rows = self.db.execute(f"SELECT path, size, mtime_ns, sha256 FROM file_hashes WHERE path IN "
+                                   f"({','.join('?' * len(chunk))})", chunk)
+            known.update({r["path"]: (r["size"], r["mtime_ns"], r["sha256"]) for r in rows})
+        out, fresh = [], []
+        for key in keys:
+            st = os.stat(key)
+            row = known.get(key)
+            if row and row[:2] == (st.st_size, st.st_mtime_ns):
+                out.append(row[2])
+            else:
+                out.append(file_sha256(Path(key)))
+                fresh.append((key, st.st_size, st.st_mtime_ns, out[-1]))
+        if fresh:
+            with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", fresh)
+        return out
+
     # -- artifacts (quantized models, logits files) keyed by a cache key
     def artifact(self, key: str) -> Path | None:
         row = self.db.execute("SELECT path, sha256 FROM artifacts WHERE key = ?", (key,)).fetchone()

@@ -18,7 +18,17 @@ def test_local_tree_hash_follows_content(tmp_path):
     a = resolve_source(str(tree))
     assert a.origin.startswith("path:") and source_hash_if_present(str(tree)) == a.hash
     (tree / "src" / "llama.cpp").write_text("// changed\n")
-    assert resolve_source(str(tree)).hash != a.hash
+    b = resolve_source(str(tree))
+    assert b.hash != a.hash
+    (tree / "src" / "llama.cpp").write_text("// chunged\n")  # same size: the cached digest must not stand
+    assert resolve_source(str(tree)).hash not in (a.hash, b.hash)
+    (tree / "src" / ".git").mkdir()
+    (tree / "src" / ".git" / "HEAD").write_text("ref: x\n")
+    (tree / "docs").mkdir()
+    (tree / "docs" / "x.md").write_text("doc\n")
+    assert resolve_source(str(tree)).hash == source_hash_if_present(str(tree))  # .git and docs are not hashed
+    (tree / "src" / "llama.cpp").write_text("// changed\n")
+    assert resolve_source(str(tree)).hash == b.hash
 
 
 def test_not_a_llama_tree(tmp_path):

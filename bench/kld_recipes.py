@@ -11,11 +11,10 @@ PPL rankings. Appends it, with the exact command, to bench/results/kld_recipes.m
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import RESULTS, parser
 
 from lacq import paths  # noqa: E402
 from lacq.build import BuildSpec, require_build  # noqa: E402
@@ -30,22 +29,14 @@ from lacq.recipe import list_recipes, load_recipe, resolve_recipe  # noqa: E402
 from lacq.measure import emit_table, run_script  # noqa: E402
 from lacq.store import open_store  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="GGUF whose F16 dequantization is the base (default SmolLM2)")
+    ap = parser(__doc__, out=RESULTS / "kld_recipes.md")
     ap.add_argument("--recipes", default=None, help="comma-separated (default: every shipped recipe)")
     ap.add_argument("--from-dir", type=Path, default=None,
                     help="reuse <stem>.<recipe>.gguf and <stem>.f16.gguf files there (e.g. a `lacq demo` work dir)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--backend", default="cpu")
-    ap.add_argument("--source", default=None)
-    ap.add_argument("--ngl", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=RESULTS / "kld_recipes.md")
     args = ap.parse_args()
     b = require_build(BuildSpec(backend=args.backend), args.source)
     store = open_store()

@@ -12,22 +12,16 @@ policy recovers) and appends it, with the exact command, to --out.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import platform
-import shlex
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import parser
 
 from lacq import paths  # noqa: E402
 from lacq.build import BuildSpec, build  # noqa: E402
 from lacq.gguf_info import inspect_model  # noqa: E402
 from lacq.jobs import convert_ftype, measure_ppl  # noqa: E402
-from lacq.kv import KvConfig, boundary  # noqa: E402
+from lacq.measure import emit_table, parse_kv_label, results_header, run_script  # noqa: E402
 from lacq.models import resolve_model  # noqa: E402
-from lacq.measure import run_script  # noqa: E402
 from lacq.store import open_store  # noqa: E402
 
 PRESETS = {
@@ -35,13 +29,6 @@ PRESETS = {
                 "q8_0/q2_0,q8_0/q2_0+b2,q8_0/q2_0+b4",
     "boundary-gpu": "q8_0/f16,q8_0/q8_0,q8_0/q5_0,q8_0/q4_0,q8_0/q4_0+b2,q8_0/q4_0+b4",
 }
-
-
-def parse_config(text: str, fa: str, boundary_type: str) -> tuple[str, KvConfig]:
-    kv, _, pol = text.partition("+")
-    k, _, v = kv.partition("/")
-    over = boundary(int(pol[1:]), boundary_type) if pol else ()
-    return text, KvConfig(k, v, fa, (), over, policy_name=f"boundary {pol[1:]}" if pol else None)
 
 
 def gap_note(label: str, ppl: dict[str, float]) -> str:
@@ -59,21 +46,14 @@ def gap_note(label: str, ppl: dict[str, float]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, out=None, fa="on")
     ap.add_argument("--preset", choices=sorted(PRESETS))
     ap.add_argument("--configs")
-    ap.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M Q4_1 from PyPI)")
     ap.add_argument("--as-is", action="store_true",
                     help="measure --model as it is; by default it is dequantized to an exact F16 base first")
-    ap.add_argument("--backend", default="cpu")
-    ap.add_argument("--source", default=None)
-    ap.add_argument("--ngl", type=int, default=None)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--fa", default="on")
     ap.add_argument("--boundary-type", default="q8_0")
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     configs = args.configs or PRESETS.get(args.preset or "boundary")
 
@@ -86,7 +66,7 @@ def main() -> None:
     rows, ppl = [], {}
     study = f"bench-kv:{args.backend}:{b.key}:c{args.ctx}:n{args.chunks}"
     for text in configs.split(","):
-        label, kv = parse_config(text.strip(), args.fa, args.boundary_type)
+        label, kv = parse_kv_label(text, args.fa, args.boundary_type)
         out = measure_ppl(b, store, model, info, kv, paths.default_corpus(), ctx=args.ctx, chunks=args.chunks,
                           threads=args.threads, ngl=args.ngl, label=label, study=study)
         ppl[label] = out.result.ppl
@@ -94,22 +74,14 @@ def main() -> None:
                      out.seconds))
         print(f"{label}: PPL {out.result.ppl:.4f} ({out.seconds:.0f} s)", file=sys.stderr, flush=True)
     base = rows[0][1]
-    lines = [f"### {model.name}, {args.backend}, {args.chunks} chunks of {args.ctx}, flash attention {args.fa}",
-             "", f"`{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`", "",
-             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, host {platform.node()}, "
-             f"build {b.key} ({', '.join(b.patches) or 'no patches'})", "",
-             "| K/V | PPL | ± | Δ% vs first row | K bits/value | V bits/value | gap recovered | seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = results_header(f"{model.name}, {args.backend}, {args.chunks} chunks of {args.ctx}, flash attention "
+                           f"{args.fa}", b, ["python", *sys.argv])
+    lines += ["| K/V | PPL | ± | Δ% vs first row | K bits/value | V bits/value | gap recovered | seconds |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, p, err, kb, vb, secs in rows:
         lines.append(f"| {label} | {p:.4f} | {err:.4f} | {(p / base - 1) * 100:+.2f}% | {kb:.3f} | {vb:.3f} | "
                      f"{gap_note(label, ppl)} | {secs:.0f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as f:
-            f.write(table + "\n")
-
+    emit_table(lines, args.out)
 
 if __name__ == "__main__":
     sys.exit(run_script(main))

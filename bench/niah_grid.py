@@ -10,12 +10,10 @@ command, to bench/results/niah_grid.md (or --out); --plot writes all heatmaps.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import RESULTS, parser
 
 from lacq.build import BuildSpec, require_build  # noqa: E402
 from lacq.gguf_info import inspect_model  # noqa: E402
@@ -28,25 +26,15 @@ from lacq.store import open_store  # noqa: E402
 
 DEFAULT = "f16/f16,q8_0/q4_0,q8_0/q4_0+b2"
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, out=RESULTS / "niah_grid.md", fa="auto", plot=True)
     ap.add_argument("--configs", default=DEFAULT, help="K/V or K/V+bN, comma-separated; the first is the baseline")
-    ap.add_argument("--model", default=None)
     ap.add_argument("--ctx", default="1024,2048,4096,8192")
     ap.add_argument("--depths", default="0,25,50,75,100")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runner", default="bindings", choices=["bindings", "completion"])
-    ap.add_argument("--backend", default="cpu")
-    ap.add_argument("--source", default=None)
-    ap.add_argument("--ngl", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--fa", default="auto")
-    ap.add_argument("--out", type=Path, default=RESULTS / "niah_grid.md")
-    ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
     lengths = [int(x) for x in args.ctx.split(",")]
     depths = [int(x) for x in args.depths.split(",")]

@@ -2,7 +2,7 @@
 """Prefill and decode speed (llama-bench) per KV configuration and depth.
 
     python bench/speed.py --backend cuda --ngl 99 [--source PATH] \
-        [--configs f16/f16,q8_0/q4_0,q8_0/q4_0+b2] [--pp 512] [--tg 128] [--depth 0,8192] [-r 5]
+        [--configs f16/f16,q8_0/q4_0,q8_0/q4_0+b2] [--pp 512] [--tg 128] [--depth 0,7680] [-r 5]
 
 Per-layer policies (+bN) reach llama-bench through the patch's environment
 variables. Prints a markdown table (tokens/s ± stddev, device, build key) and
@@ -11,11 +11,9 @@ appends it, with the exact command, to bench/results/speed.md; --plot writes a c
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import RESULTS, parser
 
 from lacq.build import BuildSpec, require_build  # noqa: E402
 from lacq.gguf_info import inspect_model  # noqa: E402
@@ -28,24 +26,15 @@ from lacq.store import open_store  # noqa: E402
 
 DEFAULT = "f16/f16,q8_0/q4_0,q8_0/q4_0+b2"
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, out=RESULTS / "speed.md", fa="on", plot=True)
     ap.add_argument("--configs", default=DEFAULT)
-    ap.add_argument("--model", default=None)
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--tg", type=int, default=128)
-    ap.add_argument("--depth", default="0,8192")
+    ap.add_argument("--depth", default="0,7680", help="tokens already in the cache; depth + pp must fit the "
+                    "model's context (SmolLM2: 8192)")
     ap.add_argument("-r", "--repetitions", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--backend", default="cpu")
-    ap.add_argument("--source", default=None)
-    ap.add_argument("--ngl", type=int, default=None)
-    ap.add_argument("--fa", default="on")
-    ap.add_argument("--out", type=Path, default=RESULTS / "speed.md")
-    ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args()
     b = require_build(BuildSpec(backend=args.backend), args.source)
     store = open_store()

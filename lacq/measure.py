@@ -403,10 +403,12 @@ def plot_bench(df: pd.DataFrame, out: Path) -> Path:
     return out
 
 
-def emit_table(lines: list[str], out: Path) -> None:
-    """Print a bench table and append it to `out` (bench/results/...)."""
+def emit_table(lines: list[str], out: Path | None) -> None:
+    """Print a bench table and append it to `out` (bench/results/...), where given."""
     text = "\n".join(lines) + "\n"
     print(text)
+    if out is None:
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:
         f.write(text + "\n")

@@ -20,14 +20,18 @@ SRC=/tmp/g/llama.cpp
 MODEL=/tmp/g/model.gguf
 bin() { python3 -m lacq build --backend cuda --source "$SRC" --target test-backend-ops --print-path; }
 
-case "$1" in
-setup)
+unpack() {  # the wheels, the source tree and the model's first part
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   mkdir -p /tmp/g && tar -C /tmp/g -xJf .gpu/src/llama-src.tar.xz && cp .gpu/m1/* /tmp/g/
-  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC --target test-backend-ops; echo rc=\$?" \
-    > /tmp/build.log 2>&1 < /dev/null &
-  sleep 30; tail -n 3 /tmp/build.log ;;
+}
+start_build() {  # detached: a build outlasts the call; `wait` collects it
+  setsid nohup bash -c "python3 -m lacq build --source $SRC $*; echo rc=\$?" > /tmp/build.log 2>&1 < /dev/null &
+}
+
+case "$1" in
+setup)
+  unpack; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  start_build --backend cuda --target test-backend-ops; sleep 30; tail -n 3 /tmp/build.log ;;
 wait)
   [ -f .gpu/m2/model.part.01 ] && cp .gpu/m2/* /tmp/g/ && cat /tmp/g/model.part.* > "$MODEL"
   for _ in $(seq 1 "${2:-55}"); do grep -q '^rc=' /tmp/build.log && break; sleep 10; done
@@ -51,12 +55,8 @@ ppl)
   python3 bench/kv_table.py --configs "$C" --backend cuda --source "$SRC" --ngl 99 --model "$MODEL" \
     --ctx 4096 --chunks 8 --out "$OUT/kv_turbo_cuda.md" 2>/dev/null | tail -n 16 ;;
 measure-setup)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  mkdir -p /tmp/g && tar -C /tmp/g -xJf .gpu/src/llama-src.tar.xz && cp .gpu/m1/* /tmp/g/
-  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC; echo rc=\$?" \
-    > /tmp/build.log 2>&1 < /dev/null &
-  sleep 20; tail -n 3 /tmp/build.log ;;
+  unpack; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  start_build --backend cuda; sleep 20; tail -n 3 /tmp/build.log ;;
 niah)
   # Detached (the grids outlast one call): the five configurations run as parallel processes,
   # one file each; later calls print progress and copy the results.
@@ -74,11 +74,7 @@ kvbench)
     --backend cuda --source "$SRC" --ngl 99 --model "$MODEL" --depth 0,8192 -r 5 \
     --out "$OUT/speed_cuda.md" --plot "$OUT/speed_cuda.png" 2>&1 | tail -n 20 ;;
 cpu-setup)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  mkdir -p /tmp/g && tar -C /tmp/g -xJf .gpu/src/llama-src.tar.xz && cp .gpu/m1/* /tmp/g/
-  setsid nohup bash -c "python3 -m lacq build --backend cpu --source $SRC; echo rc=\$?" \
-    > /tmp/build.log 2>&1 < /dev/null &
-  sleep 20; lscpu | grep -E 'Model name|^CPU\(s\)' ;;
+  unpack; start_build --backend cpu; sleep 20; lscpu | grep -E 'Model name|^CPU\(s\)' ;;
 cpu-ppl)
   C="q8_0/f16,q8_0/q8_0,q8_0/q4_0,q8_0/turbo4,q8_0/turbo3,q8_0/turbo2,q8_0/turbo2+b2,q8_0/turbo2+b4"
   C="$C,f16/turbo3,turbo4/turbo4,turbo3/turbo3,turbo2/turbo2"

@@ -23,6 +23,16 @@ def _int_list(text: str, what: str) -> list[int]:
     return values
 
 
+def _prepare(ctx, model_spec: str, kv_args: tuple, backend: str, source: str | None):
+    """What every measurement starts from: (KV config, model, its info, the build, the store)."""
+    from .gguf_info import inspect_model
+    from .models import resolve_model
+    kv = kv_config(*kv_args)
+    model = resolve_model(model_spec)
+    info = inspect_model(model)
+    return kv, model, info, require_build(BuildSpec(backend=backend), source), _store(ctx)
+
+
 def _fmt_table(fmt: str, df, columns: dict, title: str) -> None:
     from .report import render
     render(df, fmt, console, title=title, columns=columns)
@@ -55,15 +65,10 @@ def niah_cmd(ctx, model_spec, ctx_list, depths, trials, seed, haystack, chat_tem
              ngl, label, study, plot, fmt, ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy,
              source, backend):
     """Needle-in-a-haystack pass rates (depth × context length) for MODEL and a KV configuration."""
-    from .gguf_info import inspect_model
     from .measure import measure_niah, niah_grid_frame, plot_niah
-    from .models import resolve_model
     lengths, depth_list = _int_list(ctx_list, "--ctx"), _int_list(depths, "--depths")
-    kv = kv_config(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy)
-    model = resolve_model(model_spec)
-    info = inspect_model(model)
-    build = require_build(BuildSpec(backend=backend), source)
-    store = _store(ctx)
+    kv, model, info, build, store = _prepare(
+        ctx, model_spec, (ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy), backend, source)
     with _progress() as progress:
         task = progress.add_task("niah", total=1.0, detail=kv.label())
         out = measure_niah(build, store, model, info, kv, lengths=lengths, depths=depth_list, trials=trials,
@@ -156,14 +161,9 @@ def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, threads, ngl, l
 def bench_cmd(ctx, model_spec, pp, tg, depth_list, repetitions, threads, ngl, label, study, plot, fmt, ctk, ctv,
               flash_attn, boundary_n, boundary_type, boundary_k, kv_policy, source, backend):
     """Prefill and decode speed (llama-bench -o json) per KV configuration and depth."""
-    from .gguf_info import inspect_model
     from .measure import BENCH_COLUMNS, bench_frame, measure_bench, plot_bench
-    from .models import resolve_model
-    kv = kv_config(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy)
-    model = resolve_model(model_spec)
-    info = inspect_model(model)
-    build = require_build(BuildSpec(backend=backend), source)
-    store = _store(ctx)
+    kv, model, info, build, store = _prepare(
+        ctx, model_spec, (ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy), backend, source)
     with _progress() as progress:
         task = progress.add_task("llama-bench", total=1.0, detail=kv.label())
         out = measure_bench(build, store, model, info, kv, pp=pp, tg=tg,

@@ -7,7 +7,8 @@
 #   .gpu/m1, .gpu/m2: SmolLM2-135M-Instruct.Q4_1.gguf split in two (upload limit)
 # Usage: bash bench/gpu/session.sh STAGE   (stages in order: setup, wait, tests, ppl, speed;
 #        cpu-setup and cpu-ppl run the same PPL tables on the host's 16-core CPU backend;
-#        measure-setup, wait, niah, kvbench give issue 5's NIAH grids and lacq bench table.
+#        measure-setup, wait, niah, kvbench give issue 5's NIAH grids and lacq bench table;
+#        measure-setup, wait, turbo-check test and time the warp-per-block turbo SET_ROWS (patch 0004).
 #        The host's default CC/CXX (/opt/gcc) copy libstdc++ into every shared library, which
 #        crashes the in-process NIAH runner: build with CC=/usr/bin/gcc CXX=/usr/bin/g++
 #        CUDAHOSTCXX=/usr/bin/g++ before measure-setup when the bindings runner is wanted)
@@ -40,7 +41,7 @@ wait)
     grep -h -B2 -A6 'error' $(find "$LACQ_HOME" -name lacq-build.log) | head -80; exit 1
   fi ;;
 tests)
-  B=$(bin)
+  B=${B:-$(bin)}
   for op in SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT; do
     "$B/test-backend-ops" test -b CUDA0 -o "$op" -p turbo > "$OUT/test-backend-ops-$op-turbo.log" 2>&1
     echo "$op turbo: $(grep -c 'OK' "$OUT/test-backend-ops-$op-turbo.log") OK," \
@@ -69,6 +70,17 @@ niah)
   done
   for _ in $(seq 1 "${2:-1}"); do sleep 5; [ $(ls /tmp/res/*.md 2>/dev/null | wc -l) = 5 ] && break; done
   for f in /tmp/niah_*.log; do echo "$(tr '\r' '\n' < $f | tail -n 1)"; done; cp /tmp/res/* "$OUT"/ 2>/dev/null ;;
+turbo-check)
+  # After measure-setup + wait: test-backend-ops built inside the default build, the turbo
+  # cases of four ops, then PPL (bytes unchanged => same PPL) and speed of the turbo V types.
+  export B=$(python3 -m lacq build --backend cuda --source "$SRC" --print-path)
+  cmake --build "$B/.." --target test-backend-ops -j 16 > /tmp/tbo.log 2>&1 || { tail -n 20 /tmp/tbo.log; exit 1; }
+  bash "$0" tests
+  C=q8_0/q4_0,q8_0/turbo4,q8_0/turbo3,q8_0/turbo2,q8_0/turbo2+b2
+  python3 bench/kv_table.py --configs "$C" --backend cuda --source "$SRC" --ngl 99 --model "$MODEL" \
+    --chunks 40 --out "$OUT/kv_turbo_cuda.md" 2>/dev/null | tail -n 8
+  python3 bench/speed.py --configs "$C" --backend cuda --source "$SRC" --ngl 99 --model "$MODEL" \
+    --depth 0,7680 -r 5 --out "$OUT/speed_turbo_cuda.md" 2>&1 | tail -n 14 ;;
 kvbench)
   python3 bench/speed.py --configs f16/f16,q8_0/q4_0,q8_0/q4_0+b2,q8_0/turbo3,q8_0/turbo2+b2 \
     --backend cuda --source "$SRC" --ngl 99 --model "$MODEL" --depth 0,8192 -r 5 \

@@ -48,6 +48,14 @@ tests)
          "$(grep -c 'FAIL' "$OUT/test-backend-ops-$op-turbo.log") FAIL," \
          "$(grep -c 'not supported' "$OUT/test-backend-ops-$op-turbo.log") not supported; $(tail -n 1 "$OUT/test-backend-ops-$op-turbo.log")"
   done ;;
+tests-all)
+  # Every case of the four ops the patches touch, all types (after setup + wait).
+  B=${B:-$(bin)}
+  for op in SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT; do
+    "$B/test-backend-ops" test -b CUDA0 -o "$op" > "$OUT/tbo-$op-all.log" 2>&1
+    echo "$op: $(grep -cE '\): .*OK' "$OUT/tbo-$op-all.log") OK, $(grep -c 'FAIL' "$OUT/tbo-$op-all.log") FAIL," \
+         "$(grep -c 'not supported' "$OUT/tbo-$op-all.log") not supported; $(grep 'backends passed' "$OUT/tbo-$op-all.log")"
+  done ;;
 ppl)
   C="q8_0/f16,q8_0/q8_0,q8_0/q4_0,q8_0/turbo4,q8_0/turbo3,q8_0/turbo2,q8_0/turbo2+b2,q8_0/turbo2+b4"
   C="$C,f16/turbo3,turbo4/turbo4,turbo3/turbo3,turbo2/turbo2"

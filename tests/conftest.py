@@ -10,7 +10,9 @@ move it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import sys
 from pathlib import Path
 
 import platformdirs
@@ -41,9 +43,17 @@ def capture():
 
 @pytest.fixture(scope="session")
 def e2e_home() -> Path:
+    """The shared e2e home, held for the whole session: a second pytest session on the same
+    home waits here rather than racing this one's builds and caches."""
     home = Path(os.environ.get("LACQ_TEST_HOME") or platformdirs.user_cache_dir("lacq-test"))
     home.mkdir(parents=True, exist_ok=True)
-    return home
+    with open(home / ".pytest-session.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"\nwaiting for another test session that uses {home} ...", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield home
 
 
 @contextlib.contextmanager

@@ -227,13 +227,14 @@ def test_grid_and_summary_frames():
 
 
 @pytest.mark.e2e
-def test_an_interrupted_grid_resumes_where_it_stopped(cpu_build, smollm2):
+def test_an_interrupted_grid_resumes_where_it_stopped(cpu_build, smollm2, tmp_path, monkeypatch):
     """Ctrl-C after the first probe keeps it; the same call finishes the grid without redoing it."""
     _need_bindings()
     from lacq.gguf_info import inspect_model
     from lacq.measure import measure_niah
     from lacq.store import open_store
     store, info, kv = open_store(), inspect_model(smollm2), KvConfig("q8_0", "q4_0", "on")
+    monkeypatch.setenv("LACQ_HOME", str(tmp_path / "home"))  # the journal's home: this test's own
     kwargs = dict(lengths=[256], depths=[0, 100], trials=1, runner="bindings", threads=1)
 
     def stop_after_first(frac, detail):

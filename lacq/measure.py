@@ -23,7 +23,7 @@ from .fsutil import atomic_output, canonical_hash
 from .gguf_info import ModelInfo
 from .jobs import prepare_kv
 from .kv import KvConfig
-from .store import Result, Store
+from .store import Result, Store, latest_by_label
 from .tools import bench, kld, perplexity
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,7 @@ def niah_summary_frame(results: list[Result]) -> pd.DataFrame:
 
     For `lacq report`: join on `configuration` to put a NIAH column beside PPL/KLD.
     """
-    latest: dict[str, Result] = {}
-    for r in results:
-        if r.kind == "niah":
-            latest[r.label] = r
+    latest = latest_by_label(results, "niah")
     rows = []
     for r in latest.values():
         by_len: dict[int, list[int]] = {}
@@ -311,10 +308,7 @@ KLD_COLUMNS = {
 
 
 def kld_frame(results: list[Result]) -> pd.DataFrame:
-    latest: dict[str, Result] = {}
-    for r in results:
-        if r.kind == "kld":
-            latest[r.label] = r
+    latest = latest_by_label(results, "kld")
     rows = []
     for r in latest.values():
         m = r.metrics

@@ -12,7 +12,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .store import Result
+from .store import Result, latest_by_label
 
 # Columns of the perplexity comparison, in display order, with their headers.
 PPL_COLUMNS = {
@@ -34,10 +34,7 @@ def ppl_frame(results: list[Result], base_label: str | None = None) -> pd.DataFr
     The base is `base_label` if given, else the largest model among the rows
     (the unquantized reference in a weight study).
     """
-    latest: dict[str, Result] = {}
-    for r in results:
-        if r.kind == "ppl":
-            latest[r.label] = r
+    latest = latest_by_label(results, "ppl")
     if not latest:
         return pd.DataFrame(columns=list(PPL_COLUMNS))
     rows = []

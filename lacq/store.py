@@ -100,6 +100,15 @@ def _connect(path: Path, migrations: list[str], what: str) -> sqlite3.Connection
         raise StoreError(f"cannot use {what} {path}: {exc}") from None
 
 
+def latest_by_label(results: list["Result"], kind: str) -> dict[str, "Result"]:
+    """The last result of `kind` for each label, in the order labels first appear (results come oldest first)."""
+    latest: dict[str, Result] = {}
+    for r in results:
+        if r.kind == kind:
+            latest[r.label] = r
+    return latest
+
+
 class Cache:
     """File hashes (by size and mtime) and the artifacts lacq produced, keyed by cache key."""
 

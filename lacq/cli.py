@@ -294,15 +294,12 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, threads, ngl, label, study
             boundary_n, boundary_type, boundary_k, kv_policy, source, backend):
     """Perplexity of MODEL (llama-perplexity), stored with its provenance."""
     from .gguf_info import inspect_model
-    from .jobs import measure_ppl
+    from .jobs import check_kv, measure_ppl
     from .models import resolve_model
     kv = kv_config(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy)
     model = resolve_model(model_spec)
     info = inspect_model(model)
-    resolved = kv.with_fa_resolved()
-    resolved.per_layer(len(info.kv_blocks))  # bad ordinals fail before the build lookup
-    resolved.check_backend(backend)
-    resolved.check_head_size(info.head_dim, info.head_dim_v)
+    resolved = check_kv(kv, info, backend)  # bad input fails before the build lookup
     if resolved.flash_attn != kv.flash_attn:
         err_console.print(f"[yellow]note[/yellow]: flash attention switched on: "
                           f"{', '.join(kv.needs_flash_attention())} need it")

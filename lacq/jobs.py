@@ -126,17 +126,21 @@ def convert_ftype(build: Build, store: Store, model: Path, output: Path, ftype: 
     return output
 
 
-def prepare_kv(build: Build, kv: KvConfig, info: ModelInfo) -> KvConfig:
-    """Every check of a KV configuration against this build and model, before any work.
-
-    Switches flash attention on where the types need it, refuses types the backend
-    cannot run or the model's head size cannot take, validates ordinals, and
-    requires the per-layer patch when the configuration has per-layer types.
-    """
+def check_kv(kv: KvConfig, info: ModelInfo, backend: str) -> KvConfig:
+    """The checks that need no build: switches flash attention on where the types need it,
+    refuses types the backend cannot run or the model's head size cannot take, and
+    validates ordinals. Returns the configuration with flash attention resolved."""
     kv = kv.with_fa_resolved()
-    kv.check_backend(build.backend)
+    kv.check_backend(backend)
     kv.check_head_size(info.head_dim, info.head_dim_v)
     kv.per_layer(len(info.kv_blocks))
+    return kv
+
+
+def prepare_kv(build: Build, kv: KvConfig, info: ModelInfo) -> KvConfig:
+    """Every check of a KV configuration against this build and model, before any work:
+    `check_kv`, and the per-layer patch where the configuration has per-layer types."""
+    kv = check_kv(kv, info, build.backend)
     if (kv.k_overrides or kv.v_overrides) and not any("per-layer" in p for p in build.patches):
         raise RecipeError("this build lacks the patch for per-layer K/V types by KV-layer ordinal; "
                           "rebuild with the current patches/series")

@@ -118,16 +118,7 @@ class Cache:
 
     # -- file hashes (cached by size and mtime, so a 270 MB model hashes once)
     def sha256(self, path: Path) -> str:
-        path = Path(path).resolve()
-        st = path.stat()
-        row = self.db.execute("SELECT size, mtime_ns, sha256 FROM file_hashes WHERE path = ?", (str(path),)).fetchone()
-        if row and row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns:
-            return row["sha256"]
-        digest = file_sha256(path)
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)",
-                            (str(path), st.st_size, st.st_mtime_ns, digest))
-        return digest
+        return self.sha256_many([Path(path).resolve()])[0]
 
     def sha256_many(self, files: list[Path]) -> list[str]:
         """sha256 of each file, reading only those whose size or mtime changed; one transaction."""

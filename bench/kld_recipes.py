@@ -17,17 +17,17 @@ from pathlib import Path
 from common import RESULTS, parser
 
 from lacq import paths  # noqa: E402
-from lacq.build import BuildSpec, require_build  # noqa: E402
-from lacq.gguf_info import inspect_model  # noqa: E402
-from lacq.jobs import convert_ftype, default_output, quantize_with_plan  # noqa: E402
-from lacq.kv import KvConfig  # noqa: E402
-from lacq.measure import (  # noqa: E402
+from lacq.llama.build import BuildSpec, require_build  # noqa: E402
+from lacq.model.info import inspect_model  # noqa: E402
+from lacq.quantize import convert_ftype, default_output, quantize_with_plan  # noqa: E402
+from lacq.plan.kv.config import KvConfig  # noqa: E402
+from lacq.measure.kld import (  # noqa: E402
     results_header, measure_kld, spearman,
 )
-from lacq.models import resolve_model  # noqa: E402
-from lacq.recipe import list_recipes, load_recipe, resolve_recipe  # noqa: E402
-from lacq.measure import emit_table, run_script  # noqa: E402
-from lacq.store import open_store  # noqa: E402
+from lacq.model.resolve import resolve_model  # noqa: E402
+from lacq.plan.recipe import list_recipes, load_recipe, resolve_recipe  # noqa: E402
+from lacq.measure.kld import emit_table, run_script  # noqa: E402
+from lacq.results.store import open_store  # noqa: E402
 
 
 def main() -> None:

@@ -17,12 +17,12 @@ import sys
 from common import parser
 
 from lacq import paths  # noqa: E402
-from lacq.build import BuildSpec, build  # noqa: E402
-from lacq.gguf_info import inspect_model  # noqa: E402
-from lacq.jobs import convert_ftype, measure_ppl  # noqa: E402
-from lacq.measure import emit_table, parse_kv_label, results_header, run_script  # noqa: E402
-from lacq.models import resolve_model  # noqa: E402
-from lacq.store import open_store  # noqa: E402
+from lacq.llama.build import BuildSpec, build  # noqa: E402
+from lacq.model.info import inspect_model  # noqa: E402
+from lacq.quantize import convert_ftype, measure_ppl  # noqa: E402
+from lacq.measure.kld import emit_table, parse_kv_label, results_header, run_script  # noqa: E402
+from lacq.model.resolve import resolve_model  # noqa: E402
+from lacq.results.store import open_store  # noqa: E402
 
 PRESETS = {
     "boundary": "q8_0/f16,q8_0/q8_0,q8_0/q5_0,q8_0/q4_0,q8_0/q4_0+b2,q8_0/q4_0+b4,"

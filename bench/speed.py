@@ -15,14 +15,14 @@ import sys
 
 from common import RESULTS, parser
 
-from lacq.build import BuildSpec, require_build  # noqa: E402
-from lacq.gguf_info import inspect_model  # noqa: E402
-from lacq.measure import (  # noqa: E402
+from lacq.llama.build import BuildSpec, require_build  # noqa: E402
+from lacq.model.info import inspect_model  # noqa: E402
+from lacq.measure.kld import (  # noqa: E402
     parse_kv_label as parse_config, results_header, bench_frame, measure_bench, plot_bench,
 )
-from lacq.models import resolve_model  # noqa: E402
-from lacq.measure import emit_table, run_script  # noqa: E402
-from lacq.store import open_store  # noqa: E402
+from lacq.model.resolve import resolve_model  # noqa: E402
+from lacq.measure.kld import emit_table, run_script  # noqa: E402
+from lacq.results.store import open_store  # noqa: E402
 
 DEFAULT = "f16/f16,q8_0/q4_0,q8_0/q4_0+b2"
 

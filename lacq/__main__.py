@@ -1,3 +1,3 @@
-from .cli import main
+from lacq.cli import main
 
 main()

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lacq import paths  # noqa: E402
-from lacq.patches import read_series  # noqa: E402
-from lacq.source import resolve_source  # noqa: E402
+from lacq.llama.patches import read_series  # noqa: E402
+from lacq.llama.source import resolve_source  # noqa: E402
 
 PRISTINE = "pristine pinned llama.cpp"
 

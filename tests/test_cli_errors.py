@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from lacq.cli import cli
-from lacq.tools.base import run_tool
+from lacq.llama.tools.base import run_tool
 from lacq.errors import ToolError
 from synth import write_synthetic_gguf
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lacq.build import BuildSpec, build
+from lacq.llama.build import BuildSpec, build
 from lacq.cli import cli
-from lacq.gguf_info import inspect_model
-from lacq.store import open_store
+from lacq.model.info import inspect_model
+from lacq.results.store import open_store
 
 from conftest import _lacq_home
 

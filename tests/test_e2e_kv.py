@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from lacq import paths
-from lacq.build import BuildSpec, build
+from lacq.llama.build import BuildSpec, build
 from lacq.cli import cli
-from lacq.gguf_info import inspect_model
-from lacq.jobs import measure_ppl
-from lacq.kv import KvConfig
-from lacq.store import open_store
+from lacq.model.info import inspect_model
+from lacq.quantize import measure_ppl
+from lacq.plan.kv.config import KvConfig
+from lacq.results.store import open_store
 
 from hybrid_fixture import make_hybrid_gguf
 

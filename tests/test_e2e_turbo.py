@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from lacq import paths
 from lacq.cli import cli
-from lacq.store import open_store
+from lacq.results.store import open_store
 
 from hybrid_fixture import make_hybrid_gguf
 

@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from lacq import build as build_mod
-from lacq.elf import defined_dynamic_symbols, private_cxx_runtime
-from lacq.patches import read_series
+from lacq.llama import build as build_mod
+from lacq.llama.elf import defined_dynamic_symbols, private_cxx_runtime
+from lacq.llama.patches import read_series
 from lacq import paths
 
 SOURCE = """#include <regex>
@@ -70,7 +70,7 @@ def test_bindings_refuse_such_a_build_with_a_clear_error(libs, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shutil.copy(libs["private"], bin_dir / "libllama.so")
-    code = ("from lacq import niah\n"
+    code = ("from lacq.measure.niah import runners as niah\n"
             "try:\n    niah.load_bindings(__import__('pathlib').Path(%r))\n"
             "except niah.NiahError as e:\n    print('NIAHERROR', e)\n") % str(bin_dir)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from lacq.errors import GGUFError
-from lacq.gguf_info import ModelInfo, inspect_model
+from lacq.model.info import ModelInfo, inspect_model
 from synth import write_synthetic_gguf
 
 CAPTURE = Path(__file__).parent / "captures" / "smollm2_inspect.json"

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from lacq.cli import cli
 from lacq.errors import LacqError, ToolError
-from lacq.measure import bench_frame, kld_frame, run_script, spearman
-from lacq.tools import bench, kld, perplexity
+from lacq.measure.kld import bench_frame, kld_frame, run_script, spearman
+from lacq.llama.tools import bench, kld, perplexity
 
 # ---------------------------------------------------------------- KLD parser
 KLD_CASES = [
@@ -98,7 +98,7 @@ def test_logits_header_round_trip_and_garbage():
 
 
 def test_logits_file_that_does_not_match_the_model_is_refused(tmp_path):
-    from lacq.measure import check_logits_matches
+    from lacq.measure.kld import check_logits_matches
     from types import SimpleNamespace
     f = tmp_path / "x.logits"
     f.write_bytes(_header(n_vocab=32000))
@@ -168,8 +168,8 @@ def test_bench_frame_pairs_prefill_and_decode(capture):
 # ---------------------------------------------------------------- bad input (no tools needed)
 def test_kld_base_with_another_vocabulary_is_refused(tmp_path):
     from synth import write_synthetic_gguf
-    from lacq.gguf_info import inspect_model
-    from lacq.measure import check_same_model
+    from lacq.model.info import inspect_model
+    from lacq.measure.kld import check_same_model
     a = write_synthetic_gguf(tmp_path / "a.gguf", n_blocks=2)
     b = write_synthetic_gguf(tmp_path / "b.gguf", n_blocks=3)
     with pytest.raises(LacqError, match="not a quantization of"):
@@ -179,8 +179,8 @@ def test_kld_base_with_another_vocabulary_is_refused(tmp_path):
 def test_kld_refuses_when_the_disk_cannot_hold_the_logits(tmp_path, monkeypatch):
     import shutil
     from types import SimpleNamespace
-    from lacq import measure
-    from lacq.store import Store
+    from lacq.measure import kld as measure
+    from lacq.results.store import Store
     corpus = tmp_path / "c.txt"
     corpus.write_text("x")
     base = tmp_path / "b.gguf"
@@ -196,7 +196,7 @@ def test_kld_refuses_when_the_disk_cannot_hold_the_logits(tmp_path, monkeypatch)
 @pytest.mark.e2e
 def test_kld_cli_caches_base_logits_and_stores_statistics(cpu_build, smollm2):
     # The base is the model itself with an f16 KV cache: the KV configurations are what differ.
-    from lacq.store import open_store
+    from lacq.results.store import open_store
     args = ["kld", str(smollm2), "--base", str(smollm2), "-c", "128", "--chunks", "2", "-t", "1"]
     r = CliRunner().invoke(cli, args + ["--label", "f16 kv"])
     assert r.exit_code == 0, r.output
@@ -225,7 +225,7 @@ def test_kld_cli_refuses_a_base_that_is_another_model(cpu_build, smollm2, tmp_pa
 
 @pytest.mark.e2e
 def test_bench_cli_parses_and_stores(cpu_build, smollm2):
-    from lacq.store import open_store
+    from lacq.results.store import open_store
     r = CliRunner().invoke(cli, ["bench", str(smollm2), "--pp", "32", "--tg", "4", "--depth", "0,64", "-r", "1",
                                  "-t", "1", "--ctk", "q8_0", "--ctv", "q4_0", "--boundary", "2", "--format", "csv"])
     assert r.exit_code == 0, r.output
@@ -243,8 +243,8 @@ def test_bench_cli_parses_and_stores(cpu_build, smollm2):
 ])
 def test_kld_base_with_another_tokenizer_is_refused(tmp_path, kw, match):
     from synth import write_synthetic_gguf
-    from lacq.gguf_info import inspect_model
-    from lacq.measure import check_same_model
+    from lacq.model.info import inspect_model
+    from lacq.measure.kld import check_same_model
     base = write_synthetic_gguf(tmp_path / "base.gguf", n_blocks=2, extra_kv={"tokenizer.ggml.model": "gpt2"})
     model = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=2, **{"extra_kv": {"tokenizer.ggml.model": "gpt2"}, **kw})
     check_same_model(inspect_model(base), inspect_model(base), base, base)

@@ -1,8 +1,8 @@
 import pytest
 
 from lacq.errors import RecipeError
-from lacq.kv import KvConfig, boundary, parse_overrides
-from lacq.kvtypes import kv_type
+from lacq.plan.kv.config import KvConfig, boundary, parse_overrides
+from lacq.plan.kv.types import kv_type
 
 
 def test_boundary_two_on_thirty_layers():
@@ -77,7 +77,7 @@ def test_backend_support_is_checked_before_running():
 
 
 def test_shipped_kv_policies():
-    from lacq.kvpolicy import list_kv_policies, load_kv_policy
+    from lacq.plan.kv.policy import list_kv_policies, load_kv_policy
     assert {"boundary_v2", "boundary_v4", "last8_v", "layer0_high"} <= set(list_kv_policies())
     cfg = load_kv_policy("boundary_v2").config(ctk="q8_0", ctv="q4_0")
     assert [i for i, (_, v) in enumerate(cfg.per_layer(30)) if v == "q8_0"] == [0, 1, 28, 29]
@@ -88,7 +88,7 @@ def test_shipped_kv_policies():
 
 
 def test_kv_policy_errors(tmp_path):
-    from lacq.kvpolicy import load_kv_policy
+    from lacq.plan.kv.policy import load_kv_policy
     with pytest.raises(RecipeError, match="no KV policy named"):
         load_kv_policy("nope")
     bad = tmp_path / "bad.toml"
@@ -115,7 +115,7 @@ def test_turbo_types_and_their_bits():
     assert kv_type("turbo4").bits_per_value == 4.5
     # a turbo K needs flash attention even with an f16 V
     assert KvConfig("turbo3", "f16", "auto").with_fa_resolved().flash_attn == "on"
-    from lacq.kvpolicy import load_kv_policy
+    from lacq.plan.kv.policy import load_kv_policy
     cfg = load_kv_policy("boundary_v2_turbo").config()
     assert (cfg.k, cfg.v) == ("q8_0", "turbo2")
     assert cfg.bits_per_value(30)[1] == pytest.approx((26 * 2.5 + 4 * 8.5) / 30)

@@ -9,10 +9,11 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from lacq import niah, paths
+from lacq.measure.niah import runners as niah
+from lacq import paths
 from lacq.cli import cli
-from lacq.kv import KvConfig
-from lacq.tools import completion
+from lacq.plan.kv.config import KvConfig
+from lacq.llama.tools import completion
 
 CORPUS = " ".join(f"Sentence {i} talks about the history of the river valley and its towns." for i in range(4000))
 
@@ -123,7 +124,7 @@ def test_bindings_version_and_library_checks(tmp_path):
 
 
 def test_bindings_that_cannot_bind_the_library_fail_cleanly(tmp_path):
-    code = ("from lacq import niah\n"
+    code = ("from lacq.measure.niah import runners as niah\n"
             "try:\n    niah.load_bindings(__import__('pathlib').Path(%r))\n"
             "except niah.NiahError as e:\n    print('NIAHERROR', e)\n") % str(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -196,7 +197,7 @@ def test_bindings_and_completion_give_the_same_answers(cpu_build, smollm2):
 @pytest.mark.e2e
 def test_niah_cli_stores_a_grid(cpu_build, smollm2, tmp_path):
     _need_bindings()
-    from lacq.store import open_store
+    from lacq.results.store import open_store
     png = tmp_path / "grid.png"
     r = CliRunner().invoke(cli, ["niah", str(smollm2), "--ctx", "256", "--depths", "0,100", "--trials", "1",
                                  "-t", "1", "--ctk", "q8_0", "--ctv", "q4_0", "--boundary", "2", "--plot", str(png)])
@@ -215,7 +216,7 @@ def test_niah_cli_refuses_too_long_a_context(cpu_build, smollm2):
 
 def test_grid_and_summary_frames():
     from types import SimpleNamespace
-    from lacq.measure import niah_grid_frame, niah_summary_frame
+    from lacq.measure.kld import niah_grid_frame, niah_summary_frame
     metrics = {"trials": 2, "pass_rate": 0.75, "grid": [
         {"length": 1024, "depth": 0, "passed": 2, "n": 2}, {"length": 1024, "depth": 100, "passed": 2, "n": 2},
         {"length": 2048, "depth": 0, "passed": 1, "n": 2}, {"length": 2048, "depth": 100, "passed": 1, "n": 2}]}
@@ -230,9 +231,9 @@ def test_grid_and_summary_frames():
 def test_an_interrupted_grid_resumes_where_it_stopped(cpu_build, smollm2, tmp_path, monkeypatch):
     """Ctrl-C after the first probe keeps it; the same call finishes the grid without redoing it."""
     _need_bindings()
-    from lacq.gguf_info import inspect_model
-    from lacq.measure import measure_niah
-    from lacq.store import open_store
+    from lacq.model.info import inspect_model
+    from lacq.measure.kld import measure_niah
+    from lacq.results.store import open_store
     store, info, kv = open_store(), inspect_model(smollm2), KvConfig("q8_0", "q4_0", "on")
     monkeypatch.setenv("LACQ_HOME", str(tmp_path / "home"))  # the journal's home: this test's own
     kwargs = dict(lengths=[256], depths=[0, 100], trials=1, runner="bindings", threads=1)

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from lacq.errors import ToolError
-from lacq.tools import perplexity, quantize, wrapper
+from lacq.llama.tools import perplexity, quantize, wrapper
 
 
 def test_perplexity_final_chunks_and_kv(capture):

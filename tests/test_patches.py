@@ -4,7 +4,7 @@ import pytest
 
 from lacq import paths
 from lacq.errors import PatchError
-from lacq.patches import Patch, apply_series, read_series, series_hash
+from lacq.llama.patches import Patch, apply_series, read_series, series_hash
 
 GOOD = """demo: change a line
 
@@ -86,7 +86,7 @@ def test_shipped_series_has_headers():
 def test_git_apply_fallback_without_gnu_patch(tmp_path, monkeypatch):
     import shutil as _shutil
     real = _shutil.which
-    monkeypatch.setattr("lacq.patches.shutil.which", lambda name: None if name == "patch" else real(name))
+    monkeypatch.setattr("lacq.llama.patches.shutil.which", lambda name: None if name == "patch" else real(name))
     tree = _tree(tmp_path)
     apply_series(tree, read_series(_series(tmp_path, GOOD)))
     assert (tree / "src" / "a.txt").read_text() == "one\nTWO\nthree\n"

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from lacq.errors import RecipeError
-from lacq.gguf_info import ModelInfo
-from lacq.recipe import (
+from lacq.model.info import ModelInfo
+from lacq.plan.recipe import (
     Rule,
     compare_with_dry_run,
     list_recipes,

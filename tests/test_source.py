@@ -3,7 +3,7 @@ import subprocess
 import pytest
 
 from lacq.errors import SourceError
-from lacq.source import resolve_source, source_hash_if_present
+from lacq.llama.source import resolve_source, source_hash_if_present
 
 
 def _fake_tree(path):

@@ -3,8 +3,8 @@ import json
 
 from rich.console import Console
 
-from lacq.report import ppl_frame, render
-from lacq.store import Store
+from lacq.results.tables import ppl_frame, render
+from lacq.results.store import Store
 
 
 def _add(store, model, label, ppl, **kw):
@@ -86,7 +86,7 @@ def test_render_formats(tmp_path):
 
 
 def test_report_joins_kld_and_niah_and_sorts_by_kld(tmp_path):
-    from lacq.report import combined_frame
+    from lacq.results.tables import combined_frame
     m = _models(tmp_path, {"base": 4000, "a": 1000, "b": 1200})
     store = Store(tmp_path / "r.sqlite")
     _add(store, m["base"], "F16 base", 10.0)

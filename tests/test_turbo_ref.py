@@ -1,4 +1,4 @@
-"""lacq.turbo_ref against the patched libggml's turbo quantizer, bit for bit.
+"""lacq.plan.kv.turbo_ref against the patched libggml's turbo quantizer, bit for bit.
 
 Uses libggml-base of lacq's CPU build of the patched tree (the e2e build
 fixture); LACQ_GGML_BASE_LIB points it at another library.
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lacq import turbo_ref
+from lacq.plan.kv import turbo_ref as turbo_ref
 
 TYPE_IDS = {"turbo2": 43, "turbo3": 44, "turbo4": 45}
 

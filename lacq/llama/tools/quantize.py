@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ToolError
-from .base import LineHook, ToolRun, message_lines, run_tool
+from lacq.errors import ToolError
+from lacq.llama.tools.base import LineHook, ToolRun, message_lines, run_tool
 
 # --dry-run: "[  6/ 272] blk.0.attn_q.weight - [ 576, 576, 1, 1], type = f16, size = 0.63 MiB -> 0.34 MiB (q8_0)"
 # real run:  "[  6/ 272] blk.0.attn_q.weight - [ 576, 576, 1, 1], type = f16, converting to q8_0 .. size = 0.63 MiB -> 0.34 MiB"

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import LacqError, ToolError
-from .kv import ENV_K, ENV_V, KvConfig
-from .tools import completion
+from lacq.errors import LacqError, ToolError
+from lacq.plan.kv.config import ENV_K, ENV_V, KvConfig
+from lacq.llama.tools import completion
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +363,7 @@ def load_bindings(bin_dir: Path):
                         f'CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" pip install llama-cpp-python=={BINDINGS_VERSION}'
                         ", or run with --runner completion") from None
     check_bindings_version(version)
-    from .elf import PRIVATE_RUNTIME_HINT, private_cxx_runtime
+    from lacq.llama.elf import PRIVATE_RUNTIME_HINT, private_cxx_runtime
     if (lib := private_cxx_runtime(bin_dir)) is not None:
         raise NiahError(f"the in-process runner cannot use the build in {bin_dir}: {lib.name} defines "
                         f"std::locale; {PRIVATE_RUNTIME_HINT}, or run with --runner completion")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import RecipeError
-from .kvtypes import TURBO, backend_problem, kv_type, pair_problem, valid_names
+from lacq.errors import RecipeError
+from lacq.plan.kv.types import TURBO, backend_problem, kv_type, pair_problem, valid_names
 
 ENV_K = "LLAMA_KV_TYPES_K"
 ENV_V = "LLAMA_KV_TYPES_V"

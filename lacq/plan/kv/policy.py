@@ -19,9 +19,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import paths
-from .errors import RecipeError
-from .kv import KvConfig, Override, check_type, parse_overrides
+from lacq import paths
+from lacq.errors import RecipeError
+from lacq.plan.kv.config import KvConfig, Override, check_type, parse_overrides
 
 _KEYS = {"name", "description", "k", "v", "params", "k_layers", "v_layers"}
 

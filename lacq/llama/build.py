@@ -21,16 +21,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import paths
-from .elf import PRIVATE_RUNTIME_HINT, private_cxx_runtime
-from .errors import BuildError
-from .fsutil import atomic_directory, canonical_hash, write_text_atomic
-from .patches import Patch, apply_series, read_series, series_hash
-from .source import Source, resolve_source, source_hash_if_present
+from lacq import paths
+from lacq.llama.elf import PRIVATE_RUNTIME_HINT, private_cxx_runtime
+from lacq.errors import BuildError
+from lacq.fsutil import atomic_directory, canonical_hash, write_text_atomic
+from lacq.llama.patches import Patch, apply_series, read_series, series_hash
+from lacq.llama.source import Source, resolve_source, source_hash_if_present
 
 log = logging.getLogger(__name__)
 
-FLAGS_FILE = Path(__file__).parent / "data" / "build_flags.json"
+FLAGS_FILE = Path(__file__).resolve().parent.parent / "data" / "build_flags.json"
 BACKENDS = ("cpu", "cuda", "metal")
 STAMP = "lacq-build.json"
 PREPARED_STAMP = ".lacq-prepared.json"

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import StoreError
-from .fsutil import file_sha256
+from lacq.errors import StoreError
+from lacq.fsutil import file_sha256
 
 # Append-only: never edit a migration that has shipped; add a new one.
 MIGRATIONS = [
@@ -164,7 +164,7 @@ class Store:
     """The results database; `cache` is the home's artifact cache."""
 
     def __init__(self, path: Path, cache: Cache | None = None):
-        from . import paths
+        from lacq import paths
         self.path = Path(path)
         self.db = _connect(self.path, MIGRATIONS, "results database")
         self.cache = cache or Cache(paths.home() / "cache.sqlite")
@@ -213,5 +213,5 @@ class Store:
 
 
 def open_store(path: Path | None = None) -> Store:
-    from . import paths
+    from lacq import paths
     return Store(Path(path) if path else Path(os.environ.get("LACQ_DB") or paths.default_db()))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..kv import KvConfig
-from .base import thread_gpu_args
+from lacq.plan.kv.config import KvConfig
+from lacq.llama.tools.base import thread_gpu_args
 
 END_OF_TEXT = " [end of text]\n"
 TOO_LONG = re.compile(r"prompt is too long \((\d+) tokens, max (\d+)\)")

@@ -14,14 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from .build import Build
-from .errors import LacqError, OutputExistsError, RecipeError
-from .fsutil import atomic_output, canonical_hash
-from .gguf_info import ModelInfo
-from .kv import KvConfig
-from .recipe import Plan, compare_with_dry_run
-from .store import Store
-from .tools import perplexity, quantize
+from lacq.llama.build import Build
+from lacq.errors import LacqError, OutputExistsError, RecipeError
+from lacq.fsutil import atomic_output, canonical_hash
+from lacq.model.info import ModelInfo
+from lacq.plan.kv.config import KvConfig
+from lacq.plan.recipe import Plan, compare_with_dry_run
+from lacq.results.store import Store
+from lacq.llama.tools import perplexity, quantize
 
 log = logging.getLogger(__name__)
 

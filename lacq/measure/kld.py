@@ -16,15 +16,15 @@ from typing import Callable
 
 import pandas as pd
 
-from . import paths
-from .build import Build
-from .errors import LacqError
-from .fsutil import atomic_output, canonical_hash
-from .gguf_info import ModelInfo
-from .jobs import prepare_kv
-from .kv import KvConfig
-from .store import Result, Store, latest_by_label
-from .tools import bench, kld, perplexity
+from lacq import paths
+from lacq.llama.build import Build
+from lacq.errors import LacqError
+from lacq.fsutil import atomic_output, canonical_hash
+from lacq.model.info import ModelInfo
+from lacq.quantize import prepare_kv
+from lacq.plan.kv.config import KvConfig
+from lacq.results.store import Result, Store, latest_by_label
+from lacq.llama.tools import bench, kld, perplexity
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ DISK_MARGIN = 1 << 30  # keep a GiB free beyond the logits file
 
 def parse_kv_label(text: str, fa: str = "auto", boundary_type: str = "q8_0") -> tuple[str, KvConfig]:
     """'K/V' or 'K/V+bN' (V of the first and last N KV layers at boundary_type, by ordinal), as bench scripts use."""
-    from .kv import boundary
+    from lacq.plan.kv.config import boundary
     kv, _, pol = text.strip().partition("+")
     k, _, v = kv.partition("/")
     if pol and not (pol.startswith("b") and pol[1:].isdigit()):
@@ -68,7 +68,7 @@ def measure_niah(build: Build, store: Store, model: Path, info: ModelInfo, kv: K
                  haystack: Path | None = None, chat_template: str = "auto", runner: str = "bindings",
                  n_predict: int = 16, threads: int | None = None, ngl: int | None = None,
                  label: str | None = None, study: str | None = None, progress: Progress | None = None):
-    from . import niah
+    from lacq.measure.niah import runners as niah
     kv = prepare_kv(build, kv, info)
     niah.check_lengths(lengths, info.n_ctx_train)
     niah.check_depths(depths)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import bench, completion, kld, perplexity, quantize
+from lacq.llama.tools import bench, completion, kld, perplexity, quantize
 
 REGISTRY: dict[str, ModuleType] = {
     "llama-quantize": quantize,

@@ -12,7 +12,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .store import Result, latest_by_label
+from lacq.results.store import Result, latest_by_label
 
 # Columns of the perplexity comparison, in display order, with their headers.
 PPL_COLUMNS = {
@@ -72,7 +72,7 @@ def combined_frame(results: list[Result], base_label: str | None = None) -> tupl
     Returns the frame and the columns to show: PPL's table alone when the study
     has no KLD or NIAH results; sorted by mean KLD when it has KLD.
     """
-    from .measure import kld_frame, niah_summary_frame
+    from lacq.measure.kld import kld_frame, niah_summary_frame
 
     df = ppl_frame(results, base_label)
     columns = PPL_COLUMNS

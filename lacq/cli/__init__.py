@@ -14,10 +14,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__, paths
-from .build import BACKENDS, BuildSpec, build as run_build, find_build, prepared_source, require_build
-from .errors import LacqError
-from .kv import KvConfig, boundary, check_type
+from lacq import __version__
+from lacq import paths
+from lacq.llama.build import BACKENDS, BuildSpec, build as run_build, find_build, prepared_source, require_build
+from lacq.errors import LacqError
+from lacq.plan.kv.config import KvConfig, boundary, check_type
 
 # Tables are wide: when output is not a terminal (a pipe, a log file, CI), do not
 # squeeze them into rich's default 80 columns.
@@ -81,7 +82,7 @@ def cli(ctx, db, verbose):
 
 
 def _store(ctx):
-    from .store import open_store
+    from lacq.results.store import open_store
     return open_store(ctx.obj["db"])
 
 
@@ -130,7 +131,7 @@ def build_cmd(source, backend, cuda_arch, targets, no_patches, jobs, print_path,
 @handle_errors
 def inspect_cmd(model, as_json, tensors):
     """Architecture, blocks, KV-layer ordinals and tensors of a GGUF model."""
-    from .gguf_info import inspect_model
+    from lacq.model.info import inspect_model
     info = inspect_model(model)
     if as_json:
         click.echo(json.dumps(info.to_dict(), indent=1))
@@ -168,7 +169,7 @@ def recipes_group():
 @handle_errors
 def recipes_list(as_json):
     """List the shipped weight recipes."""
-    from .recipe import list_recipes, load_recipe
+    from lacq.plan.recipe import list_recipes, load_recipe
     rows = [load_recipe(n) for n in list_recipes()]
     if as_json:
         click.echo(json.dumps([{"name": r.name, "description": r.description} for r in rows], indent=1))
@@ -186,8 +187,8 @@ def recipes_list(as_json):
 @handle_errors
 def recipes_show(name, model_spec, sets):
     """Show a recipe, and with --model its resolved plan."""
-    from .gguf_info import inspect_model
-    from .recipe import load_recipe, resolve_recipe
+    from lacq.model.info import inspect_model
+    from lacq.plan.recipe import load_recipe, resolve_recipe
     recipe = load_recipe(name)
     console.print(recipe.path.read_text() if getattr(recipe, "path", None) else recipe)
     if model_spec:
@@ -223,10 +224,10 @@ def _parse_sets(sets) -> dict[str, str]:
 @handle_errors
 def quantize_cmd(ctx, model_spec, recipe_name, output, sets, imatrix, dry_run, strict, force, source, backend):
     """Quantize MODEL with a recipe's per-tensor plan."""
-    from .gguf_info import inspect_model
-    from .jobs import quantize_with_plan
-    from .models import resolve_model
-    from .recipe import load_recipe, resolve_recipe
+    from lacq.model.info import inspect_model
+    from lacq.quantize import quantize_with_plan
+    from lacq.model.resolve import resolve_model
+    from lacq.plan.recipe import load_recipe, resolve_recipe
     model = resolve_model(model_spec)
     info = inspect_model(model)
     plan = resolve_recipe(load_recipe(recipe_name), info, _parse_sets(sets))
@@ -267,7 +268,7 @@ def kv_options(fn):
 
 def kv_config(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy) -> KvConfig:
     if kv_policy:
-        from .kvpolicy import load_kv_policy
+        from lacq.plan.kv.policy import load_kv_policy
         if boundary_n is not None:
             raise LacqError("give either --boundary or --kv-policy, not both")
         return load_kv_policy(kv_policy).config(ctk=ctk, ctv=ctv, flash_attn=flash_attn)
@@ -293,9 +294,9 @@ def kv_config(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_po
 def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, threads, ngl, label, study, ctk, ctv, flash_attn,
             boundary_n, boundary_type, boundary_k, kv_policy, source, backend):
     """Perplexity of MODEL (llama-perplexity), stored with its provenance."""
-    from .gguf_info import inspect_model
-    from .jobs import check_kv, measure_ppl
-    from .models import resolve_model
+    from lacq.model.info import inspect_model
+    from lacq.quantize import check_kv, measure_ppl
+    from lacq.model.resolve import resolve_model
     kv = kv_config(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy)
     model = resolve_model(model_spec)
     info = inspect_model(model)
@@ -331,7 +332,7 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, threads, ngl, label, study
 @handle_errors
 def report_cmd(ctx, study, base_label, fmt, list_studies):
     """Comparison table of stored results: PPL, and KLD and NIAH where the study has them."""
-    from .report import combined_frame, render
+    from lacq.results.tables import combined_frame, render
     store = _store(ctx)
     results = [r for r in store.results() if r.kind in ("ppl", "kld", "niah")]
     studies = list(dict.fromkeys(r.study for r in results if r.study))
@@ -361,8 +362,8 @@ def report_cmd(ctx, study, base_label, fmt, list_studies):
 @handle_errors
 def demo_cmd(ctx, model_spec, chunks, ctx_len, fmt, source, backend):
     """The layer-placement study end to end: build, quantize ten recipes, measure, compare."""
-    from .demo import run_demo
-    from .models import resolve_model
+    from lacq.studies.placement import run_demo
+    from lacq.model.resolve import resolve_model
     t0 = time.monotonic()
     store = _store(ctx)
     with _progress() as progress:
@@ -381,7 +382,7 @@ def demo_cmd(ctx, model_spec, chunks, ctx_len, fmt, source, backend):
             progress.update(tasks[stage], completed=frac, detail=detail)
 
         result = run_demo(build, store, model, paths.default_corpus(), ctx=ctx_len, chunks=chunks, step=step)
-    from .report import render
+    from lacq.results.tables import render
     render(result.table, fmt, console,
            title=f"{model.name}: Q4_0 base, protected layers Q8_0 — WikiText-2, {chunks}×{ctx_len} tokens")
     console.print(f"study {result.study}; {time.monotonic() - t0:.0f} s. "
@@ -397,4 +398,4 @@ if __name__ == "__main__":
 
 
 # Commands defined in other modules register themselves on `cli` when imported.
-from . import cli_measure  # noqa: E402,F401
+from lacq.cli import measure as cli_measure  # noqa: E402,F401

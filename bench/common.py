@@ -26,3 +26,49 @@ def parser(doc: str | None, *, out: Path | None, fa: str | None = None, plot: bo
     if plot:
         ap.add_argument("--plot", type=Path, default=None, help="also write a PNG")
     return ap
+
+
+def kv_from_label(text: str, fa: str = "auto", boundary_type: str = "q8_0"):
+    """'K/V' or 'K/V+bN' (V of the first and last N KV layers at boundary_type, by ordinal) -> (label, KvConfig)."""
+    from lacq.errors import LacqError
+    from lacq.plan.kv.config import KvConfig
+    kv, _, pol = text.strip().partition("+")
+    k, _, v = kv.partition("/")
+    if pol and not (pol.startswith("b") and pol[1:].isdigit()):
+        raise LacqError(f"bad configuration {text!r}; expected K/V or K/V+bN, e.g. q8_0/q4_0+b2")
+    return text.strip(), KvConfig.from_flags(k, v or k, fa, int(pol[1:]) if pol else None, boundary_type)
+
+
+def results_header(title: str, build, argv: list[str]) -> list[str]:
+    """Markdown lines heading a bench table: title, exact command, time, host, build."""
+    import datetime
+    import platform
+    import shlex
+    return [f"### {title}", "", f"`{' '.join(shlex.quote(a) for a in argv)}`", "",
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, host {platform.node()}, "
+            f"build {build.key} ({build.backend}; {', '.join(build.patches) or 'no patches'})", ""]
+
+
+def emit_table(lines: list[str], out: Path | None) -> None:
+    """Print a bench table and append it to `out` (bench/results/...), where given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(text + "\n")
+
+
+def run_script(main) -> int:
+    """Run a bench/ script's main: lacq's errors as one line and exit 1, Ctrl-C as exit 130."""
+    from lacq.errors import LacqError
+    try:
+        main()
+    except LacqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

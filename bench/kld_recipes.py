@@ -14,20 +14,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common import RESULTS, parser
+from common import RESULTS, emit_table, parser, results_header, run_script
 
-from lacq import paths  # noqa: E402
-from lacq.llama.build import BuildSpec, require_build  # noqa: E402
-from lacq.model.info import inspect_model  # noqa: E402
-from lacq.quantize import convert_ftype, default_output, quantize_with_plan  # noqa: E402
-from lacq.plan.kv.config import KvConfig  # noqa: E402
-from lacq.measure.kld import (  # noqa: E402
-    results_header, measure_kld, spearman,
-)
-from lacq.model.resolve import resolve_model  # noqa: E402
-from lacq.plan.recipe import list_recipes, load_recipe, resolve_recipe  # noqa: E402
-from lacq.measure.kld import emit_table, run_script  # noqa: E402
-from lacq.results.store import open_store  # noqa: E402
+from lacq import paths
+from lacq.llama.build import BuildSpec, require_build
+from lacq.measure.kld import measure_kld
+from lacq.model.info import inspect_model
+from lacq.model.resolve import resolve_model
+from lacq.plan.kv.config import KvConfig
+from lacq.plan.recipe import list_recipes, load_recipe, resolve_recipe
+from lacq.quantize import convert_ftype, default_output, quantize_with_plan
+from lacq.results.render import markdown_lines
+from lacq.results.store import open_store
+from lacq.results.tables import KLD_COLUMNS, kld_frame, spearman
 
 
 def main() -> None:
@@ -49,7 +48,7 @@ def main() -> None:
     work = paths.sub("bench-kld")
     corpus = paths.default_corpus()
     study = f"bench-kld:{args.backend}:{b.key}:c{args.ctx}:n{args.chunks}"
-    rows = []
+    ids = []
     for name in (args.recipes.split(",") if args.recipes else list_recipes()):
         plan = resolve_recipe(load_recipe(name), base_info, {})
         if args.from_dir:
@@ -61,21 +60,18 @@ def main() -> None:
         out = measure_kld(b, store, qpath, info, base, base_info, KvConfig(), corpus, ctx=args.ctx,
                           chunks=args.chunks, threads=args.threads, ngl=args.ngl, label=name, study=study,
                           recipe=name, plan_hash=plan.plan_hash)
+        ids.append(out.result_id)
         r = out.result
-        rows.append((name, qpath.stat().st_size / 1e6, r))
         print(f"{name}: KLD {r.kld_mean:.5f}, PPL {r.ppl_q:.4f} ({out.seconds:.0f} s)", file=sys.stderr, flush=True)
-    rows.sort(key=lambda x: x[2].kld_mean)
-    rho = spearman([r.kld_mean for _, _, r in rows], [r.ppl_q for _, _, r in rows])
+    df = kld_frame([store.get(i) for i in ids])  # sorted by mean KLD
+    df["ppl_rank"] = df.ppl_q.rank(method="min").astype(int)
+    rho = spearman(list(df.kld_mean), list(df.ppl_q))
     lines = results_header(f"KLD vs F16, {base.name}, {args.backend}, {args.chunks} chunks of {args.ctx}",
                            b, ["python", *sys.argv])
-    lines += ["| recipe | size (MB) | mean KLD | ± | KLD 99% | KLD max | RMS Δp % | same top p % | PPL | PPL rank |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    ppl_rank = {n: i + 1 for i, (n, _, _) in enumerate(sorted(rows, key=lambda x: x[2].ppl_q))}
-    for name, mb, r in rows:
-        lines.append(f"| {name} | {mb:.1f} | {r.kld_mean:.5f} | {r.kld_mean_error:.5f} | "
-                     f"{r.kld_quantiles.get('p99', float('nan')):.4f} | {r.kld_quantiles.get('max', float('nan')):.3f} | "
-                     f"{r.dp_rms_pct:.3f} | {r.same_top_p_pct:.2f} | {r.ppl_q:.4f} | {ppl_rank[name]} |")
-    lines += ["", f"F16 base PPL on the same chunks: {rows[0][2].ppl_base:.4f}. "
+    columns = {c: h for c, h in KLD_COLUMNS.items() if c != "ppl_ratio"} | {"ppl_rank": "PPL rank"}
+    lines += markdown_lines(df.rename(columns={"ppl_q": "ppl"}), {("ppl" if c == "ppl_q" else c): h
+                                                                  for c, h in columns.items()})
+    lines += ["", f"F16 base PPL on the same chunks: {store.get(ids[0]).metrics['ppl_base']:.4f}. "
               f"Spearman's rank correlation between the KLD and PPL rankings: {rho:+.3f}.", ""]
     emit_table(lines, args.out)
 

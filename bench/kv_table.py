@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import sys
 
-from common import parser
+import pandas as pd
+from common import emit_table, kv_from_label, parser, results_header, run_script
 
-from lacq import paths  # noqa: E402
-from lacq.llama.build import BuildSpec, build  # noqa: E402
-from lacq.model.info import inspect_model  # noqa: E402
-from lacq.quantize import convert_ftype, measure_ppl  # noqa: E402
-from lacq.measure.kld import emit_table, parse_kv_label, results_header, run_script  # noqa: E402
-from lacq.model.resolve import resolve_model  # noqa: E402
-from lacq.results.store import open_store  # noqa: E402
+from lacq import paths
+from lacq.llama.build import BuildSpec, build
+from lacq.measure.ppl import measure_ppl
+from lacq.model.info import inspect_model
+from lacq.model.resolve import resolve_model
+from lacq.quantize import convert_ftype
+from lacq.results.render import markdown_lines
+from lacq.results.store import open_store
 
+COLUMNS = {"configuration": "K/V", "ppl": "PPL", "ppl_error": "±", "ppl_delta_pct": "Δ% vs first row",
+           "k_bpv": "K bits/value", "v_bpv": "V bits/value", "gap": "gap recovered", "seconds": "seconds"}
 PRESETS = {
     "boundary": "q8_0/f16,q8_0/q8_0,q8_0/q5_0,q8_0/q4_0,q8_0/q4_0+b2,q8_0/q4_0+b4,"
                 "q8_0/q2_0,q8_0/q2_0+b2,q8_0/q2_0+b4",
@@ -66,21 +70,19 @@ def main() -> None:
     rows, ppl = [], {}
     study = f"bench-kv:{args.backend}:{b.key}:c{args.ctx}:n{args.chunks}"
     for text in configs.split(","):
-        label, kv = parse_kv_label(text, args.fa, args.boundary_type)
+        label, kv = kv_from_label(text, args.fa, args.boundary_type)
         out = measure_ppl(b, store, model, info, kv, paths.default_corpus(), ctx=args.ctx, chunks=args.chunks,
                           threads=args.threads, ngl=args.ngl, label=label, study=study)
         ppl[label] = out.result.ppl
-        rows.append((label, out.result.ppl, out.result.ppl_error, out.k_bits_per_value, out.v_bits_per_value,
-                     out.seconds))
+        rows.append({"configuration": label, "ppl": out.result.ppl, "ppl_error": out.result.ppl_error,
+                     "k_bpv": out.k_bits_per_value, "v_bpv": out.v_bits_per_value, "seconds": out.seconds})
         print(f"{label}: PPL {out.result.ppl:.4f} ({out.seconds:.0f} s)", file=sys.stderr, flush=True)
-    base = rows[0][1]
+    df = pd.DataFrame(rows)
+    df["ppl_delta_pct"] = (df.ppl / df.ppl.iloc[0] - 1) * 100
+    df["gap"] = [gap_note(label, ppl) for label in df.configuration]
     lines = results_header(f"{model.name}, {args.backend}, {args.chunks} chunks of {args.ctx}, flash attention "
                            f"{args.fa}", b, ["python", *sys.argv])
-    lines += ["| K/V | PPL | ± | Δ% vs first row | K bits/value | V bits/value | gap recovered | seconds |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for label, p, err, kb, vb, secs in rows:
-        lines.append(f"| {label} | {p:.4f} | {err:.4f} | {(p / base - 1) * 100:+.2f}% | {kb:.3f} | {vb:.3f} | "
-                     f"{gap_note(label, ppl)} | {secs:.0f} |")
+    lines += markdown_lines(df, COLUMNS)
     emit_table(lines, args.out)
 
 if __name__ == "__main__":

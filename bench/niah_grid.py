@@ -13,16 +13,23 @@ from __future__ import annotations
 import sys
 import time
 
-from common import RESULTS, parser
-
-from lacq.llama.build import BuildSpec, require_build  # noqa: E402
-from lacq.model.info import inspect_model  # noqa: E402
-from lacq.measure.kld import (  # noqa: E402
-    parse_kv_label as parse_config, results_header, measure_niah, niah_grid_frame, plot_niah,
+from common import (
+    RESULTS,
+    emit_table,
+    kv_from_label,
+    parser,
+    results_header,
+    run_script,
 )
-from lacq.model.resolve import resolve_model  # noqa: E402
-from lacq.measure.kld import emit_table, run_script  # noqa: E402
-from lacq.results.store import open_store  # noqa: E402
+
+from lacq.llama.build import BuildSpec, require_build
+from lacq.measure.niah.grid import measure_niah
+from lacq.model.info import inspect_model
+from lacq.model.resolve import resolve_model
+from lacq.results.plots import plot_niah
+from lacq.results.render import niah_grid_lines
+from lacq.results.store import open_store
+from lacq.results.tables import niah_grid_frame
 
 DEFAULT = "f16/f16,q8_0/q4_0,q8_0/q4_0+b2"
 
@@ -47,23 +54,19 @@ def main() -> None:
                            b, ["python", *sys.argv])
     frames = {}
     for text in args.configs.split(","):
-        label, kv = parse_config(text, args.fa)
+        label, kv = kv_from_label(text, args.fa)
         t0 = time.monotonic()
         out = measure_niah(b, store, model, info, kv, lengths=lengths, depths=depths, trials=args.trials,
                            seed=args.seed, runner=args.runner, threads=args.threads, ngl=args.ngl, label=label,
                            study=study,
                            progress=lambda f, d: print(f"\r{label}: {f:4.0%} {d:40}", end="", file=sys.stderr))
         print(file=sys.stderr)
-        (res,) = [r for r in store.results(kind="niah") if r.id == out.result_id]
+        res = store.get(out.result_id)
         df = niah_grid_frame(res.metrics)
         frames[label] = df
         lines += [f"**{label}** ({res.metrics['pass_rate']:.0%} overall, {time.monotonic() - t0:.0f} s, "
-                  f"{out.runner})", "", "| depth \\ context | " + " | ".join(map(str, df.columns)) + " |",
-                  "|" + " --- |" * (len(df.columns) + 1)]
-        for d in df.index:
-            lines.append(f"| {d}% | " + " | ".join(f"{df.loc[d, c]:.0%}" for c in df.columns) + " |")
-        by_len = {c: df[c].mean() for c in df.columns}
-        lines += ["| all depths | " + " | ".join(f"{v:.0%}" for v in by_len.values()) + " |", ""]
+                  f"{out.runner})", ""]
+        lines += niah_grid_lines(df, all_depths=True) + [""]
     emit_table(lines, args.out)
     if args.plot:
         plot_niah(frames, args.plot)

@@ -13,17 +13,26 @@ from __future__ import annotations
 
 import sys
 
-from common import RESULTS, parser
-
-from lacq.llama.build import BuildSpec, require_build  # noqa: E402
-from lacq.model.info import inspect_model  # noqa: E402
-from lacq.measure.kld import (  # noqa: E402
-    parse_kv_label as parse_config, results_header, bench_frame, measure_bench, plot_bench,
+from common import (
+    RESULTS,
+    emit_table,
+    kv_from_label,
+    parser,
+    results_header,
+    run_script,
 )
-from lacq.model.resolve import resolve_model  # noqa: E402
-from lacq.measure.kld import emit_table, run_script  # noqa: E402
-from lacq.results.store import open_store  # noqa: E402
 
+from lacq.llama.build import BuildSpec, require_build
+from lacq.measure.bench import measure_bench
+from lacq.model.info import inspect_model
+from lacq.model.resolve import resolve_model
+from lacq.results.plots import plot_bench
+from lacq.results.render import markdown_lines
+from lacq.results.store import open_store
+from lacq.results.tables import bench_frame
+
+COLUMNS = {"configuration": "K/V", "depth": "depth", "pp_ts": "prefill t/s", "pp_sd": "±", "tg_ts": "decode t/s",
+           "tg_sd": "±"}
 DEFAULT = "f16/f16,q8_0/q4_0,q8_0/q4_0+b2"
 
 
@@ -43,20 +52,18 @@ def main() -> None:
     study = f"bench-speed:{args.backend}:{b.key}"
     results = []
     for text in args.configs.split(","):
-        label, kv = parse_config(text, args.fa)
+        label, kv = kv_from_label(text, args.fa)
         out = measure_bench(b, store, model, info, kv, pp=args.pp, tg=args.tg,
                             depths=tuple(int(d) for d in args.depth.split(",")), repetitions=args.repetitions,
                             threads=args.threads, ngl=args.ngl, label=label, study=study)
-        results += [r for r in store.results(kind="bench") if r.id == out.result_id]
+        results.append(store.get(out.result_id))
         print(f"{label}: done ({out.seconds:.0f} s)", file=sys.stderr, flush=True)
     df = bench_frame(results)
     device = df.device.iloc[0]
     lines = results_header(f"llama-bench, {model.name}, {args.backend} ({device}), pp{args.pp} / tg{args.tg}, "
                    f"{args.repetitions} repetitions",
                            b, ["python", *sys.argv])
-    lines += ["| K/V | depth | prefill t/s | ± | decode t/s | ± |", "| --- | --- | --- | --- | --- | --- |"]
-    for _, r in df.iterrows():
-        lines.append(f"| {r.configuration} | {r.depth} | {r.pp_ts:.1f} | {r.pp_sd:.1f} | {r.tg_ts:.1f} | {r.tg_sd:.1f} |")
+    lines += markdown_lines(df, COLUMNS)
     emit_table(lines + [""], args.out)
     if args.plot:
         plot_bench(df, args.plot)

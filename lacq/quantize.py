@@ -1,34 +1,28 @@
-"""The operations lacq's commands run: quantize with a plan, measure perplexity.
+"""Quantizing a model with a resolved plan (llama-quantize), and whole-model conversions.
 
-Each takes a Build and plain values, reports progress through a callback,
-and returns a frozen dataclass; the CLI only wires and prints.
+Each job takes a Build and plain values, reports progress through a callback,
+writes its output atomically, records it in the artifact cache and returns a
+frozen dataclass.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lacq.llama.build import Build
-from lacq.errors import LacqError, OutputExistsError, RecipeError
+from lacq.errors import OutputExistsError, RecipeError
 from lacq.fsutil import atomic_output, canonical_hash
+from lacq.llama.build import Build
+from lacq.llama.tools import quantize
 from lacq.model.info import ModelInfo
-from lacq.plan.kv.config import KvConfig
 from lacq.plan.recipe import Plan, compare_with_dry_run
 from lacq.results.store import Store
-from lacq.llama.tools import perplexity, quantize
-
-log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
-
-# llama-quantize's non-quantized output types.
-_FLOAT_FTYPES = {"F32", "F16", "BF16"}
 
 
 @dataclass(frozen=True)
@@ -46,20 +40,16 @@ def default_output(model: Path, recipe_name: str) -> Path:
     return model.with_name(f"{model.stem}.{recipe_name}.gguf")
 
 
-def _is_quantized(info: ModelInfo) -> bool:
-    return any(t.type not in ("f32", "f16", "bf16") for t in info.tensors if t.n_elements > 1 and len(t.shape) > 1)
-
-
 def quantize_with_plan(build: Build, store: Store, model: Path, info: ModelInfo, plan: Plan, *,
                        output: Path | None = None, force: bool = False, imatrix: Path | None = None,
-                       strict: bool = False, dry_run: bool = False, workdir: Path | None = None,
+                       strict: bool = False, dry_run: bool = False,
                        progress: Progress | None = None) -> QuantizeOutcome:
     """Verify `plan` with --dry-run, then quantize `model` atomically (cached)."""
     t0 = time.monotonic()
     output = Path(output) if output else default_output(model, plan.recipe)
     if output.resolve() == model.resolve():
         raise OutputExistsError(f"output {output} is the input model; choose another -o")
-    requant = _is_quantized(info)
+    requant = info.is_quantized
     key = canonical_hash({"input": store.sha256(model), "plan": plan.plan_hash, "build": build.key,
                           "imatrix": store.sha256(imatrix) if imatrix else None})
     if not dry_run and output.exists():
@@ -70,7 +60,7 @@ def quantize_with_plan(build: Build, store: Store, model: Path, info: ModelInfo,
         if not force:
             raise OutputExistsError(f"{output} exists and was not made from this input, plan and build; "
                                     "pass --force to overwrite it or -o to choose another path")
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         ttf = Path(tmp) / "tensor-types.txt"
         ttf.write_text(plan.tensor_type_file_text())
         binary = build.tool("llama-quantize")
@@ -124,68 +114,3 @@ def convert_ftype(build: Build, store: Store, model: Path, output: Path, ftype: 
                      on_line=(lambda l: progress(0.5, "converting")) if progress else None)
     store.cache.record_artifact(key, output, {"model": str(model), "ftype": ftype})
     return output
-
-
-def check_kv(kv: KvConfig, info: ModelInfo, backend: str) -> KvConfig:
-    """The checks that need no build: switches flash attention on where the types need it,
-    refuses types the backend cannot run or the model's head size cannot take, and
-    validates ordinals. Returns the configuration with flash attention resolved."""
-    kv = kv.with_fa_resolved()
-    kv.check_backend(backend)
-    kv.check_head_size(info.head_dim, info.head_dim_v)
-    kv.per_layer(len(info.kv_blocks))
-    return kv
-
-
-def prepare_kv(build: Build, kv: KvConfig, info: ModelInfo) -> KvConfig:
-    """Every check of a KV configuration against this build and model, before any work:
-    `check_kv`, and the per-layer patch where the configuration has per-layer types."""
-    kv = check_kv(kv, info, build.backend)
-    if (kv.k_overrides or kv.v_overrides) and not any("per-layer" in p for p in build.patches):
-        raise RecipeError("this build lacks the patch for per-layer K/V types by KV-layer ordinal; "
-                          "rebuild with the current patches/series")
-    return kv
-
-
-@dataclass(frozen=True)
-class PplOutcome:
-    result: perplexity.PerplexityResult
-    result_id: int
-    seconds: float
-    k_bits_per_value: float
-    v_bits_per_value: float
-
-
-def measure_ppl(build: Build, store: Store, model: Path, info: ModelInfo, kv: KvConfig, corpus: Path, *,
-                ctx: int = 512, chunks: int | None = 20, threads: int | None = None, ngl: int | None = None,
-                label: str | None = None, study: str | None = None, recipe: str | None = None,
-                plan_hash: str | None = None, progress: Progress | None = None,
-                log_dir: Path | None = None) -> PplOutcome:
-    if not corpus.exists():
-        raise LacqError(f"corpus {corpus} does not exist")
-    kv = prepare_kv(build, kv, info)
-    k_bpv, v_bpv = kv.bits_per_value(len(info.kv_blocks))
-    args = perplexity.argv(build.tool("llama-perplexity"), model, corpus, ctx=ctx, chunks=chunks,
-                           threads=threads, ngl=ngl, kv_args=kv.argv())
-    env = kv.env()
-    expected = chunks or 0
-
-    def on_line(line: str) -> None:
-        if progress and line.startswith("[") and expected:
-            n = line.count(",")
-            progress(min(n / expected, 1.0), f"chunk {n}/{expected}")
-
-    log_path = None
-    if log_dir:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = log_dir / f"ppl-{int(time.time() * 1000)}.log"
-    run, result = perplexity.run(args, env=env, log_path=log_path, on_line=on_line)
-    if result.k_bits_per_value is not None:  # measured by the patch from allocated bytes
-        k_bpv, v_bpv = result.k_bits_per_value, result.v_bits_per_value
-    metrics = asdict(result)
-    metrics.update(k_bits_per_value=k_bpv, v_bits_per_value=v_bpv)
-    rid = store.add(kind="ppl", label=label or f"{model.name} {kv.label()}", model=model, build=build.provenance(),
-                    command=list(run.argv), metrics=metrics, study=study, recipe=recipe, plan_hash=plan_hash,
-                    kv=kv.to_dict(), corpus=corpus, ctx=ctx, chunks=result.n_chunks or chunks, env=env,
-                    wall_seconds=run.seconds)
-    return PplOutcome(result, rid, run.seconds, k_bpv, v_bpv)

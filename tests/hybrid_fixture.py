@@ -35,9 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 import gguf
+import numpy as np
 
 ARCHES = ("lfm2", "gemma3")
 

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from synth import write_synthetic_gguf
 
 from lacq.cli import cli
-from lacq.llama.tools.base import run_tool
 from lacq.errors import ToolError
-from synth import write_synthetic_gguf
+from lacq.llama.tools.base import run_tool
 
 
 def _run(*args):
@@ -85,7 +85,7 @@ def test_missing_build(tmp_path):
     (["--ctv", "q4_0", "--boundary", "0"], "at least 1"),
     (["--ctv", "q4_0", "--boundary", "3", "--boundary-type", "q7"], "unknown KV cache type"),
     (["--ctv", "q4_0", "--boundary", "5"], "ordinal 4 is out of range: this model has 4 KV layers"),
-    (["--kv-policy", "nope"], "no KV policy named"),
+    (["--kv-policy", "nope"], "unknown KV policy 'nope'"),
     (["--kv-policy", "boundary_v2", "--boundary", "2"], "not both"),
     (["--ctv", "q4_0", "--kv-policy", "layer0_high", "--backend", "cuda"], "lacq build --backend cuda"),
 ])

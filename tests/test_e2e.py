@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import _lacq_home
 
-from lacq.llama.build import BuildSpec, build
 from lacq.cli import cli
+from lacq.llama.build import BuildSpec, build
 from lacq.model.info import inspect_model
 from lacq.results.store import open_store
-
-from conftest import _lacq_home
 
 pytestmark = pytest.mark.e2e
 

@@ -8,16 +8,15 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
+from hybrid_fixture import make_hybrid_gguf
 
 from lacq import paths
-from lacq.llama.build import BuildSpec, build
 from lacq.cli import cli
+from lacq.llama.build import BuildSpec, build
+from lacq.measure.ppl import measure_ppl
 from lacq.model.info import inspect_model
-from lacq.quantize import measure_ppl
 from lacq.plan.kv.config import KvConfig
 from lacq.results.store import open_store
-
-from hybrid_fixture import make_hybrid_gguf
 
 pytestmark = pytest.mark.e2e
 

@@ -7,12 +7,11 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
+from hybrid_fixture import make_hybrid_gguf
 
 from lacq import paths
 from lacq.cli import cli
 from lacq.results.store import open_store
-
-from hybrid_fixture import make_hybrid_gguf
 
 pytestmark = pytest.mark.e2e
 

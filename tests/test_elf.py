@@ -13,10 +13,10 @@ import sys
 
 import pytest
 
+from lacq import paths
 from lacq.llama import build as build_mod
 from lacq.llama.elf import defined_dynamic_symbols, private_cxx_runtime
 from lacq.llama.patches import read_series
-from lacq import paths
 
 SOURCE = """#include <regex>
 #include <string>

@@ -2,10 +2,10 @@ import json
 from pathlib import Path
 
 import pytest
+from synth import write_synthetic_gguf
 
 from lacq.errors import GGUFError
 from lacq.model.info import ModelInfo, inspect_model
-from synth import write_synthetic_gguf
 
 CAPTURE = Path(__file__).parent / "captures" / "smollm2_inspect.json"
 

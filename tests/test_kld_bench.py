@@ -6,11 +6,12 @@ import struct
 
 import pytest
 from click.testing import CliRunner
+from conftest import REPO
 
 from lacq.cli import cli
 from lacq.errors import LacqError, ToolError
-from lacq.measure.kld import bench_frame, kld_frame, run_script, spearman
 from lacq.llama.tools import bench, kld, perplexity
+from lacq.results.tables import bench_frame, kld_frame, spearman
 
 # ---------------------------------------------------------------- KLD parser
 KLD_CASES = [
@@ -98,8 +99,9 @@ def test_logits_header_round_trip_and_garbage():
 
 
 def test_logits_file_that_does_not_match_the_model_is_refused(tmp_path):
-    from lacq.measure.kld import check_logits_matches
     from types import SimpleNamespace
+
+    from lacq.measure.kld import check_logits_matches
     f = tmp_path / "x.logits"
     f.write_bytes(_header(n_vocab=32000))
     info = SimpleNamespace(n_vocab=49152, path=str(tmp_path / "m.gguf"))
@@ -168,8 +170,9 @@ def test_bench_frame_pairs_prefill_and_decode(capture):
 # ---------------------------------------------------------------- bad input (no tools needed)
 def test_kld_base_with_another_vocabulary_is_refused(tmp_path):
     from synth import write_synthetic_gguf
-    from lacq.model.info import inspect_model
+
     from lacq.measure.kld import check_same_model
+    from lacq.model.info import inspect_model
     a = write_synthetic_gguf(tmp_path / "a.gguf", n_blocks=2)
     b = write_synthetic_gguf(tmp_path / "b.gguf", n_blocks=3)
     with pytest.raises(LacqError, match="not a quantization of"):
@@ -179,6 +182,7 @@ def test_kld_base_with_another_vocabulary_is_refused(tmp_path):
 def test_kld_refuses_when_the_disk_cannot_hold_the_logits(tmp_path, monkeypatch):
     import shutil
     from types import SimpleNamespace
+
     from lacq.measure import kld as measure
     from lacq.results.store import Store
     corpus = tmp_path / "c.txt"
@@ -243,8 +247,9 @@ def test_bench_cli_parses_and_stores(cpu_build, smollm2):
 ])
 def test_kld_base_with_another_tokenizer_is_refused(tmp_path, kw, match):
     from synth import write_synthetic_gguf
-    from lacq.model.info import inspect_model
+
     from lacq.measure.kld import check_same_model
+    from lacq.model.info import inspect_model
     base = write_synthetic_gguf(tmp_path / "base.gguf", n_blocks=2, extra_kv={"tokenizer.ggml.model": "gpt2"})
     model = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=2, **{"extra_kv": {"tokenizer.ggml.model": "gpt2"}, **kw})
     check_same_model(inspect_model(base), inspect_model(base), base, base)
@@ -253,6 +258,9 @@ def test_kld_base_with_another_tokenizer_is_refused(tmp_path, kw, match):
 
 
 def test_bench_scripts_turn_lacq_errors_into_one_line(capsys):
+    import sys
+    sys.path.insert(0, str(REPO / "bench"))
+    from common import run_script
     def bad():
         raise LacqError("depth 8192 + 512 tokens is longer than the model supports (8192 tokens)")
 

@@ -89,7 +89,7 @@ def test_shipped_kv_policies():
 
 def test_kv_policy_errors(tmp_path):
     from lacq.plan.kv.policy import load_kv_policy
-    with pytest.raises(RecipeError, match="no KV policy named"):
+    with pytest.raises(RecipeError, match="unknown KV policy 'nope'; available: .*boundary_v2"):
         load_kv_policy("nope")
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "b"\ndescription = "d"\n[[v_layers]]\nlayers = "0"\ntype = "q3_9"\n')

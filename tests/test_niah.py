@@ -9,11 +9,11 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from lacq.measure.niah import runners as niah
 from lacq import paths
 from lacq.cli import cli
-from lacq.plan.kv.config import KvConfig
 from lacq.llama.tools import completion
+from lacq.measure.niah import grid, prompts, runners
+from lacq.plan.kv.config import KvConfig
 
 CORPUS = " ".join(f"Sentence {i} talks about the history of the river valley and its towns." for i in range(4000))
 
@@ -23,8 +23,8 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
-def plain_builder(**kw) -> niah.PromptBuilder:
-    return niah.PromptBuilder(CORPUS, niah.ChatTemplate("none", None), word_count, **kw)
+def plain_builder(**kw) -> prompts.PromptBuilder:
+    return prompts.PromptBuilder(CORPUS, prompts.ChatTemplate("none", None), word_count, **kw)
 
 
 # ---------------------------------------------------------------- scoring
@@ -38,7 +38,7 @@ def plain_builder(**kw) -> niah.PromptBuilder:
     ("", "9150", False),
 ])
 def test_score_is_exact_first_number(answer, key, passed):
-    assert niah.score(key, answer) is passed
+    assert prompts.score(key, answer) is passed
 
 
 # ---------------------------------------------------------------- prompts
@@ -47,8 +47,8 @@ def test_prompt_fills_the_budget_and_hides_the_needle_at_depth():
     for depth in (0, 50, 100):
         p = b.prompt(1024, depth, 0)
         assert b.budget(1024) - 20 <= p.n_tokens <= b.budget(1024)
-        needle = niah.NEEDLE.format(key=p.key)
-        assert p.text.count(needle) == 1 and p.text.endswith(niah.ANSWER_PREFIX)
+        needle = prompts.NEEDLE.format(key=p.key)
+        assert p.text.count(needle) == 1 and p.text.endswith(prompts.ANSWER_PREFIX)
         body = p.text.split("\n\n")[1]
         frac = body.index(needle) / len(body)
         assert abs(frac - depth / 100) < 0.1, (depth, frac)
@@ -65,62 +65,62 @@ def test_prompts_are_seeded_per_trial_and_shared_across_depths():
 
 def test_key_never_appears_in_the_haystack():
     corpus = " ".join(str(n) for n in range(1000, 10000))  # every 4-digit key is in the text
-    b = niah.PromptBuilder(corpus * 3, niah.ChatTemplate("none", None), word_count)
+    b = prompts.PromptBuilder(corpus * 3, prompts.ChatTemplate("none", None), word_count)
     # the slice is short enough that some key is missing from it
     p = b.prompt(256, 50, 0)
     assert p.text.count(p.key) == 2  # the needle says it twice, the haystack never
 
 
 def test_chat_template_renders_and_prefills_the_answer():
-    t = niah.ChatTemplate("chatml", niah.CHATML)
+    t = prompts.ChatTemplate("chatml", prompts.CHATML)
     text = t.render("hello")
-    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n" + niah.ANSWER_PREFIX
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n" + prompts.ANSWER_PREFIX
 
 
 # ---------------------------------------------------------------- bad input
 def test_context_longer_than_the_model_supports():
-    with pytest.raises(niah.NiahError, match="longer than the model supports"):
-        niah.check_lengths([1024, 16384], 8192)
-    with pytest.raises(niah.NiahError, match="too short"):
-        niah.check_lengths([64], 8192)
-    with pytest.raises(niah.NiahError, match="percentage"):
-        niah.check_depths([0, 120])
+    with pytest.raises(prompts.NiahError, match="longer than the model supports"):
+        grid.check_lengths([1024, 16384], 8192)
+    with pytest.raises(prompts.NiahError, match="too short"):
+        grid.check_lengths([64], 8192)
+    with pytest.raises(prompts.NiahError, match="percentage"):
+        grid.check_depths([0, 120])
 
 
 def test_needle_that_does_not_fit():
     b = plain_builder(n_predict=48)  # template, needle and question take about 40 "tokens" here
-    with pytest.raises(niah.NiahError, match="cannot hold the needle: .* leaving"):
+    with pytest.raises(prompts.NiahError, match="cannot hold the needle: .* leaving"):
         b.check_fits(128)
     b.check_fits(512)
 
 
 def test_haystack_too_short():
-    b = niah.PromptBuilder("just a few words " * 50, niah.ChatTemplate("none", None), word_count)
-    with pytest.raises(niah.NiahError, match="longer --haystack"):
+    b = prompts.PromptBuilder("just a few words " * 50, prompts.ChatTemplate("none", None), word_count)
+    with pytest.raises(prompts.NiahError, match="longer --haystack"):
         b.prompt(4096, 50, 0)
 
 
 def test_unknown_chat_template(tmp_path, monkeypatch):
-    monkeypatch.setattr(niah, "model_chat_metadata", lambda m: ("{{ messages[0].content }}", "", ""))
-    with pytest.raises(niah.NiahError, match="unknown chat template 'llama9'"):
-        niah.resolve_template("llama9", tmp_path / "m.gguf")
+    monkeypatch.setattr(prompts, "chat_metadata", lambda m: ("{{ messages[0].content }}", "", ""))
+    with pytest.raises(prompts.NiahError, match="unknown chat template 'llama9'"):
+        prompts.resolve_template("llama9", tmp_path / "m.gguf")
     broken = tmp_path / "broken.jinja"
     broken.write_text("{{ raise_exception('this template needs a system message') }}")
-    with pytest.raises(niah.NiahError, match="does not render .*needs a system message"):
-        niah.resolve_template(str(broken), tmp_path / "m.gguf")
-    assert niah.resolve_template("auto", tmp_path / "m.gguf").name == "model"
-    monkeypatch.setattr(niah, "model_chat_metadata", lambda m: (None, "", ""))
-    assert niah.resolve_template("auto", tmp_path / "m.gguf").source is None
+    with pytest.raises(prompts.NiahError, match="does not render .*needs a system message"):
+        prompts.resolve_template(str(broken), tmp_path / "m.gguf")
+    assert prompts.resolve_template("auto", tmp_path / "m.gguf").name == "model"
+    monkeypatch.setattr(prompts, "chat_metadata", lambda m: (None, "", ""))
+    assert prompts.resolve_template("auto", tmp_path / "m.gguf").source is None
 
 
 def test_bindings_version_and_library_checks(tmp_path):
-    niah.check_bindings_version(niah.BINDINGS_VERSION)
-    with pytest.raises(niah.NiahError, match="0.3.2 does not match"):
-        niah.check_bindings_version("0.3.2")
+    runners.check_bindings_version(runners.BINDINGS_VERSION)
+    with pytest.raises(prompts.NiahError, match="0.3.2 does not match"):
+        runners.check_bindings_version("0.3.2")
     lib = tmp_path / "bin" / "libllama.so"
-    niah.check_loaded_library(str(lib), tmp_path / "bin")
-    with pytest.raises(niah.NiahError, match="not the build's"):
-        niah.check_loaded_library("/usr/lib/libllama.so", tmp_path / "bin")
+    runners.check_loaded_library(str(lib), tmp_path / "bin")
+    with pytest.raises(prompts.NiahError, match="not the build's"):
+        runners.check_loaded_library("/usr/lib/libllama.so", tmp_path / "bin")
 
 
 def test_bindings_that_cannot_bind_the_library_fail_cleanly(tmp_path):
@@ -142,16 +142,16 @@ def test_completion_output_parsing(capture):
 
 def test_completion_argv_passes_prompt_bytes_and_greedy():
     args = completion.argv("llama-completion", "m.gguf", "p.txt", n_ctx=1024, n_predict=16, threads=2,
-                           ngl=99, kv=KvConfig("q8_0", "q4_0", "auto"), flash_attn=True)
+                           ngl=99, kv_args=["-ctk", "q8_0", "-ctv", "q4_0", "-fa", "on"])
     assert args[args.index("-bf") + 1] == "p.txt" and "-no-cnv" in args
     assert args[args.index("--temp") + 1] == "0" and args[args.index("-fa") + 1] == "on"
     assert args[args.index("-ctv") + 1] == "q4_0" and args[args.index("-ngl") + 1] == "99"
 
 
 def test_pass_rates():
-    t = lambda l, d, ok: niah.NiahTrial(l, d, 0, "1", "", ok, 10, 0.1)
-    grid = niah.pass_rates([t(512, 0, True), t(512, 0, False), t(512, 100, True)])
-    assert grid == {(512, 0): (1, 2), (512, 100): (1, 1)}
+    t = lambda l, d, ok: grid.NiahTrial(l, d, 0, "1", "", ok, 10, 0.1)
+    rates = grid.pass_rates([t(512, 0, True), t(512, 0, False), t(512, 100, True)])
+    assert rates == {(512, 0): (1, 2), (512, 100): (1, 1)}
 
 
 def test_cli_refuses_bad_ctx_before_work(monkeypatch, tmp_path):
@@ -176,10 +176,10 @@ def test_bindings_and_completion_give_the_same_answers(cpu_build, smollm2):
     _need_bindings()
     from lacq import paths
     kv = KvConfig("q8_0", "q4_0", "on")
-    bind = niah.BindingsRunner(cpu_build, smollm2, kv, threads=1)
-    comp = niah.CompletionRunner(cpu_build, smollm2, kv, threads=1)
-    template = niah.resolve_template("auto", smollm2)
-    builder = niah.PromptBuilder(paths.default_corpus().read_text(errors="replace"), template, bind.count_tokens,
+    bind = runners.BindingsRunner(cpu_build, smollm2, kv, threads=1)
+    comp = runners.CompletionRunner(cpu_build, smollm2, kv, threads=1)
+    template = prompts.resolve_template("auto", smollm2)
+    builder = prompts.PromptBuilder(paths.default_corpus().read_text(errors="replace"), template, bind.count_tokens,
                                  seed=7, n_predict=8)
     try:
         for length, depth in ((512, 0), (1024, 100)):
@@ -188,7 +188,7 @@ def test_bindings_and_completion_give_the_same_answers(cpu_build, smollm2):
             a, b = bind.generate(p, 8), comp.generate(p, 8)
             assert a.n_prompt_tokens == b.n_prompt_tokens == p.n_tokens
             assert a.text.strip() == b.text.strip(), (a.text, b.text)
-            assert niah.first_number(a.text) is not None  # it answered with a number, not nothing
+            assert prompts.first_number(a.text) is not None  # it answered with a number, not nothing
     finally:
         bind.close()
     assert comp.count_tokens(p.text) == p.n_tokens
@@ -216,7 +216,8 @@ def test_niah_cli_refuses_too_long_a_context(cpu_build, smollm2):
 
 def test_grid_and_summary_frames():
     from types import SimpleNamespace
-    from lacq.measure.kld import niah_grid_frame, niah_summary_frame
+
+    from lacq.results.tables import niah_grid_frame, niah_summary_frame
     metrics = {"trials": 2, "pass_rate": 0.75, "grid": [
         {"length": 1024, "depth": 0, "passed": 2, "n": 2}, {"length": 1024, "depth": 100, "passed": 2, "n": 2},
         {"length": 2048, "depth": 0, "passed": 1, "n": 2}, {"length": 2048, "depth": 100, "passed": 1, "n": 2}]}
@@ -231,8 +232,8 @@ def test_grid_and_summary_frames():
 def test_an_interrupted_grid_resumes_where_it_stopped(cpu_build, smollm2, tmp_path, monkeypatch):
     """Ctrl-C after the first probe keeps it; the same call finishes the grid without redoing it."""
     _need_bindings()
+    from lacq.measure.niah.grid import measure_niah
     from lacq.model.info import inspect_model
-    from lacq.measure.kld import measure_niah
     from lacq.results.store import open_store
     store, info, kv = open_store(), inspect_model(smollm2), KvConfig("q8_0", "q4_0", "on")
     monkeypatch.setenv("LACQ_HOME", str(tmp_path / "home"))  # the journal's home: this test's own
@@ -246,7 +247,7 @@ def test_an_interrupted_grid_resumes_where_it_stopped(cpu_build, smollm2, tmp_pa
         measure_niah(cpu_build, store, smollm2, info, kv, progress=stop_after_first, **kwargs)
     assert store.results(kind="niah") == []  # nothing stored for a grid that did not finish
     (journal,) = (paths.home() / "work" / "niah").glob("*.jsonl")
-    (first,) = [niah.NiahTrial(**json.loads(line)) for line in journal.read_text().splitlines()]
+    (first,) = [grid.NiahTrial(**json.loads(line)) for line in journal.read_text().splitlines()]
     assert (first.length, first.depth, first.trial) == (256, 0, 0)
 
     seen = []
@@ -260,17 +261,17 @@ def test_an_interrupted_grid_resumes_where_it_stopped(cpu_build, smollm2, tmp_pa
 
 
 def test_journal_keeps_whole_lines_only(tmp_path):
-    t = niah.NiahTrial(1024, 50, 2, "4821", " 4821.", True, 1010, 0.5)
-    j = niah.Journal(tmp_path / "j" / "grid.jsonl")
+    t = grid.NiahTrial(1024, 50, 2, "4821", " 4821.", True, 1010, 0.5)
+    j = grid.Journal(tmp_path / "j" / "grid.jsonl")
     assert j.get(1024, 50, 2) is None
     j.add(t)
     with open(j.path, "a") as f:
         f.write('{"length": 1024, "depth": 75, "tri')  # killed mid-write
-    again = niah.Journal(j.path)
+    again = grid.Journal(j.path)
     assert again.get(1024, 50, 2) == t and len(again.done) == 1
-    later = niah.NiahTrial(1024, 75, 2, "0917", " 917", False, 1012, 0.5)
+    later = grid.NiahTrial(1024, 75, 2, "0917", " 917", False, 1012, 0.5)
     again.add(later)  # lands on a line of its own: the cut line was dropped on reading
-    assert niah.Journal(j.path).done == {(1024, 50, 2): t, (1024, 75, 2): later}
+    assert grid.Journal(j.path).done == {(1024, 50, 2): t, (1024, 75, 2): later}
     again.remove()
     assert not j.path.exists()
 

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from lacq.errors import ToolError
-from lacq.llama.tools import perplexity, quantize, wrapper
+from lacq.llama.tools import perplexity, quantize
 
 
 def test_perplexity_final_chunks_and_kv(capture):
@@ -61,12 +61,6 @@ def test_quantize_real_run_matches_dry_run(capture):
 def test_quantize_without_report_is_an_error():
     with pytest.raises(ToolError):
         quantize.parse("llama_quantize: failed to quantize\n")
-
-
-def test_registry_names_valid_tools():
-    assert wrapper("llama-perplexity") is perplexity
-    with pytest.raises(KeyError, match="llama-quantize"):
-        wrapper("llama-nope")
 
 
 def test_perplexity_argv_has_kv_and_log_level(tmp_path):

@@ -3,8 +3,9 @@ import json
 
 from rich.console import Console
 
-from lacq.results.tables import ppl_frame, render
+from lacq.results.render import render
 from lacq.results.store import Store
+from lacq.results.tables import ppl_frame
 
 
 def _add(store, model, label, ppl, **kw):

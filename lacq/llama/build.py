@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 from lacq import paths
-from lacq.llama.elf import PRIVATE_RUNTIME_HINT, private_cxx_runtime
 from lacq.errors import BuildError
 from lacq.fsutil import atomic_directory, canonical_hash, write_text_atomic
+from lacq.llama.elf import PRIVATE_RUNTIME_HINT, private_cxx_runtime
 from lacq.llama.patches import Patch, apply_series, read_series, series_hash
 from lacq.llama.source import Source, resolve_source, source_hash_if_present
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lacq import paths
+from lacq.cache import Cache
 from lacq.errors import SourceError
 from lacq.fsutil import atomic_directory, canonical_hash, file_sha256
 
@@ -97,7 +98,6 @@ def tree_hash(tree: Path) -> str:
     File contents are hashed through lacq's cache, keyed by size and mtime, so
     hashing an unchanged local checkout again only stats its files.
     """
-    from lacq.results.store import Cache
     tree = Path(tree).resolve()
     files: list[Path] = []
     for part in HASHED_PARTS:
@@ -110,7 +110,7 @@ def tree_hash(tree: Path) -> str:
             dirnames[:] = [d for d in dirnames if d != ".git"]
             found += [Path(dirpath, f) for f in filenames]
         files += sorted(f for f in found if f.is_file())
-    cache = Cache(paths.home() / "cache.sqlite")
+    cache = Cache.open()
     try:
         digests = cache.sha256_many(files)
     finally:

@@ -37,6 +37,7 @@ they apply; otherwise kv_rule starts with "unknown" and kv_ordinal_map() refuses
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -46,6 +47,7 @@ from typing import Any
 import gguf
 
 from lacq.errors import GGUFError
+from lacq.model.reader import RawTensor, read_gguf
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ _HEAD_KV_ARCHS = {
 }
 _NEMOTRON_H_ARCHS = {"nemotron_h", "nemotron_h_moe"}
 _ALL_BLOCKS_HYBRID = {"falcon-h1", "deepseek4"}
+
+# The unquantized ggml types (everything else in a weight or KV cache is quantized).
+FLOAT_TYPES = frozenset({"f32", "f16", "bf16"})
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 _SUFFIX_RE = re.compile(r"\.(weight|bias|scale)$")
@@ -98,6 +103,11 @@ class ModelInfo:
     tensors: tuple[TensorInfo, ...] = field(repr=False)
     total_bytes: int
     bpw: float
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether any weight matrix is stored in a quantized type."""
+        return any(t.type not in FLOAT_TYPES for t in self.tensors if len(t.shape) > 1)
 
     def tensors_by_block(self) -> dict[int | None, list[TensorInfo]]:
         out: dict[int | None, list[TensorInfo]] = {}
@@ -138,44 +148,32 @@ def tensor_nbytes(type_name: str, n_elements: int) -> int:
 
 
 def inspect_model(path: str | os.PathLike) -> ModelInfo:
+    """The model's architecture, blocks, KV layers and tensors (cached by file identity)."""
+    f = read_gguf(path)
     path = Path(path)
-    if not path.is_file():
-        raise GGUFError(f"{path}: no such file")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises whatever numpy/struct raise on a cut header
-        raise GGUFError(f"{path}: unreadable or truncated GGUF ({type(e).__name__}: {e})") from e
-
-    # A memmap happily maps past the data we have; compare offsets with the size instead.
-    data_end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
-    if data_end > size:
-        raise GGUFError(f"{path}: truncated GGUF: tensor data ends at byte {data_end}, file has {size}")
-
-    # Tokenizer arrays are large and of no use here; decoding them doubles the read time.
-    meta = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("tokenizer.")}
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    arch = meta.get("general.architecture")
+    # The header parses, but the data may be cut short: compare offsets with the size.
+    tensors = tuple(_tensor_info(t) for t in f.tensors)
+    data_end = max((f.data_offset + r.offset + t.n_bytes for r, t in zip(f.tensors, tensors)), default=0)
+    if data_end > f.file_size:
+        raise GGUFError(f"{path}: truncated GGUF: tensor data ends at byte {data_end}, file has {f.file_size}")
+    meta = f.metadata
+    arch = meta.get(gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
-        raise GGUFError(f"{path}: no general.architecture")
-    n_blocks = meta.get(f"{arch}.block_count")
-    if not isinstance(n_blocks, int):
-        raise GGUFError(f"{path}: no {arch}.block_count")
+        raise GGUFError(f"{path}: no {gguf.Keys.General.ARCHITECTURE}")
 
-    tensors = tuple(_tensor_info(t) for t in reader.tensors)
-    n_embd = int(meta.get(f"{arch}.embedding_length", 0))
-    n_head = _int_or_tuple(meta.get(f"{arch}.attention.head_count", 0))
-    n_head_kv = _int_or_tuple(meta.get(f"{arch}.attention.head_count_kv", n_head))
+    def key(template: str) -> str:
+        return template.format(arch=arch)
+
+    n_blocks = meta.get(key(gguf.Keys.LLM.BLOCK_COUNT))
+    if not isinstance(n_blocks, int):
+        raise GGUFError(f"{path}: no {key(gguf.Keys.LLM.BLOCK_COUNT)}")
+    n_embd = int(meta.get(key(gguf.Keys.LLM.EMBEDDING_LENGTH), 0))
+    n_head = _int_or_tuple(meta.get(key(gguf.Keys.Attention.HEAD_COUNT), 0))
+    n_head_kv = _int_or_tuple(meta.get(key(gguf.Keys.Attention.HEAD_COUNT_KV), n_head))
     first_heads = max(n_head) if isinstance(n_head, tuple) else n_head
-    head_dim = int(meta.get(f"{arch}.attention.key_length") or (n_embd // first_heads if first_heads else 0))
-    head_dim_v = int(meta.get(f"{arch}.attention.value_length") or head_dim)
-    n_vocab = meta.get(f"{arch}.vocab_size")
-    if n_vocab is None and tokens is not None:
-        n_vocab = len(tokens.data)
+    head_dim = int(meta.get(key(gguf.Keys.Attention.KEY_LENGTH)) or (n_embd // first_heads if first_heads else 0))
+    head_dim_v = int(meta.get(key(gguf.Keys.Attention.VALUE_LENGTH)) or head_dim)
+    n_vocab = meta.get(key(gguf.Keys.LLM.VOCAB_SIZE)) or f.array_len(gguf.Keys.Tokenizer.LIST)
     if n_vocab is None:
         embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
         n_vocab = embd.shape[1] if embd and len(embd.shape) > 1 else None
@@ -185,17 +183,17 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
     return ModelInfo(
         path=str(path),
         architecture=arch,
-        name=meta.get("general.name"),
-        file_type=_file_type_name(meta.get("general.file_type")),
+        name=meta.get(gguf.Keys.General.NAME),
+        file_type=_file_type_name(meta.get(gguf.Keys.General.FILE_TYPE)),
         n_blocks=n_blocks,
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         head_dim_v=head_dim_v,
-        n_ctx_train=meta.get(f"{arch}.context_length"),
+        n_ctx_train=meta.get(key(gguf.Keys.LLM.CONTEXT_LENGTH)),
         n_embd=n_embd,
         n_vocab=n_vocab,
-        n_expert=int(meta.get(f"{arch}.expert_count") or 0),
+        n_expert=int(meta.get(key(gguf.Keys.LLM.EXPERT_COUNT)) or 0),
         kv_blocks=kv_blocks,
         kv_rule=kv_rule,
         tensors=tensors,
@@ -204,31 +202,23 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
     )
 
 
-def _field_value(f: Any) -> Any:
-    try:
-        value = f.contents()
-    except Exception:  # odd field types: keep going, nothing here needs them
-        return None
-    return value
-
-
 def _int_or_tuple(value: Any) -> int | tuple[int, ...]:
     if isinstance(value, list):
         return tuple(int(v) for v in value)
     return int(value or 0)
 
 
-def _tensor_info(t: Any) -> TensorInfo:
-    type_name = gguf.GGMLQuantizationType(int(t.tensor_type)).name.lower()
+def _tensor_info(t: RawTensor) -> TensorInfo:
+    type_name = gguf.GGMLQuantizationType(t.type).name.lower()
     m = _BLOCK_RE.match(t.name)
     block, rest = (int(m.group(1)), m.group(2)) if m else (None, t.name)
-    n_elements = int(t.n_elements)
+    n_elements = math.prod(t.shape)
     return TensorInfo(
         name=t.name,
         block=block,
         group=_SUFFIX_RE.sub("", rest),
         type=type_name,
-        shape=tuple(int(x) for x in t.shape),
+        shape=t.shape,
         n_elements=n_elements,
         n_bytes=tensor_nbytes(type_name, n_elements),
     )
@@ -254,11 +244,11 @@ def _per_layer(value: Any, n: int) -> list[int] | None:
 
 def _kv_blocks(arch: str, n_blocks: int, meta: dict[str, Any]) -> tuple[tuple[int, ...], str]:
     # The main context never attends the multi-token-prediction blocks appended at the end.
-    n_trunk = n_blocks - int(meta.get(f"{arch}.nextn_predict_layers") or 0)
+    n_trunk = n_blocks - int(meta.get(gguf.Keys.LLM.NEXTN_PREDICT_LAYERS.format(arch=arch)) or 0)
     trunk = range(n_trunk)
-    head_kv = _per_layer(meta.get(f"{arch}.attention.head_count_kv"), n_blocks)
-    recurrent = meta.get(f"{arch}.attention.recurrent_layers")
-    interval = meta.get(f"{arch}.full_attention_interval")
+    head_kv = _per_layer(meta.get(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch)), n_blocks)
+    recurrent = meta.get(f"{arch}.attention.recurrent_layers")  # not in gguf.Keys (0.19)
+    interval = meta.get(gguf.Keys.LLM.FULL_ATTENTION_INTERVAL.format(arch=arch))
 
     def by_interval(default: int | None) -> tuple[tuple[int, ...], str] | None:
         if isinstance(recurrent, list):
@@ -277,7 +267,7 @@ def _kv_blocks(arch: str, n_blocks: int, meta: dict[str, Any]) -> tuple[tuple[in
     if arch in _HEAD_KV_ARCHS:
         return tuple(i for i in trunk if head_kv and head_kv[i] > 0), "head_count_kv > 0"
     if arch in _NEMOTRON_H_ARCHS:
-        n_ff = _per_layer(meta.get(f"{arch}.feed_forward_length"), n_blocks) or [0] * n_blocks
+        n_ff = _per_layer(meta.get(gguf.Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch)), n_blocks) or [0] * n_blocks
         return (tuple(i for i in trunk if head_kv and head_kv[i] > 0 and n_ff[i] == 0),
                 "head_count_kv > 0 and feed_forward_length == 0")
     if arch in _ALL_BLOCKS_HYBRID:
@@ -285,7 +275,7 @@ def _kv_blocks(arch: str, n_blocks: int, meta: dict[str, Any]) -> tuple[tuple[in
     if arch == "gemma3n":
         return tuple(range(min(20, n_trunk))), "first 20 blocks (n_layer_kv_from_start)"
     if arch == "gemma4":
-        shared = int(meta.get(f"{arch}.attention.shared_kv_layers") or 0)
+        shared = int(meta.get(gguf.Keys.Attention.SHARED_KV_LAYERS.format(arch=arch)) or 0)
         return tuple(range(n_blocks - shared)), "blocks before attention.shared_kv_layers"
 
     # An arch this module does not list: apply the generic hybrid rules its metadata implies.

@@ -34,8 +34,8 @@ non-block ones (token_embd, output) included.
 
 The plan emits one anchored, escaped pattern per tensor (`^blk\\.1\\.attn_q\\.weight$`)
 because llama-quantize lowercases patterns and matches them unanchored, first
-match wins. Types of tensors no rule touches are predicted by mirroring the
-pinned tree's src/llama-quant.cpp (see `_default_type`).
+match wins. Types of tensors no rule touches are predicted by `llama_quant`,
+the mirror of the pinned tree's src/llama-quant.cpp.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,32 +52,27 @@ import gguf
 from lacq import paths
 from lacq.errors import RecipeError
 from lacq.fsutil import canonical_hash
-from lacq.model.info import ModelInfo, TensorInfo, tensor_nbytes
+from lacq.model.info import FLOAT_TYPES, ModelInfo, TensorInfo, tensor_nbytes
+from lacq.plan.files import (
+    find_file,
+    list_names,
+    load_toml,
+    substitute,
+    undefined_refs,
+    with_overrides,
+)
+from lacq.plan.llama_quant import (
+    BASE_FTYPES,
+    FTYPE_DEFAULT_TYPE,
+    allows_quantization,
+    predict_types,
+    quantize_order,
+)
 
 # Types llama-quantize can write; the integer and helper types are not weight types.
 _NOT_WEIGHT_TYPES = {"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"}
 VALID_TYPES = tuple(t.name.lower() for t in gguf.GGMLQuantizationType if t.name not in _NOT_WEIGHT_TYPES)
-_UNQUANTIZED = {"f32", "f16", "bf16"}
 
-# Base type accepted in recipes -> llama-quantize ftype argument. A bare k-quant
-# type means llama-quantize's own alias (Q4_K is Q4_K_M); the mixes can be named.
-BASE_FTYPES = {
-    "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0": "Q8_0",
-    "q2_k": "Q2_K", "q2_k_s": "Q2_K_S", "q3_k": "Q3_K_M", "q3_k_s": "Q3_K_S",
-    "q3_k_m": "Q3_K_M", "q3_k_l": "Q3_K_L", "q4_k": "Q4_K_M", "q4_k_s": "Q4_K_S",
-    "q4_k_m": "Q4_K_M", "q5_k": "Q5_K_M", "q5_k_s": "Q5_K_S", "q5_k_m": "Q5_K_M",
-    "q6_k": "Q6_K", "iq4_nl": "IQ4_NL", "iq4_xs": "IQ4_XS",
-    "f16": "F16", "bf16": "BF16", "f32": "F32",
-}
-# llama_ftype_get_default_type() for those ftypes
-FTYPE_DEFAULT_TYPE = {
-    "Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q8_0": "q8_0",
-    "Q2_K": "q2_k", "Q2_K_S": "q2_k", "Q3_K_S": "q3_k", "Q3_K_M": "q3_k", "Q3_K_L": "q3_k",
-    "Q4_K_S": "q4_k", "Q4_K_M": "q4_k", "Q5_K_S": "q5_k", "Q5_K_M": "q5_k", "Q6_K": "q6_k",
-    "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_xs", "F16": "f16", "BF16": "bf16", "F32": "f32",
-}
-
-_PARAM_REF = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _RECIPE_KEYS = {"name", "description", "base", "params", "rules"}
 _RULE_KEYS = {"layers", "tensors", "type"}
 _ATTN_GROUPS = {"attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv"}
@@ -136,23 +130,12 @@ class Plan:
 # --- loading ------------------------------------------------------------------
 
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in paths.recipes_dir().glob("*.toml"))
+    return list_names(paths.recipes_dir())
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    text = str(name_or_path)
-    path = Path(text)
-    if not (text.endswith(".toml") or "/" in text or path.is_file()):
-        path = paths.recipes_dir() / f"{text}.toml"
-        if not path.is_file():
-            raise RecipeError(f"unknown recipe '{text}'; available: {', '.join(list_recipes())}")
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
-    try:
-        data = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: not valid TOML: {e}") from e
-    return parse_recipe(data, source=str(path))
+    path = find_file(name_or_path, paths.recipes_dir(), "recipe")
+    return parse_recipe(load_toml(path), source=str(path))
 
 
 def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
@@ -180,37 +163,27 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
             raise fail(f"rule {i}: 'layers' must be a string such as \"first:8\"")
         rules.append(Rule(tensors=raw["tensors"], type=raw["type"], layers=raw.get("layers")))
     recipe = Recipe(data["name"], data["description"], data["base"], dict(params), tuple(rules), source)
-    for value in [recipe.base, *(r.type for r in rules)]:
-        if (m := _PARAM_REF.match(value)) and m.group(1) not in params:
-            raise fail(f"'{value}' refers to no parameter; defined: {', '.join(sorted(params)) or 'none'}")
+    for value in undefined_refs([recipe.base, *(r.type for r in rules)], params):
+        raise fail(f"'{value}' refers to no parameter; defined: {', '.join(sorted(params)) or 'none'}")
     return recipe
 
 
 # --- resolution -----------------------------------------------------------------
 
 def resolve_recipe(recipe: Recipe, model: ModelInfo, overrides: dict[str, str] | None = None) -> Plan:
-    params = dict(recipe.params)
-    for key, value in (overrides or {}).items():
-        if key not in params:
-            raise RecipeError(f"recipe '{recipe.name}' has no parameter '{key}'; parameters: {', '.join(sorted(params)) or 'none'}")
-        params[key] = value.strip().lower()
-
-    def subst(value: str) -> str:
-        m = _PARAM_REF.match(value)
-        return (params[m.group(1)] if m else value).lower()
-
-    base = subst(recipe.base)
+    params = with_overrides(recipe.params, overrides, f"recipe '{recipe.name}'")
+    base = substitute(recipe.base, params)
     if base not in BASE_FTYPES:
         raise RecipeError(f"recipe '{recipe.name}': base type '{base}' not supported; use one of {', '.join(BASE_FTYPES)}")
     ftype = BASE_FTYPES[base]
-    if FTYPE_DEFAULT_TYPE[ftype] in _UNQUANTIZED and recipe.rules:
+    if FTYPE_DEFAULT_TYPE[ftype] in FLOAT_TYPES and recipe.rules:
         # llama-quantize applies --tensor-type only when the base type is quantized.
         raise RecipeError(f"recipe '{recipe.name}': rules have no effect with an unquantized base ({base})")
 
     candidates = [t for t in model.tensors if allows_quantization(t)]
     chosen: dict[str, str] = {}  # tensor name -> rule type; the first rule that selects a tensor wins
     for i, rule in enumerate(recipe.rules, 1):
-        qtype = check_type(subst(rule.type), f"recipe '{recipe.name}' rule {i}")
+        qtype = check_weight_type(substitute(rule.type, params), f"recipe '{recipe.name}' rule {i}")
         where = f"recipe '{recipe.name}' rule {i} (layers={rule.layers!r}, tensors={rule.tensors!r})"
         if rule.layers is None:
             pool = candidates
@@ -225,9 +198,9 @@ def resolve_recipe(recipe: Recipe, model: ModelInfo, overrides: dict[str, str] |
                 raise RecipeError(f"{where}: tensor '{t.name}' has upper-case letters; llama-quantize lowercases patterns, so no rule can name it")
             chosen.setdefault(t.name, qtype)
 
-    ordered = sorted(model.tensors, key=_quantize_order)
+    ordered = sorted(model.tensors, key=quantize_order)
     rules = tuple((f"^{_escape(t.name)}$", chosen[t.name]) for t in ordered if t.name in chosen)
-    tensor_types = _predict_types(model, ftype, chosen, ordered)
+    tensor_types = predict_types(model, ftype, chosen, ordered)
     n_bytes = sum(tensor_nbytes(tensor_types[t.name], t.n_elements) for t in model.tensors)
     n_el = sum(t.n_elements for t in model.tensors)
     return Plan(
@@ -253,7 +226,7 @@ def compare_with_dry_run(plan: Plan, actual: dict[str, str]) -> list[TypeMismatc
     return out
 
 
-def check_type(name: str, where: str) -> str:
+def check_weight_type(name: str, where: str) -> str:
     if name.lower() not in VALID_TYPES:
         raise RecipeError(f"{where}: unknown type '{name}'; valid types: {', '.join(VALID_TYPES)}")
     return name.lower()
@@ -325,168 +298,3 @@ def tensor_selected(selector: str, t: TensorInfo) -> bool:
 def _escape(name: str) -> str:
     # Backslash only before punctuation: an escaped letter could turn into a class.
     return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in name)
-
-
-# --- what llama-quantize does with tensors no rule names (src/llama-quant.cpp) ----
-
-# tensor_allows_quantization(): name fragments that are never quantized
-_NEVER_QUANTIZED = (
-    "_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
-    "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
-    "indexer.q_proj.weight", "time_mix_first.weight", "time_mix_w0.weight", "time_mix_w1.weight",
-    "time_mix_w2.weight", "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight",
-    "time_mix_a0.weight", "time_mix_a1.weight", "time_mix_a2.weight", "time_mix_g1.weight",
-    "time_mix_g2.weight", "time_mix_decay_w1.weight", "time_mix_decay_w2.weight",
-    "time_mix_lerp_fused.weight", "attn_rel_b.weight", ".position_embd", "sam.pos_embd",
-    "sam.neck.", "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger", "a.rvq.codebook",
-    "mm.a.code_embd",
-)
-
-
-def allows_quantization(t: TensorInfo) -> bool:
-    """Mirror of tensor_allows_quantization(): 2-D/3-D '*weight' tensors, minus a deny list."""
-    return (
-        len(t.shape) >= 2
-        and t.name.endswith("weight")
-        and t.name not in ("position_embd.weight", "token_types.weight")
-        and not any(frag in t.name for frag in _NEVER_QUANTIZED)
-    )
-
-
-def _quantize_order(t: TensorInfo) -> tuple[int, str]:
-    # llama_model_loader's weight_name_comparer: block index (-1 outside blocks), then name
-    return (-1 if t.block is None else t.block, t.name)
-
-
-def _block_size(qtype: str) -> int:
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype.upper()]][0]
-
-
-_FALLBACK = {
-    "iq1_s": "iq4_nl", "iq1_m": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl",
-    "iq3_xxs": "iq4_nl", "iq3_s": "iq4_nl", "iq4_xs": "iq4_nl", "q2_k": "q4_0", "q3_k": "q4_0",
-    "tq1_0": "q4_0", "tq2_0": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
-}
-
-
-def _fallback(t: TensorInfo, qtype: str) -> str:
-    """tensor_type_fallback(): rows that do not split into the type's blocks get another type."""
-    ncols = t.shape[0]
-    if ncols % _block_size(qtype) == 0:
-        return qtype
-    qtype = _FALLBACK.get(qtype, qtype)
-    return qtype if ncols % _block_size(qtype) == 0 else "f16"
-
-
-def _predict_types(model: ModelInfo, ftype: str, chosen: dict[str, str], ordered: list[TensorInfo]) -> dict[str, str]:
-    default = FTYPE_DEFAULT_TYPE[ftype]
-    state = _QuantState(model, ftype)
-    out = {}
-    for t in ordered:
-        if not allows_quantization(t):
-            out[t.name] = t.type
-        elif default in _UNQUANTIZED:
-            out[t.name] = default
-        elif t.name in chosen:  # a manual override skips the ftype's own mix
-            out[t.name] = _fallback(t, chosen[t.name])
-        else:
-            out[t.name] = _fallback(t, state.default_type(t, default))
-    return {t.name: out[t.name] for t in model.tensors}
-
-
-class _QuantState:
-    """The part of llama_tensor_get_type_impl() the accepted base ftypes reach.
-
-    Assumes no imatrix, no --output-tensor-type/--token-embedding-type, and not
-    the LLM_TYPE_70B attn_v bump; the lead's --dry-run check reports any gap.
-    """
-
-    def __init__(self, model: ModelInfo, ftype: str):
-        self.model, self.ftype = model, ftype
-        names = {t.name for t in model.tensors}
-        self.tied = "output.weight" not in names
-        self.falcon = model.architecture == "falcon"
-        self.n_expert = model.n_expert
-        head = model.n_head[0] if isinstance(model.n_head, tuple) else model.n_head
-        head_kv = model.n_head_kv[0] if isinstance(model.n_head_kv, tuple) else model.n_head_kv
-        self.n_gqa = head // head_kv if head_kv else 0
-        self.n_attn_v = sum(1 for t in model.tensors if _attn_v_like(t.name))
-        self.i_attn_v = 0
-        self.i_ffn_down = 0
-
-    def default_type(self, t: TensorInfo, new: str) -> str:
-        f, name = self.ftype, t.name
-        if name == "output.weight" or (self.tied and name in ("token_embd.weight", "per_layer_token_embd.weight")):
-            if self.falcon or t.shape[0] % _block_size(new) != 0:
-                return "q8_0"
-            return new if new == "q8_0" else "q6_k"
-        if name in ("token_embd.weight", "per_layer_token_embd.weight"):
-            return new
-        if _attn_v_like(name):
-            i, n = self.i_attn_v, self.n_attn_v
-            self.i_attn_v += 1
-            if self.n_expert == 8:
-                return "q8_0"
-            if f == "Q2_K":
-                return "q4_k" if self.n_gqa >= 4 else "q3_k"
-            if f == "Q2_K_S" and self.n_gqa >= 4:
-                return "q4_k"
-            if f == "Q3_K_M":
-                return "q5_k" if i < 2 else "q4_k"
-            if f == "Q3_K_L":
-                return "q5_k"
-            if f in ("IQ4_NL", "IQ4_XS") and self.n_gqa >= 4:
-                return "q5_k"
-            if f in ("Q4_K_M", "Q5_K_M") and _use_more_bits(i, n):
-                return "q6_k"
-            if f == "Q4_K_S" and i < 4:
-                return "q5_k"
-            return new
-        if "attn_k.weight" in name:
-            return "q8_0" if self.n_expert == 8 else new
-        if "ffn_down" in name:
-            i = self.i_ffn_down if self.n_expert <= 1 else (t.block or 0)
-            n = self.model.n_blocks
-            self.i_ffn_down += 1
-            return self._ffn_down(new, i, n)
-        if "attn_output.weight" in name:
-            if self.falcon:
-                return "q4_k" if f == "Q3_K_L" else new
-            if self.n_expert == 8:
-                five = {"Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS"}
-                return "q5_k" if f in five else new
-            return {"Q2_K": "q3_k", "Q3_K_M": "q4_k", "Q3_K_L": "q5_k"}.get(f, new)
-        return new
-
-    def _ffn_down(self, new: str, i: int, n: int) -> str:
-        f = self.ftype
-        if f == "Q2_K":
-            return "q3_k"
-        if f == "Q2_K_S":
-            return "q4_k" if i < n // 8 else new
-        if f == "Q3_K_M":
-            if i < n // 16:
-                return "q5_k"
-            return "q4_k" if not self.falcon or _use_more_bits(i, n) else "q3_k"
-        if f == "Q3_K_L":
-            return "q4_k" if self.falcon else "q5_k"
-        if f == "Q4_K_M":
-            if self.falcon:
-                return "q6_k" if i < n // 16 else "q5_k" if _use_more_bits(i, n) else "q4_k"
-            return "q6_k" if _use_more_bits(i, n) else new
-        if f in ("IQ4_NL", "IQ4_XS") and i < n // 8:
-            return "q5_k"
-        if f == "Q5_K_M" and _use_more_bits(i, n):
-            return "q6_k"
-        if f == "Q4_K_S" and not self.falcon and i < n // 8:
-            return "q5_k"
-        return new
-
-
-def _attn_v_like(name: str) -> bool:
-    return any(s in name for s in ("attn_v.weight", "attn_qkv.weight", "attn_kv_b.weight"))
-
-
-def _use_more_bits(i: int, n: int) -> bool:
-    # C integer division; i and n are non-negative so // matches
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2

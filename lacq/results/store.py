@@ -10,12 +10,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lacq.cache import Cache, Migration, connect
 from lacq.errors import StoreError
-from lacq.fsutil import file_sha256
 
-# Append-only: never edit a migration that has shipped; add a new one.
-MIGRATIONS = [
-    """
+
+def m001_results(db: sqlite3.Connection) -> None:
+    db.executescript("""
     CREATE TABLE results (
         id INTEGER PRIMARY KEY,
         kind TEXT NOT NULL,              -- ppl | kld | niah | bench
@@ -38,21 +38,11 @@ MIGRATIONS = [
         host TEXT,
         metrics TEXT NOT NULL            -- JSON: the parsed result
     );
-    """,
-]
+    """)
 
-# The cache of file hashes and produced artifacts lives in lacq's home, apart
-# from the results, so a study in another database still reuses quantized files.
-CACHE_MIGRATIONS = [
-    """
-    CREATE TABLE file_hashes (
-        path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL
-    );
-    CREATE TABLE artifacts (
-        key TEXT PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT NOT NULL, created REAL NOT NULL, info TEXT
-    );
-    """,
-]
+
+# Append-only: never edit a migration that has shipped; add a new one.
+MIGRATIONS: list[Migration] = [m001_results]
 
 
 @dataclass(frozen=True)
@@ -82,24 +72,6 @@ class Result:
 _JSON_COLUMNS = ("kv", "build", "command", "env", "metrics")
 
 
-def _connect(path: Path, migrations: list[str], what: str) -> sqlite3.Connection:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path)
-        db.row_factory = sqlite3.Row
-        db.execute("CREATE TABLE IF NOT EXISTS _migrations (n INTEGER PRIMARY KEY, applied REAL)")
-        done = {r[0] for r in db.execute("SELECT n FROM _migrations")}
-        for n, sql in enumerate(migrations):
-            if n in done:
-                continue
-            with db:
-                db.executescript(sql)
-                db.execute("INSERT INTO _migrations VALUES (?, ?)", (n, time.time()))
-        return db
-    except sqlite3.DatabaseError as exc:
-        raise StoreError(f"cannot use {what} {path}: {exc}") from None
-
-
 def latest_by_label(results: list["Result"], kind: str) -> dict[str, "Result"]:
     """The last result of `kind` for each label, in the order labels first appear (results come oldest first)."""
     latest: dict[str, Result] = {}
@@ -109,65 +81,13 @@ def latest_by_label(results: list["Result"], kind: str) -> dict[str, "Result"]:
     return latest
 
 
-class Cache:
-    """File hashes (by size and mtime) and the artifacts lacq produced, keyed by cache key."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.db = _connect(self.path, CACHE_MIGRATIONS, "cache database")
-
-    # -- file hashes (cached by size and mtime, so a 270 MB model hashes once)
-    def sha256(self, path: Path) -> str:
-        return self.sha256_many([Path(path).resolve()])[0]
-
-    def sha256_many(self, files: list[Path]) -> list[str]:
-        """sha256 of each file, reading only those whose size or mtime changed; one transaction."""
-        keys = [os.path.abspath(f) for f in files]  # callers pass resolved trees; resolving each file is slow
-        known = {}
-        for i in range(0, len(keys), 500):  # SQLite's host-parameter limit
-            chunk = keys[i:i + 500]
-            rows = self.db.execute(f"SELECT path, size, mtime_ns, sha256 FROM file_hashes WHERE path IN "
-                                   f"({','.join('?' * len(chunk))})", chunk)
-            known.update({r["path"]: (r["size"], r["mtime_ns"], r["sha256"]) for r in rows})
-        out, fresh = [], []
-        for key in keys:
-            st = os.stat(key)
-            row = known.get(key)
-            if row and row[:2] == (st.st_size, st.st_mtime_ns):
-                out.append(row[2])
-            else:
-                out.append(file_sha256(Path(key)))
-                fresh.append((key, st.st_size, st.st_mtime_ns, out[-1]))
-        if fresh:
-            with self.db:
-                self.db.executemany("INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", fresh)
-        return out
-
-    # -- artifacts (quantized models, logits files) keyed by a cache key
-    def artifact(self, key: str) -> Path | None:
-        row = self.db.execute("SELECT path, sha256 FROM artifacts WHERE key = ?", (key,)).fetchone()
-        if not row:
-            return None
-        path = Path(row["path"])
-        if path.exists() and self.sha256(path) == row["sha256"]:
-            return path
-        return None
-
-    def record_artifact(self, key: str, path: Path, info: dict | None = None) -> None:
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)",
-                            (key, str(Path(path).resolve()), self.sha256(path), time.time(), json.dumps(info or {})))
-
-
-
 class Store:
     """The results database; `cache` is the home's artifact cache."""
 
     def __init__(self, path: Path, cache: Cache | None = None):
-        from lacq import paths
         self.path = Path(path)
-        self.db = _connect(self.path, MIGRATIONS, "results database")
-        self.cache = cache or Cache(paths.home() / "cache.sqlite")
+        self.db = connect(self.path, MIGRATIONS, "results database")
+        self.cache = cache or Cache.open()
 
     def sha256(self, path: Path) -> str:
         return self.cache.sha256(path)
@@ -191,6 +111,12 @@ class Store:
             cur = self.db.execute(f"INSERT INTO results ({cols}) VALUES ({marks})", tuple(row.values()))
         return int(cur.lastrowid)
 
+    def get(self, result_id: int) -> Result:
+        row = self.db.execute("SELECT * FROM results WHERE id = ?", (result_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no result #{result_id} in {self.path}")
+        return _result(row)
+
     def results(self, kind: str | None = None, study: str | None = None) -> list[Result]:
         sql, args = "SELECT * FROM results WHERE 1=1", []
         if kind:
@@ -199,17 +125,18 @@ class Store:
         if study:
             sql += " AND study = ?"
             args.append(study)
-        out = []
-        for r in self.db.execute(sql + " ORDER BY id", args):
-            d = dict(r)
-            for c in _JSON_COLUMNS:
-                d[c] = json.loads(d[c]) if d[c] is not None else None
-            out.append(Result(**d))
-        return out
+        return [_result(r) for r in self.db.execute(sql + " ORDER BY id", args)]
 
     def close(self) -> None:
         self.db.close()
         self.cache.db.close()
+
+
+def _result(row: sqlite3.Row) -> Result:
+    d = dict(row)
+    for c in _JSON_COLUMNS:
+        d[c] = json.loads(d[c]) if d[c] is not None else None
+    return Result(**d)
 
 
 def open_store(path: Path | None = None) -> Store:

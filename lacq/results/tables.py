@@ -1,16 +1,13 @@
-"""Result tables: pandas rows -> rich / markdown / csv / json.
+"""Every table lacq shows, built from stored results: one pandas frame and one column map each.
 
-The only module besides the CLI that prints (through a rich Console it is given).
+A column map gives the display order and header of a frame's columns; `render`
+(results/render.py) turns any frame and map into a rich table, markdown, csv or
+json. Frames keep one row per configuration (its latest result).
 """
 
 from __future__ import annotations
 
-import json
-import math
-
 import pandas as pd
-from rich.console import Console
-from rich.table import Table
 
 from lacq.results.store import Result, latest_by_label
 
@@ -72,8 +69,6 @@ def combined_frame(results: list[Result], base_label: str | None = None) -> tupl
     Returns the frame and the columns to show: PPL's table alone when the study
     has no KLD or NIAH results; sorted by mean KLD when it has KLD.
     """
-    from lacq.measure.kld import kld_frame, niah_summary_frame
-
     df = ppl_frame(results, base_label)
     columns = PPL_COLUMNS
     kld = kld_frame(results)
@@ -126,49 +121,77 @@ def _marks(df: pd.DataFrame, base_label: str) -> list[str]:
     return marks
 
 
-def _fmt(col: str, value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if col == "size_mb":
-        return f"{value:.1f}"
-    if col in ("ppl", "ppl_error"):
-        return f"{value:.4f}"
-    if col == "ppl_delta_pct":
-        return "-" if abs(value) < 1e-12 else f"{value:+.2f}%"
-    if col == "compression":
-        return f"{value:.2f}×"
-    if col in ("k_bpv", "v_bpv"):
-        return f"{value:.3f}"
-    if col in ("kld_mean", "kld_mean_error"):
-        return f"{value:.5f}"
-    if col in ("kld_p99", "same_top_p_pct", "niah_pass_pct"):
-        return f"{value:.2f}" if col != "niah_pass_pct" else f"{value:.0f}%"
-    return str(value)
+def niah_grid_frame(metrics: dict) -> pd.DataFrame:
+    """Depth rows × length columns of pass rates (0..1) from a stored NIAH result."""
+    cells = {(c["depth"], c["length"]): c["passed"] / c["n"] for c in metrics["grid"]}
+    depths = sorted({d for d, _ in cells})
+    lengths = sorted({l for _, l in cells})
+    return pd.DataFrame([[cells.get((d, l)) for l in lengths] for d in depths],
+                        index=pd.Index(depths, name="depth %"), columns=pd.Index(lengths, name="context"))
 
 
-def render(df: pd.DataFrame, fmt: str, console: Console, title: str | None = None,
-           columns: dict[str, str] = PPL_COLUMNS) -> None:
-    cols = [c for c in columns if c in df.columns]
-    # A column that is the same on every row (KV bits/value in a weight study) says nothing in a table.
-    if fmt in ("table", "md", "markdown") and len(df) > 1:
-        cols = [c for c in cols if c not in ("k_bpv", "v_bpv") or df[c].nunique(dropna=False) > 1]
-    if fmt == "json":
-        console.print_json(json.dumps(df[cols].to_dict(orient="records"), default=str))
-        return
-    if fmt == "csv":
-        console.print(df[cols].to_csv(index=False), end="", markup=False, highlight=False, soft_wrap=True)
-        return
-    cells = [[_fmt(c, row[c]) for c in cols] for _, row in df.iterrows()]
-    if fmt in ("md", "markdown"):
-        header = [columns[c] or "note" for c in cols]
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in cells]
-        console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
-        return
-    table = Table(title=title)
-    for c in cols:
-        table.add_column(columns[c], justify="left" if c in ("configuration", "mark") else "right")
-    for row in cells:
-        style = "bold green" if "best" in row[-1] else None
-        table.add_row(*row, style=style)
-    console.print(table)
+def niah_summary_frame(results: list[Result]) -> pd.DataFrame:
+    """Per configuration (latest NIAH result): overall pass rate and pass rate per context length.
+
+    For `lacq report`: join on `configuration` to put a NIAH column beside PPL/KLD.
+    """
+    latest = latest_by_label(results, "niah")
+    rows = []
+    for r in latest.values():
+        by_len: dict[int, list[int]] = {}
+        for c in r.metrics["grid"]:
+            p, n = by_len.setdefault(c["length"], [0, 0])
+            by_len[c["length"]] = [p + c["passed"], n + c["n"]]
+        rows.append({"configuration": r.label, "niah_pass_pct": 100 * r.metrics["pass_rate"],
+                     "niah_by_length": " ".join(f"{l}:{p / n:.0%}" for l, (p, n) in sorted(by_len.items())),
+                     "niah_trials": r.metrics["trials"]})
+    return pd.DataFrame(rows, columns=["configuration", "niah_pass_pct", "niah_by_length", "niah_trials"])
+
+
+# Columns of the KL-divergence table (bench/kld_recipes.py), with their headers.
+KLD_COLUMNS = {
+    "configuration": "Configuration", "size_mb": "Size (MB)", "kld_mean": "Mean KLD", "kld_mean_error": "±",
+    "kld_p99": "KLD 99%", "kld_max": "KLD max", "dp_rms_pct": "RMS Δp %", "same_top_p_pct": "Same top p %",
+    "ppl_q": "PPL", "ppl_ratio": "PPL ratio",
+}
+
+
+def kld_frame(results: list[Result]) -> pd.DataFrame:
+    latest = latest_by_label(results, "kld")
+    rows = []
+    for r in latest.values():
+        m = r.metrics
+        rows.append({"configuration": r.label, "size_mb": r.model_bytes / 1e6, "kld_mean": m["kld_mean"],
+                     "kld_mean_error": m["kld_mean_error"], "kld_p99": m["kld_quantiles"].get("p99"),
+                     "kld_max": m["kld_quantiles"].get("max"), "dp_rms_pct": m["dp_rms_pct"],
+                     "same_top_p_pct": m["same_top_p_pct"], "ppl_q": m["ppl_q"], "ppl_ratio": m["ppl_ratio"],
+                     "recipe": r.recipe})
+    df = pd.DataFrame(rows, columns=list(KLD_COLUMNS) + ["recipe"])
+    df = df.round({"kld_mean": 6, "kld_mean_error": 6, "kld_p99": 5, "kld_max": 4, "dp_rms_pct": 3,
+                   "same_top_p_pct": 3, "ppl_q": 4, "ppl_ratio": 5})
+    return df.sort_values("kld_mean").reset_index(drop=True)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+    ra, rb = pd.Series(a).rank(), pd.Series(b).rank()
+    return float(ra.corr(rb))
+
+
+# Columns of the llama-bench table.
+BENCH_COLUMNS = {"configuration": "Configuration", "depth": "Depth", "pp_ts": "Prefill t/s", "pp_sd": "±",
+                 "tg_ts": "Decode t/s", "tg_sd": "±", "device": "Device", "build_key": "Build"}
+
+
+def bench_frame(results: list[Result]) -> pd.DataFrame:
+    rows = {}
+    for r in results:
+        if r.kind != "bench":
+            continue
+        for b in r.metrics["rows"]:
+            row = rows.setdefault((r.label, b["n_depth"]), {
+                "configuration": r.label, "depth": b["n_depth"], "device": r.metrics.get("device"),
+                "build_key": r.metrics.get("build_key")})
+            kind = "pp" if b["n_prompt"] and not b["n_gen"] else "tg"
+            row[f"{kind}_ts"], row[f"{kind}_sd"] = round(b["avg_ts"], 2), round(b["stddev_ts"], 2)
+    return pd.DataFrame(list(rows.values()), columns=list(BENCH_COLUMNS))

@@ -1,4 +1,4 @@
-"""`lacq demo`: the layer-placement study on one model, end to end.
+"""The layer-placement study (`lacq demo`): one model, end to end.
 
 Build the CPU tools, get the model, dequantize it to an F16 base, quantize the
 ten weight recipes, measure perplexity of each and of the base, and return the
@@ -15,12 +15,13 @@ import pandas as pd
 
 from lacq import paths
 from lacq.llama.build import Build
+from lacq.measure.ppl import measure_ppl
 from lacq.model.info import inspect_model
-from lacq.quantize import convert_ftype, measure_ppl, quantize_with_plan
 from lacq.plan.kv.config import KvConfig
 from lacq.plan.recipe import load_recipe, resolve_recipe
-from lacq.results.tables import ppl_frame
+from lacq.quantize import convert_ftype, quantize_with_plan
 from lacq.results.store import Store
+from lacq.results.tables import ppl_frame
 
 DEMO_RECIPES = ("uniform_q4_0", "first4_q8", "first8_q8", "last4_q8", "last8_q8", "middle8_q8",
                 "first_last4_q8", "alternating_even_q8", "attention_q8", "ffn_q8")
@@ -29,20 +30,20 @@ Step = Callable[[str, float, str], None]  # (stage, fraction, detail)
 
 
 @dataclass(frozen=True)
-class DemoResult:
+class PlacementResult:
     study: str
     table: pd.DataFrame
     base: Path
 
 
-def run_demo(build: Build, store: Store, model: Path, corpus: Path, *, ctx: int = 512, chunks: int = 20,
+def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *, ctx: int = 512, chunks: int = 20,
              recipes: tuple[str, ...] = DEMO_RECIPES, threads: int | None = None,
-             step: Step | None = None) -> DemoResult:
+             step: Step | None = None) -> PlacementResult:
     sha = store.sha256(model)[:12]
     work = paths.sub("work") / sha
     work.mkdir(parents=True, exist_ok=True)
     info = inspect_model(model)
-    if any(t.type not in ("f16", "f32", "bf16") for t in info.tensors if len(t.shape) > 1):
+    if info.is_quantized:
         base = convert_ftype(build, store, model, work / f"{model.stem}.f16.gguf", "F16",
                              progress=lambda f, d: step and step("dequantize to F16", f, d), force=True)
         if step:
@@ -76,4 +77,4 @@ def run_demo(build: Build, store: Store, model: Path, corpus: Path, *, ctx: int 
                     progress=on_chunk)
     if step:
         step("perplexity", 1.0, "done")
-    return DemoResult(study, ppl_frame(store.results(kind="ppl", study=study), base_label="F16 base"), base)
+    return PlacementResult(study, ppl_frame(store.results(kind="ppl", study=study), base_label="F16 base"), base)

@@ -1,22 +1,4 @@
-"""One wrapper per llama.cpp tool: argv builder, runner, pure parser."""
+"""One wrapper per llama.cpp tool: argv builder, runner, pure parser -> frozen dataclass.
 
-from __future__ import annotations
-
-from types import ModuleType
-
-from lacq.llama.tools import bench, completion, kld, perplexity, quantize
-
-REGISTRY: dict[str, ModuleType] = {
-    "llama-quantize": quantize,
-    "llama-perplexity": perplexity,
-    "llama-perplexity --kl-divergence": kld,
-    "llama-bench": bench,
-    "llama-completion": completion,
-}
-
-
-def wrapper(name: str) -> ModuleType:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"no wrapper for {name!r}; known tools: {', '.join(sorted(REGISTRY))}") from None
+Wrappers know the text formats of the tools and nothing of lacq's domain (KV configurations
+arrive as ready argv, results leave as dataclasses)."""

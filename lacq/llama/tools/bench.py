@@ -81,10 +81,20 @@ def parse(text: str) -> tuple[BenchRow, ...]:
 
 def argv(binary: Path, model: Path, *, pp: int = 512, tg: int = 128, depths: tuple[int, ...] = (0,),
          repetitions: int = 5, threads: int | None = None, ngl: int | None = None,
-         kv_args: list[str] = (), extra: list[str] = ()) -> list[str]:
+         kv_args: list[str] = ()) -> list[str]:
+    # --progress: one stderr line as each test starts, which drives lacq's progress bar.
     args = [str(binary), "-m", str(model), "-p", str(pp), "-n", str(tg),
-            "-d", ",".join(str(d) for d in depths), "-r", str(repetitions), "-o", "json"]
-    return args + thread_gpu_args(threads, ngl) + list(kv_args) + list(extra)
+            "-d", ",".join(str(d) for d in depths), "-r", str(repetitions), "-o", "json", "--progress"]
+    return args + thread_gpu_args(threads, ngl) + list(kv_args)
+
+
+_PROGRESS = re.compile(r"^llama-bench: benchmark (\d+)/(\d+): starting")
+
+
+def progress_of(line: str) -> tuple[int, int] | None:
+    """(test number, tests) from a `--progress` line that starts a test, else None."""
+    m = _PROGRESS.match(line)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def run(args: list[str], *, env: dict | None = None, log_path: Path | None = None,

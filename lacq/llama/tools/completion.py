@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lacq.plan.kv.config import KvConfig
 from lacq.llama.tools.base import thread_gpu_args
 
 END_OF_TEXT = " [end of text]\n"
@@ -20,12 +19,12 @@ N_PROMPT = re.compile(r"number of tokens in prompt = (\d+)")
 
 
 def argv(binary: Path | str, model: Path | str, prompt_file: Path | str, *, n_ctx: int, n_predict: int,
-         threads: int | None, ngl: int | None, kv: KvConfig, flash_attn: bool) -> list[str]:
+         threads: int | None, ngl: int | None, kv_args: list[str]) -> list[str]:
     """Greedy decoding (temperature 0, top-k 1, no repeat penalty), no chat mode, no warm-up."""
     return [str(binary), "-m", str(model), "-bf", str(prompt_file), "-c", str(n_ctx), "-n", str(n_predict),
             "-no-cnv", "--temp", "0", "--top-k", "1", "--repeat-penalty", "1.0", "-b", "512", "-ub", "512",
-            "--no-display-prompt", "--verbose-prompt", "--no-warmup", "-ctk", kv.k, "-ctv", kv.v,
-            "-fa", "on" if flash_attn else "off", *thread_gpu_args(threads, ngl)]
+            "--no-display-prompt", "--verbose-prompt", "--no-warmup", *kv_args,
+            *thread_gpu_args(threads, ngl)]
 
 
 def parse(stdout: str, stderr: str) -> tuple[str, int | None]:

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lacq.errors import ToolError
-from lacq.llama.tools.base import LineHook, ToolRun, message_lines, run_tool, strip_prefix, thread_gpu_args
+from lacq.llama.tools.base import (
+    LineHook,
+    ToolRun,
+    message_lines,
+    run_tool,
+    strip_prefix,
+    thread_gpu_args,
+)
 
 MAGIC = b"_logits_"
 # "_logits_", n_ctx (u32), n_vocab (i32), n_chunk (i32); then n_chunk*n_ctx int32 tokens,
@@ -183,24 +190,20 @@ def read_logits_header(path: Path) -> LogitsHeader:
 
 # ---------------------------------------------------------------- argv / run
 def base_argv(binary: Path, base_model: Path, corpus: Path, logits_out: Path, *, ctx: int, chunks: int | None,
-              threads: int | None = None, ngl: int | None = None, extra: list[str] = ()) -> list[str]:
+              threads: int | None = None, ngl: int | None = None) -> list[str]:
     args = [str(binary), "-m", str(base_model), "-f", str(corpus), "-c", str(ctx),
             "-lv", "4", "--no-log-timestamps", "--kl-divergence-base", str(logits_out)]
     if chunks:
         args += ["--chunks", str(chunks)]
-    if threads:
-        args += ["-t", str(threads)]
-    if ngl is not None:
-        args += ["-ngl", str(ngl)]
-    return args + list(extra)
+    return args + thread_gpu_args(threads, ngl)
 
 
 def argv(binary: Path, model: Path, logits: Path, *, ctx: int, threads: int | None = None,
-         ngl: int | None = None, kv_args: list[str] = (), extra: list[str] = ()) -> list[str]:
+         ngl: int | None = None, kv_args: list[str] = ()) -> list[str]:
     # -c must be at least the file's n_ctx (llama-perplexity only warns otherwise).
     args = [str(binary), "-m", str(model), "-c", str(ctx), "-lv", "4", "--no-log-timestamps",
             "--kl-divergence-base", str(logits), "--kl-divergence"]
-    return args + thread_gpu_args(threads, ngl) + list(kv_args) + list(extra)
+    return args + thread_gpu_args(threads, ngl) + list(kv_args)
 
 
 def run(args: list[str], *, env: dict | None = None, log_path: Path | None = None,

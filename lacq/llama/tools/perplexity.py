@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lacq.errors import ToolError
-from lacq.llama.tools.base import LineHook, ToolRun, message_lines, run_tool, strip_prefix, thread_gpu_args
+from lacq.llama.tools.base import (
+    LineHook,
+    ToolRun,
+    message_lines,
+    run_tool,
+    strip_prefix,
+    thread_gpu_args,
+)
 
 _ERROR_LINE = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?E ")
 _FINAL = re.compile(r"Final estimate: PPL = ([\d.]+|nan|inf) \+/- ([\d.]+|nan|inf)")
@@ -50,7 +57,6 @@ class PerplexityResult:
     v_bits_per_value: float | None = None
     seconds_per_pass: float | None = None
     total_ms: float | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _float(s: str) -> float:
@@ -100,16 +106,13 @@ def parse(text: str) -> PerplexityResult:
 
 
 def argv(binary: Path, model: Path, corpus: Path, *, ctx: int = 512, chunks: int | None = None,
-         threads: int | None = None, batch: int | None = None, ngl: int | None = None,
-         kv_args: list[str] = (), extra: list[str] = ()) -> list[str]:
+         threads: int | None = None, ngl: int | None = None, kv_args: list[str] = ()) -> list[str]:
     args = [str(binary), "-m", str(model), "-f", str(corpus), "-c", str(ctx),
             # -lv 4 makes libllama's INFO lines (KV cache sizes, per-layer types) visible.
             "-lv", "4", "--no-log-timestamps"]
     if chunks:
         args += ["--chunks", str(chunks)]
-    if batch:
-        args += ["-b", str(batch)]
-    return args + thread_gpu_args(threads, ngl) + list(kv_args) + list(extra)
+    return args + thread_gpu_args(threads, ngl) + list(kv_args)
 
 
 def run(args: list[str], *, env: dict | None = None, log_path: Path | None = None,

@@ -1,0 +1,1 @@
+"""Needle-in-a-haystack probes: prompts, runners, the grid."""

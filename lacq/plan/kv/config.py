@@ -13,7 +13,13 @@ import re
 from dataclasses import dataclass
 
 from lacq.errors import RecipeError
-from lacq.plan.kv.types import TURBO, backend_problem, kv_type, pair_problem, valid_names
+from lacq.plan.kv.types import (
+    TURBO,
+    backend_problem,
+    kv_type,
+    pair_problem,
+    valid_names,
+)
 
 ENV_K = "LLAMA_KV_TYPES_K"
 ENV_V = "LLAMA_KV_TYPES_V"
@@ -42,7 +48,7 @@ class Override:
         return range(lo, hi + 1)
 
 
-def check_type(name: str, what: str = "KV cache type") -> str:
+def check_kv_type(name: str, what: str = "KV cache type") -> str:
     try:
         return kv_type(name).name
     except KeyError:
@@ -59,7 +65,7 @@ def parse_overrides(text: str) -> tuple[Override, ...]:
             raise RecipeError(f"bad KV layer override {item!r}; expected ORD=TYPE or A..B=TYPE, e.g. 0..1=q8_0")
         start = int(m.group(1))
         end = int(m.group(2)) if m.group(2) is not None else start
-        out.append(Override(start, end, check_type(typ.strip())))
+        out.append(Override(start, end, check_kv_type(typ.strip())))
     return tuple(out)
 
 
@@ -82,10 +88,31 @@ class KvConfig:
     policy_name: str | None = None
 
     def __post_init__(self):
-        check_type(self.k)
-        check_type(self.v)
+        check_kv_type(self.k)
+        check_kv_type(self.v)
         if self.flash_attn not in ("on", "off", "auto"):
             raise RecipeError(f"flash attention must be on, off or auto, got {self.flash_attn!r}")
+
+    @classmethod
+    def from_flags(cls, ctk: str | None = None, ctv: str | None = None, flash_attn: str = "auto",
+                   boundary_n: int | None = None, boundary_type: str = "q8_0", boundary_k: bool = False,
+                   kv_policy: str | None = None) -> "KvConfig":
+        """The configuration the command-line KV flags describe (`--ctk/--ctv/--fa`, `--boundary N`
+        with its type and `--boundary-k`, or `--kv-policy NAME|FILE`)."""
+        if kv_policy:
+            from lacq.plan.kv.policy import (
+                load_kv_policy,  # the policy module builds KvConfigs
+            )
+            if boundary_n is not None:
+                raise RecipeError("give either --boundary or --kv-policy, not both")
+            return load_kv_policy(kv_policy).config(ctk=ctk, ctv=ctv, flash_attn=flash_attn)
+        ctk, ctv = ctk or "f16", ctv or "f16"
+        if boundary_n is None:
+            return cls(ctk, ctv, flash_attn)
+        high = check_kv_type(boundary_type)
+        over = boundary(boundary_n, high)
+        return cls(ctk, ctv, flash_attn, over if boundary_k else (), over,
+                   policy_name=f"boundary {boundary_n} {high}" + (" K+V" if boundary_k else ""))
 
     def all_types(self) -> tuple[set[str], set[str]]:
         return ({self.k} | {o.type for o in self.k_overrides}, {self.v} | {o.type for o in self.v_overrides})

@@ -15,13 +15,20 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lacq import paths
 from lacq.errors import RecipeError
-from lacq.plan.kv.config import KvConfig, Override, check_type, parse_overrides
+from lacq.plan.files import (
+    find_file,
+    list_names,
+    load_toml,
+    substitute,
+    undefined_refs,
+    with_overrides,
+)
+from lacq.plan.kv.config import KvConfig, Override, check_kv_type, parse_overrides
 
 _KEYS = {"name", "description", "k", "v", "params", "k_layers", "v_layers"}
 
@@ -37,28 +44,18 @@ class KvPolicy:
     v_layers: tuple[tuple[str, str], ...] = ()
     source: str = ""
 
-    def _subst(self, text: str, params: dict) -> str:
-        try:
-            return text.format(**params)
-        except KeyError as exc:
-            raise RecipeError(f"{self.source}: unknown parameter {exc.args[0]!r}") from None
-
     def config(self, ctk: str | None = None, ctv: str | None = None, flash_attn: str = "auto",
                overrides: dict[str, str] | None = None) -> KvConfig:
-        params = dict(self.params)
-        for key, value in (overrides or {}).items():
-            if key not in params:
-                raise RecipeError(f"KV policy {self.name} has no parameter {key!r} (it has: {', '.join(params) or 'none'})")
-            params[key] = value
+        params = with_overrides(self.params, overrides, f"KV policy '{self.name}'")
 
         def layers(items) -> tuple[Override, ...]:
             out = []
             for where, typ in items:
-                out.extend(parse_overrides(f"{where}={check_type(self._subst(typ, params))}"))
+                out.extend(parse_overrides(f"{where}={check_kv_type(substitute(typ, params))}"))
             return tuple(out)
 
-        k = ctk or (self._subst(self.k, params) if self.k else "f16")
-        v = ctv or (self._subst(self.v, params) if self.v else "f16")
+        k = ctk or (substitute(self.k, params) if self.k else "f16")
+        v = ctv or (substitute(self.v, params) if self.v else "f16")
         return KvConfig(k, v, flash_attn, layers(self.k_layers), layers(self.v_layers), policy_name=self.name)
 
 
@@ -67,21 +64,12 @@ def kv_policy_dir() -> Path:
 
 
 def list_kv_policies() -> list[str]:
-    return sorted(p.stem for p in kv_policy_dir().glob("*.toml"))
+    return list_names(kv_policy_dir())
 
 
 def load_kv_policy(name_or_path: str | Path) -> KvPolicy:
-    path = Path(name_or_path)
-    if path.suffix != ".toml":
-        path = kv_policy_dir() / f"{name_or_path}.toml"
-        if not path.exists():
-            raise RecipeError(f"no KV policy named {name_or_path!r}; shipped: {', '.join(list_kv_policies())}")
-    if not path.exists():
-        raise RecipeError(f"KV policy file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError(f"{path}: not valid TOML ({exc})") from None
+    path = find_file(name_or_path, kv_policy_dir(), "KV policy")
+    data = load_toml(path)
     unknown = set(data) - _KEYS
     if unknown:
         raise RecipeError(f"{path}: unknown keys {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(_KEYS))}")
@@ -100,6 +88,9 @@ def load_kv_policy(name_or_path: str | Path) -> KvPolicy:
     policy = KvPolicy(name=data["name"], description=data["description"], k=data.get("k"), v=data.get("v"),
                       params={str(k): str(v) for k, v in data.get("params", {}).items()},
                       k_layers=rules("k_layers"), v_layers=rules("v_layers"), source=str(path))
+    templates = [t for _, t in policy.k_layers + policy.v_layers] + [x for x in (policy.k, policy.v) if x]
+    for value in undefined_refs(templates, policy.params):
+        raise RecipeError(f"{path}: '{value}' refers to no parameter; defined: {', '.join(sorted(policy.params)) or 'none'}")
     if not policy.k_layers and not policy.v_layers:
         raise RecipeError(f"{path}: a KV policy needs at least one k_layers or v_layers entry")
     policy.config()  # validates types and parameters now, not at run time

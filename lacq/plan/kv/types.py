@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import gguf
 
+from lacq.model.info import FLOAT_TYPES
+
 
 @dataclass(frozen=True)
 class KvType:
     name: str
     block_size: int
     type_size: int  # bytes per block
-    patch: str | None = None  # the patch that adds it, None for stock types
 
     @property
     def bits_per_value(self) -> float:
@@ -25,7 +26,7 @@ class KvType:
 
     @property
     def quantized(self) -> bool:
-        return self.name not in ("f32", "f16", "bf16")
+        return self.name not in FLOAT_TYPES
 
 
 def _stock(name: str) -> KvType:
@@ -38,7 +39,7 @@ def _stock(name: str) -> KvType:
 STOCK = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 KV_TYPES: dict[str, KvType] = {n: _stock(n) for n in STOCK}
 # ggml-common.h block_q2_0: fp16 scale + 64 2-bit values (gguf 0.19 lacks it).
-KV_TYPES["q2_0"] = KvType("q2_0", 64, 18, patch="0001-kv-cache-accept-q2-0-as-a-kv-cache-type.patch")
+KV_TYPES["q2_0"] = KvType("q2_0", 64, 18)
 
 
 def kv_type(name: str) -> KvType:
@@ -54,10 +55,9 @@ def valid_names() -> str:
 
 # ggml-common.h block_turbo2/3/4 of patch 0003: fp16 scale + 32 codebook
 # indices of 2, 3 or 4 bits (KV-only types; they never reach a GGUF file).
-TURBO_PATCH = "0003-ggml-turbo2-turbo3-turbo4-kv-cache-types-lloyd-m.patch"
-KV_TYPES["turbo2"] = KvType("turbo2", 32, 10, patch=TURBO_PATCH)
-KV_TYPES["turbo3"] = KvType("turbo3", 32, 14, patch=TURBO_PATCH)
-KV_TYPES["turbo4"] = KvType("turbo4", 32, 18, patch=TURBO_PATCH)
+KV_TYPES["turbo2"] = KvType("turbo2", 32, 10)
+KV_TYPES["turbo3"] = KvType("turbo3", 32, 14)
+KV_TYPES["turbo4"] = KvType("turbo4", 32, 18)
 TURBO = ("turbo2", "turbo3", "turbo4")
 
 

@@ -1,0 +1,181 @@
+"""What every command shares: consoles, progress bars, error handling and option groups.
+
+An option group adds a few click options and hands the command one value built
+from them: `kv_options` a `KvConfig`, `run_options` a `RunOptions`,
+`build_options` a `BuildChoice`. Commands stay short and their bad input fails
+through one path: a `LacqError` becomes a one-paragraph message and exit 1,
+Ctrl-C a note and exit 130.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lacq.errors import LacqError
+from lacq.llama.build import BACKENDS, Build, BuildSpec, require_build
+from lacq.plan.kv.config import KvConfig
+
+# Tables are wide: when output is not a terminal (a pipe, a log file, CI), do not
+# squeeze them into rich's default 80 columns.
+console = Console() if Console().is_terminal else Console(width=160)
+err_console = Console(stderr=True)
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=err_console, transient=False)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """lacq's errors as a short message and exit 1; Ctrl-C as a note and exit 130."""
+    try:
+        yield
+    except LacqError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]: stopped; no partial output was kept")
+        sys.exit(130)
+
+
+def handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with user_errors():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _group(options: list, build):
+    """An option group: `options` are added to the command; `build(**their values)` returns
+    (parameter name, value), and the command receives that one value instead."""
+    names = [p.name for opt in options for p in _params_of(opt)]
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            values = {n: kwargs.pop(n) for n in names}
+            with user_errors():
+                key, value = build(**values)
+            kwargs[key] = value
+            return fn(*args, **kwargs)
+
+        for opt in reversed(options):
+            wrapper = opt(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def _params_of(option_decorator) -> list[click.Parameter]:
+    """The click parameters one option decorator declares (applied to a throwaway function)."""
+    def f():
+        pass
+
+    option_decorator(f)
+    return f.__click_params__
+
+
+# ---------------------------------------------------------------- KV configuration
+def _kv(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy):
+    return "kv", KvConfig.from_flags(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy)
+
+
+kv_options = _group([
+    click.option("--ctk", default=None, help="K cache type (default f16, or the KV policy's)."),
+    click.option("--ctv", default=None, help="V cache type (default f16, or the KV policy's)."),
+    click.option("--fa", "flash_attn", type=click.Choice(["on", "off", "auto"]), default="auto",
+                 show_default=True, help="Flash attention (a quantized V cache switches it on)."),
+    click.option("--boundary", "boundary_n", type=int, default=None,
+                 help="Put V of the first and last N KV layers (by KV-layer ordinal) at --boundary-type."),
+    click.option("--boundary-type", default="q8_0", show_default=True),
+    click.option("--boundary-k", is_flag=True, help="Apply --boundary to K as well."),
+    click.option("--kv-policy", "kv_policy", default=None, help="A KV policy: a name from recipes/kv/ or a .toml path."),
+], _kv)
+
+
+# ---------------------------------------------------------------- run options
+@dataclass(frozen=True)
+class RunOptions:
+    """Threads, GPU layers and where the result is filed: shared by every measurement command."""
+
+    threads: int | None = None
+    ngl: int | None = None
+    label: str | None = None
+    study: str | None = None
+
+
+run_options = _group([
+    click.option("-t", "--threads", type=int, default=None),
+    click.option("-ngl", "--n-gpu-layers", "ngl", type=int, default=None),
+    click.option("--label", default=None, help="Row name in reports."),
+    click.option("--study", default=None, help="Group results for `lacq report --study`."),
+], lambda threads, ngl, label, study: ("run", RunOptions(threads, ngl, label, study)))
+
+
+# ---------------------------------------------------------------- which build
+@dataclass(frozen=True)
+class BuildChoice:
+    backend: str = "cpu"
+    source: str | None = None
+
+    def require(self) -> Build:
+        """The finished build of this backend and source (never builds)."""
+        return require_build(BuildSpec(backend=self.backend), self.source)
+
+
+build_options = _group([
+    click.option("--backend", type=click.Choice(BACKENDS), default="cpu", show_default=True,
+                 help="Which build of llama.cpp to use."),
+    click.option("--source", default=None, metavar="PATH|git+URL@REF",
+                 help="llama.cpp source (default: the pinned llama-cpp-python 0.3.36 tree)."),
+], lambda backend, source: ("build", BuildChoice(backend, source)))
+
+
+# ---------------------------------------------------------------- small parsers
+def parse_sets(sets) -> dict[str, str]:
+    """`--set PARAM=VALUE` items -> a dict."""
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected PARAM=VALUE, got {item!r}", param_hint="--set")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def int_list(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=what) from None
+    if not values:
+        raise click.BadParameter("give at least one value", param_hint=what)
+    return values
+
+
+def open_results(ctx: click.Context):
+    from lacq.results.store import open_store
+    return open_store(ctx.obj["db"])
+
+
+def format_option(choices=("table", "md", "csv", "json"), default="table"):
+    return click.option("--format", "fmt", type=click.Choice(list(choices)), default=default, show_default=True)
+
+
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON.")(fn)
+
+
+def corpus_path(corpus: Path | None) -> Path:
+    from lacq import paths
+    return corpus or paths.default_corpus()

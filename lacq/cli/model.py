@@ -1,0 +1,86 @@
+"""`lacq inspect` and `lacq recipes`: what is in a model, and what the shipped recipes would make of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from lacq.cli import cli
+from lacq.cli.common import console, handle_errors, json_option, parse_sets
+
+
+@cli.command(name="inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@json_option
+@click.option("--tensors/--no-tensors", default=True, help="List every tensor grouped by block.")
+@handle_errors
+def inspect_cmd(model, as_json, tensors):
+    """Architecture, blocks, KV-layer ordinals and tensors of a GGUF model."""
+    from lacq.model.info import inspect_model
+    info = inspect_model(model)
+    if as_json:
+        click.echo(json.dumps(info.to_dict(), indent=1))
+        return
+    console.print(f"[bold]{model}[/bold]  {info.architecture}  {info.file_type or ''}")
+    console.print(f"blocks {info.n_blocks}, heads {info.n_head}, KV heads {info.n_head_kv}, head size {info.head_dim}, "
+                  f"context {info.n_ctx_train}, {info.total_bytes / 1e6:.1f} MB, {info.bpw:.2f} bits/weight")
+    ordinals = info.kv_ordinal_map()
+    console.print(f"KV layers: {len(ordinals)} of {info.n_blocks} blocks")
+    kv_table = Table("KV ordinal", "block", title="KV-layer ordinal map")
+    for block, ordinal in ordinals.items():
+        kv_table.add_row(str(ordinal), str(block))
+    if len(ordinals) != info.n_blocks:
+        console.print(kv_table)
+    else:
+        console.print("  (pure attention: ordinal = block index)")
+    if not tensors:
+        return
+    table = Table("block", "tensor", "type", "shape", "elements", "bytes")
+    for block, items in info.tensors_by_block().items():
+        for t in items:
+            table.add_row("-" if block is None else str(block), t.name, t.type, "x".join(map(str, t.shape)),
+                          f"{t.n_elements:,}", f"{t.n_bytes:,}")
+    console.print(table)
+
+
+@cli.group(name="recipes")
+def recipes_group():
+    """Weight recipes (recipes/*.toml)."""
+
+
+@recipes_group.command(name="list")
+@json_option
+@handle_errors
+def recipes_list(as_json):
+    """List the shipped weight recipes."""
+    from lacq.plan.recipe import list_recipes, load_recipe
+    rows = [load_recipe(n) for n in list_recipes()]
+    if as_json:
+        click.echo(json.dumps([{"name": r.name, "description": r.description} for r in rows], indent=1))
+        return
+    table = Table("recipe", "description")
+    for r in rows:
+        table.add_row(r.name, r.description)
+    console.print(table)
+
+
+@recipes_group.command(name="show")
+@click.argument("name")
+@click.option("--model", "model_spec", default=None, help="Resolve against this model and show the plan.")
+@click.option("--set", "sets", multiple=True, metavar="PARAM=VALUE", help="Override a recipe parameter.")
+@handle_errors
+def recipes_show(name, model_spec, sets):
+    """Print a recipe's TOML, and with --model the --tensor-type-file plan it resolves to."""
+    from lacq.model.info import inspect_model
+    from lacq.model.resolve import resolve_model
+    from lacq.plan.recipe import load_recipe, resolve_recipe
+    recipe = load_recipe(name)
+    click.echo(Path(recipe.source).read_text().rstrip())
+    if model_spec:
+        plan = resolve_recipe(recipe, inspect_model(resolve_model(model_spec)), parse_sets(sets))
+        click.echo(f"\n# base ftype {plan.base_ftype}; {len(plan.rules)} rules; predicted "
+                   f"{plan.predicted_bytes / 1e6:.1f} MB, {plan.predicted_bpw:.2f} bits/weight")
+        click.echo(plan.tensor_type_file_text(), nl=False)

@@ -1,0 +1,57 @@
+"""`lacq quantize`: a model quantized with a recipe's per-tensor plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from lacq.cli import cli
+from lacq.cli.common import (
+    BuildChoice,
+    build_options,
+    console,
+    err_console,
+    handle_errors,
+    open_results,
+    parse_sets,
+    progress_bar,
+)
+
+
+@cli.command(name="quantize")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--recipe", "recipe_name", required=True, help="Recipe name (lacq recipes list) or a .toml path.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output GGUF (default: <stem>.<recipe>.gguf beside the input).")
+@click.option("--set", "sets", multiple=True, metavar="PARAM=VALUE", help="Override a recipe parameter.")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--dry-run", is_flag=True, help="Resolve and verify the plan with llama-quantize --dry-run only.")
+@click.option("--strict", is_flag=True, help="Fail if llama-quantize would not give a tensor its planned type.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@build_options
+@click.pass_context
+@handle_errors
+def quantize_cmd(ctx, model_spec, recipe_name, output, sets, imatrix, dry_run, strict, force, build: BuildChoice):
+    """Quantize MODEL with a recipe's per-tensor plan."""
+    from lacq.model.info import inspect_model
+    from lacq.model.resolve import resolve_model
+    from lacq.plan.recipe import load_recipe, resolve_recipe
+    from lacq.quantize import quantize_with_plan
+    model = resolve_model(model_spec)
+    info = inspect_model(model)
+    plan = resolve_recipe(load_recipe(recipe_name), info, parse_sets(sets))
+    tools = build.require()
+    store = open_results(ctx)
+    with progress_bar() as progress:
+        task = progress.add_task(f"quantize {plan.recipe}", total=1.0, detail="")
+        out = quantize_with_plan(tools, store, model, info, plan, output=output, force=force, imatrix=imatrix,
+                                 strict=strict, dry_run=dry_run,
+                                 progress=lambda f, d: progress.update(task, completed=f, detail=d))
+        progress.update(task, completed=1.0, detail="")
+    for m in out.mismatches:
+        err_console.print(f"[yellow]note[/yellow]: {m.name}: planned {m.predicted}, llama-quantize chose {m.actual}")
+    verb = "would write" if dry_run else ("up to date" if out.skipped else "wrote")
+    console.print(f"{verb} {out.output}: predicted {out.predicted_bytes / 1e6:.2f} MB, "
+                  f"{'dry-run' if dry_run else 'actual'} {out.actual_bytes / 1e6:.2f} MB "
+                  f"({len(plan.rules)} rules, {out.seconds:.1f} s)")

@@ -1,0 +1,38 @@
+"""`lacq report`: the comparison table of stored results."""
+
+from __future__ import annotations
+
+import click
+
+from lacq.cli import cli
+from lacq.cli.common import console, format_option, handle_errors, open_results
+from lacq.errors import LacqError
+
+
+@cli.command(name="report")
+@click.option("--study", default=None, help="Only results of this study (default: the latest study).")
+@click.option("--base", "base_label", default=None, help="Configuration the deltas are against.")
+@format_option()
+@click.option("--list-studies", is_flag=True, help="List the studies in the database.")
+@click.pass_context
+@handle_errors
+def report_cmd(ctx, study, base_label, fmt, list_studies):
+    """Comparison table of stored results: PPL, and KLD and NIAH where the study has them."""
+    from lacq.results.render import render
+    from lacq.results.tables import combined_frame
+    store = open_results(ctx)
+    results = [r for r in store.results() if r.kind in ("ppl", "kld", "niah")]
+    studies = list(dict.fromkeys(r.study for r in results if r.study))
+    if list_studies:
+        for s in studies:
+            click.echo(s)
+        return
+    if not results:
+        raise LacqError(f"no perplexity results in {store.path}; run `lacq ppl` or `lacq demo` first")
+    if study is None and studies:
+        study = studies[-1]
+    rows = [r for r in results if r.study == study] if study else results
+    if not rows:
+        raise LacqError(f"no results for study {study!r}; known studies: {', '.join(studies) or 'none'}")
+    df, columns = combined_frame(rows, base_label)
+    render(df, fmt, console, title=study, columns=columns)

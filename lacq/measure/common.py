@@ -1,0 +1,50 @@
+"""What every measurement shares: checking a KV configuration before work, and filing a result.
+
+A measurement job takes a Build and plain values, checks its inputs before long
+work, reports progress through a callback, files one result with `record` and
+returns a frozen dataclass; the CLI only wires and prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from lacq.errors import RecipeError
+from lacq.llama.build import Build
+from lacq.model.info import ModelInfo
+from lacq.plan.kv.config import KvConfig
+from lacq.results.store import Store
+
+Progress = Callable[[float, str], None]
+
+
+def check_kv(kv: KvConfig, info: ModelInfo, backend: str) -> KvConfig:
+    """The checks that need no build: switches flash attention on where the types need it,
+    refuses types the backend cannot run or the model's head size cannot take, and
+    validates ordinals. Returns the configuration with flash attention resolved."""
+    kv = kv.with_fa_resolved()
+    kv.check_backend(backend)
+    kv.check_head_size(info.head_dim, info.head_dim_v)
+    kv.per_layer(len(info.kv_blocks))
+    return kv
+
+
+def prepare_kv(build: Build, kv: KvConfig, info: ModelInfo) -> KvConfig:
+    """Every check of a KV configuration against this build and model, before any work:
+    `check_kv`, and the per-layer patch where the configuration has per-layer types."""
+    kv = check_kv(kv, info, build.backend)
+    if (kv.k_overrides or kv.v_overrides) and not any("per-layer" in p for p in build.patches):
+        raise RecipeError("this build lacks the patch for per-layer K/V types by KV-layer ordinal; "
+                          "rebuild with the current patches/series")
+    return kv
+
+
+def record(store: Store, *, kind: str, label: str, model: Path, build: Build, kv: KvConfig, command: list,
+           metrics: dict, wall_seconds: float, study: str | None = None, recipe: str | None = None,
+           plan_hash: str | None = None, corpus: Path | None = None, ctx: int | None = None,
+           chunks: int | None = None) -> int:
+    """File one measurement with its provenance: build, KV configuration and the environment it set."""
+    return store.add(kind=kind, label=label, model=model, build=build.provenance(), command=command,
+                     metrics=metrics, study=study, recipe=recipe, plan_hash=plan_hash, kv=kv.to_dict(),
+                     corpus=corpus, ctx=ctx, chunks=chunks, env=kv.env(), wall_seconds=wall_seconds)

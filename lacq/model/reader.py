@@ -1,0 +1,213 @@
+"""The one GGUF reader: header, metadata and tensor infos, without the tokenizer's bulk.
+
+gguf-py's GGUFReader turns every tokenizer string and merge into numpy parts
+(5 s on SmolLM2, 21 s on gemma-3-270m's 262k-token vocabulary). lacq needs the
+metadata scalars, a few per-layer arrays, the tensor table and, for the
+tokenizer, only counts, a fingerprint and a couple of token strings. This
+reader walks the file once over a memory map: arrays under `tokenizer.` are
+skipped and remembered by their byte span (hashable, indexable on demand),
+everything else is decoded. Results are cached per process by file identity
+(path, size, mtime), so a command that looks at a model twice reads it once.
+
+Layout (gguf-py's GGUFReader and ggml's gguf.cpp agree): magic, version u32,
+tensor count u64, metadata count u64; each metadata item is a string key, a
+value type u32 and the value; each tensor info is a name, n_dims u32, dims u64
+each, type u32, offset u64; tensor data starts at the next multiple of
+`general.alignment` (default 32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from lacq.errors import GGUFError
+
+_SCALARS = {  # GGUFValueType -> struct format
+    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b", gguf.GGUFValueType.UINT16: "<H",
+    gguf.GGUFValueType.INT16: "<h", gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?", gguf.GGUFValueType.UINT64: "<Q",
+    gguf.GGUFValueType.INT64: "<q", gguf.GGUFValueType.FLOAT64: "<d",
+}
+_SIZES = {t: struct.calcsize(f) for t, f in _SCALARS.items()}
+_BULK_PREFIX = "tokenizer."  # arrays here are the vocabulary: skipped, kept as spans
+
+
+@dataclass(frozen=True)
+class ArraySpan:
+    """An array left undecoded: its element type, count and byte range in the file."""
+
+    type: int
+    count: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    name: str
+    shape: tuple[int, ...]  # ggml order: shape[0] is the row length
+    type: int  # GGMLQuantizationType value
+    offset: int  # from the start of the data section
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    path: str
+    version: int
+    metadata: dict[str, Any]
+    arrays: dict[str, ArraySpan] = field(repr=False)
+    tensors: tuple[RawTensor, ...] = field(repr=False)
+    data_offset: int
+    file_size: int
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def has(self, key: str) -> bool:
+        return key in self.metadata or key in self.arrays
+
+    def array_len(self, key: str) -> int | None:
+        span = self.arrays.get(key)
+        if span is not None:
+            return span.count
+        value = self.metadata.get(key)
+        return len(value) if isinstance(value, list) else None
+
+    def array_sha256(self, key: str) -> str | None:
+        """sha256 of a skipped array's bytes as stored (element type and count included)."""
+        span = self.arrays.get(key)
+        if span is None:
+            return None
+        h = hashlib.sha256(struct.pack("<IQ", span.type, span.count))
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            h.update(mm[span.start:span.end])
+        return h.hexdigest()
+
+    def string_at(self, key: str, index: int) -> str | None:
+        """Element `index` of a skipped string array (a token's text), or None."""
+        span = self.arrays.get(key)
+        if span is None or span.type != gguf.GGUFValueType.STRING or not 0 <= index < span.count:
+            return None
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            pos = span.start
+            for _ in range(index):
+                pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
+            n = struct.unpack_from("<Q", mm, pos)[0]
+            return mm[pos + 8:pos + 8 + n].decode("utf-8", "replace")
+
+
+class _Cursor:
+    def __init__(self, buf: mmap.mmap, size: int):
+        self.buf, self.pos, self.size = buf, 0, size
+
+    def unpack(self, fmt: str, n: int) -> Any:
+        if self.pos + n > self.size:
+            raise EOFError(f"needs {n} bytes at offset {self.pos}, file has {self.size}")
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q", 8)
+        if self.pos + n > self.size:
+            raise EOFError(f"a string of {n} bytes at offset {self.pos} runs past the end")
+        text = self.buf[self.pos:self.pos + n].decode("utf-8", "replace")
+        self.pos += n
+        return text
+
+    def skip_strings(self, count: int) -> None:
+        buf, pos, size = self.buf, self.pos, self.size
+        unpack = struct.unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                raise EOFError(f"a string array runs past the end at offset {pos}")
+            pos += 8 + unpack("<Q", buf, pos)[0]
+        if pos > size:
+            raise EOFError("a string array runs past the end of the file")
+        self.pos = pos
+
+    def value(self, vtype: int, key: str, arrays: dict[str, ArraySpan]) -> Any:
+        if vtype == gguf.GGUFValueType.STRING:
+            return self.string()
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype], _SIZES[vtype])
+        if vtype != gguf.GGUFValueType.ARRAY:
+            raise ValueError(f"unknown metadata value type {vtype} for {key}")
+        etype, count = self.unpack("<I", 4), self.unpack("<Q", 8)
+        if key.startswith(_BULK_PREFIX):
+            start = self.pos
+            if etype == gguf.GGUFValueType.STRING:
+                self.skip_strings(count)
+            elif etype in _SIZES:
+                self.pos += count * _SIZES[etype]
+                if self.pos > self.size:
+                    raise EOFError(f"array {key} runs past the end of the file")
+            else:
+                raise ValueError(f"{key}: arrays of type {etype} are not expected under tokenizer.")
+            arrays[key] = ArraySpan(etype, count, start, self.pos)
+            return None
+        return [self.value(etype, key, arrays) for _ in range(count)]
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Read a GGUF's header, metadata and tensor table (cached by path, size and mtime)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise GGUFError(f"{path}: no such file") from None
+    if not path.is_file():
+        raise GGUFError(f"{path}: not a file")
+    return _read_cached(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _read_cached(path: str, size: int, mtime_ns: int) -> GGUFFile:
+    if size < 4:
+        raise GGUFError(f"{path}: not a GGUF file ({size} bytes)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+        if magic != b"GGUF":
+            raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            try:
+                return _parse(path, mm, size)
+            except (EOFError, ValueError, UnicodeDecodeError, struct.error) as e:
+                raise GGUFError(f"{path}: unreadable or truncated GGUF ({e})") from None
+
+
+def _parse(path: str, mm: mmap.mmap, size: int) -> GGUFFile:
+    cur = _Cursor(mm, size)
+    cur.pos = 4
+    version = cur.unpack("<I", 4)
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+    n_tensors, n_kv = cur.unpack("<Q", 8), cur.unpack("<Q", 8)
+    metadata: dict[str, Any] = {}
+    arrays: dict[str, ArraySpan] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        vtype = cur.unpack("<I", 4)
+        value = cur.value(vtype, key, arrays)
+        if key not in arrays:
+            metadata[key] = value
+    tensors = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.unpack("<I", 4)
+        shape = tuple(cur.unpack("<Q", 8) for _ in range(n_dims))
+        ttype = cur.unpack("<I", 4)
+        offset = cur.unpack("<Q", 8)
+        tensors.append(RawTensor(name, shape, ttype, offset))
+    align = int(metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
+    data_offset = cur.pos + (-cur.pos % align)
+    return GGUFFile(path, version, metadata, arrays, tuple(tensors), data_offset, size)

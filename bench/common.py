@@ -31,12 +31,12 @@ def parser(doc: str | None, *, out: Path | None, fa: str | None = None, plot: bo
 def kv_from_label(text: str, fa: str = "auto", boundary_type: str = "q8_0"):
     """'K/V' or 'K/V+bN' (V of the first and last N KV layers at boundary_type, by ordinal) -> (label, KvConfig)."""
     from lacq.errors import LacqError
-    from lacq.plan.kv.config import KvConfig
+    from lacq.plan.kv.flags import kv_from_flags
     kv, _, pol = text.strip().partition("+")
     k, _, v = kv.partition("/")
     if pol and not (pol.startswith("b") and pol[1:].isdigit()):
         raise LacqError(f"bad configuration {text!r}; expected K/V or K/V+bN, e.g. q8_0/q4_0+b2")
-    return text.strip(), KvConfig.from_flags(k, v or k, fa, int(pol[1:]) if pol else None, boundary_type)
+    return text.strip(), kv_from_flags(k, v or k, fa, int(pol[1:]) if pol else None, boundary_type)
 
 
 def results_header(title: str, build, argv: list[str]) -> list[str]:

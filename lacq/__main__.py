@@ -1,3 +1,5 @@
+"""`python -m lacq`: the command line."""
+
 from lacq.cli import main
 
 main()

@@ -13,10 +13,7 @@ import sys
 
 import pytest
 
-from lacq import paths
-from lacq.llama import build as build_mod
 from lacq.llama.elf import defined_dynamic_symbols, private_cxx_runtime
-from lacq.llama.patches import read_series
 
 SOURCE = """#include <regex>
 #include <string>
@@ -79,18 +76,3 @@ def test_bindings_refuse_such_a_build_with_a_clear_error(libs, tmp_path):
     assert "NIAHERROR" in out.stdout and "defines std::locale" in out.stdout, out.stdout + out.stderr
     assert "--runner completion" in out.stdout and "CXX=" in out.stdout
     assert "Traceback" not in out.stdout + out.stderr
-
-
-def test_compilers_enter_the_build_key_only_when_set(monkeypatch):
-    spec = build_mod.BuildSpec()
-    patches = read_series(paths.patches_dir())
-    for var in build_mod.COMPILER_ENV:
-        monkeypatch.delenv(var, raising=False)
-    plain = build_mod._build_key("src", patches, spec)
-    monkeypatch.setenv("CXX", "/usr/bin/g++")
-    with_cxx = build_mod._build_key("src", patches, spec)
-    monkeypatch.setenv("CXX", "/opt/gcc/bin/g++")
-    other_cxx = build_mod._build_key("src", patches, spec)
-    monkeypatch.setenv("CXX", "")
-    assert len({plain, with_cxx, other_cxx}) == 3
-    assert build_mod._build_key("src", patches, spec) == plain  # empty means unset

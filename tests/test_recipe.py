@@ -7,7 +7,6 @@ import pytest
 from lacq.errors import RecipeError
 from lacq.model.info import ModelInfo
 from lacq.plan.recipe import (
-    Rule,
     compare_with_dry_run,
     list_recipes,
     load_recipe,
@@ -216,7 +215,3 @@ def test_malformed_files(tmp_path, text, message):
 def test_unknown_recipe_name():
     with pytest.raises(RecipeError, match="unknown recipe 'nope'; available: .*first8_q8"):
         load_recipe("nope")
-
-
-def test_rule_dataclass_defaults():
-    assert Rule(tensors="*", type="q8_0").layers is None

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lacq.errors import LacqError
 from lacq.llama.build import BACKENDS, Build, BuildSpec, require_build
-from lacq.plan.kv.config import KvConfig
+from lacq.plan.kv.flags import kv_from_flags
 
 # Tables are wide: when output is not a terminal (a pipe, a log file, CI), do not
 # squeeze them into rich's default 80 columns.
@@ -87,7 +87,7 @@ def _params_of(option_decorator) -> list[click.Parameter]:
 
 # ---------------------------------------------------------------- KV configuration
 def _kv(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy):
-    return "kv", KvConfig.from_flags(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy)
+    return "kv", kv_from_flags(ctk, ctv, flash_attn, boundary_n, boundary_type, boundary_k, kv_policy)
 
 
 kv_options = _group([

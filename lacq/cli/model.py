@@ -38,12 +38,16 @@ def inspect_cmd(model, as_json, tensors):
         console.print("  (pure attention: ordinal = block index)")
     if not tensors:
         return
-    table = Table("block", "tensor", "type", "shape", "elements", "bytes")
+    # Plain aligned columns: a rich table of a model's hundreds of tensors takes longer to lay out
+    # than reading the model.
+    rows = [("block", "tensor", "type", "shape", "elements", "bytes")]
     for block, items in info.tensors_by_block().items():
-        for t in items:
-            table.add_row("-" if block is None else str(block), t.name, t.type, "x".join(map(str, t.shape)),
-                          f"{t.n_elements:,}", f"{t.n_bytes:,}")
-    console.print(table)
+        rows += [("-" if block is None else str(block), t.name, t.type, "x".join(map(str, t.shape)),
+                  f"{t.n_elements:,}", f"{t.n_bytes:,}") for t in items]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = (False, False, False, False, True, True)
+    click.echo("\n".join("  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip()
+                         for row in rows))
 
 
 @cli.group(name="recipes")

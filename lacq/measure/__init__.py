@@ -1,0 +1,1 @@
+"""Measurements of a model and KV configuration: one module per measurement, each filing one result."""

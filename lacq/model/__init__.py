@@ -1,0 +1,1 @@
+"""The GGUF model: the one reader, inspection, the KV-layer ordinal map, tokenizer metadata, finding a model."""

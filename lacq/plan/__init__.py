@@ -1,0 +1,1 @@
+"""What to build from a model: weight recipes -> per-tensor plans, and KV-cache configurations."""

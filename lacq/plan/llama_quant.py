@@ -99,7 +99,7 @@ class _QuantState:
     """The part of llama_tensor_get_type_impl() the accepted base ftypes reach.
 
     Assumes no imatrix, no --output-tensor-type/--token-embedding-type, and not
-    the LLM_TYPE_70B attn_v bump; the lead's --dry-run check reports any gap.
+    the LLM_TYPE_70B attn_v bump; quantize_with_plan's --dry-run check reports any gap.
     """
 
     def __init__(self, model: ModelInfo, ftype: str):

@@ -1,0 +1,1 @@
+"""The results database, every table built from it, their rendering and plots."""

@@ -1,0 +1,1 @@
+"""Studies built from measurements: the layer-placement study (`lacq demo`)."""

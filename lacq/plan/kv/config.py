@@ -93,27 +93,6 @@ class KvConfig:
         if self.flash_attn not in ("on", "off", "auto"):
             raise RecipeError(f"flash attention must be on, off or auto, got {self.flash_attn!r}")
 
-    @classmethod
-    def from_flags(cls, ctk: str | None = None, ctv: str | None = None, flash_attn: str = "auto",
-                   boundary_n: int | None = None, boundary_type: str = "q8_0", boundary_k: bool = False,
-                   kv_policy: str | None = None) -> "KvConfig":
-        """The configuration the command-line KV flags describe (`--ctk/--ctv/--fa`, `--boundary N`
-        with its type and `--boundary-k`, or `--kv-policy NAME|FILE`)."""
-        if kv_policy:
-            from lacq.plan.kv.policy import (
-                load_kv_policy,  # the policy module builds KvConfigs
-            )
-            if boundary_n is not None:
-                raise RecipeError("give either --boundary or --kv-policy, not both")
-            return load_kv_policy(kv_policy).config(ctk=ctk, ctv=ctv, flash_attn=flash_attn)
-        ctk, ctv = ctk or "f16", ctv or "f16"
-        if boundary_n is None:
-            return cls(ctk, ctv, flash_attn)
-        high = check_kv_type(boundary_type)
-        over = boundary(boundary_n, high)
-        return cls(ctk, ctv, flash_attn, over if boundary_k else (), over,
-                   policy_name=f"boundary {boundary_n} {high}" + (" K+V" if boundary_k else ""))
-
     def all_types(self) -> tuple[set[str], set[str]]:
         return ({self.k} | {o.type for o in self.k_overrides}, {self.v} | {o.type for o in self.v_overrides})
 

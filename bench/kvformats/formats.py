@@ -1,7 +1,7 @@
 """Numpy reference of the recommended KV layouts: tqs2 / tqs3 / tqs4 ("turbo with sub-scales").
 
 Measured on real rotated K/V rows (bench/kvformats/README.md): at the same bits/value as
-turbo2/3/4 (2.5 / 3.5 / 4.5), relative MSE is 10 / 17 / 14 % lower, and the write path does 8
+turbo2/3/4 (2.5 / 3.5 / 4.5), relative MSE is 10 / 17 / 13 % lower, and the write path does 8
 passes over each value instead of 13.
 
 Block of 64 values (every head size the Hadamard rotation accepts is a multiple of 64):

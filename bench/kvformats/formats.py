@@ -20,7 +20,7 @@ Dequantization: y_j = C_b[idx_j] * (d * u_{j/16}) with C_b the unit-variance Gau
 codebook of turbo (same centroids, same thresholds).
 
 Quantization, per sub-block of 16 values (sums sequential in float64 over float32 products,
-scale and threshold products in float32, as lacq.turbo_ref):
+scale and threshold products in float32, as lacq.plan.kv.turbo_ref):
   rms = sqrt(sum x^2 / 16); for m in 0.6, 0.7, ..., 1.2 (7 candidates): s = rms*m,
   idx = number of thresholds s*mid_t strictly below x, score = <x,c>^2/<c,c>; keep the first best
   and its least-squares scale s_i = <x,c>/<c,c>.
@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    from lacq import turbo_ref
-except ImportError:  # the lead is moving lacq modules
-    from lacq.plan.kv import turbo_ref  # type: ignore[no-redef]
+from lacq.plan.kv import turbo_ref
 
 QK = 64
 SUB = 16

@@ -3,7 +3,7 @@
 ggml's q8_0, q5_0, q4_0, q4_1 (quantize_row_*_ref in ggml/src/ggml-quants.c: fp16 scale
 d = max/-8 (q4_0), max/-16 (q5_0), amax/127 (q8_0), (max-min)/15 and min (q4_1); q4_0/q5_0
 truncate x/d + 8.5 (16.5) toward zero and clamp to 15 (31); q8_0 rounds half away from zero),
-lacq's turbo2/3/4 (lacq.turbo_ref, bit-exact with the patched C), and a generic block scalar
+lacq's turbo2/3/4 (lacq.plan.kv.turbo_ref, bit-exact with the patched C), and a generic block scalar
 quantizer used to explore new layouts.
 """
 
@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    from lacq import turbo_ref
-except ImportError:  # the lead is moving lacq modules
-    from lacq.plan.kv import turbo_ref  # type: ignore[no-redef]
+from lacq.plan.kv import turbo_ref
 
 QK = 32
 

@@ -13,14 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from common import (
-    RESULTS,
-    emit_table,
-    kv_from_label,
-    parser,
-    results_header,
-    run_script,
-)
+from common import RESULTS, emit_table, kv_from_label, parser, results_header, run_script
 
 from lacq.llama.build import BuildSpec, require_build
 from lacq.measure.bench import measure_bench

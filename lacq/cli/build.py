@@ -7,13 +7,7 @@ import time
 import click
 
 from lacq.cli import cli
-from lacq.cli.common import (
-    BuildChoice,
-    build_options,
-    console,
-    handle_errors,
-    progress_bar,
-)
+from lacq.cli.common import BuildChoice, build_options, console, handle_errors, progress_bar
 from lacq.llama.build import BuildSpec, find_build, prepared_source
 from lacq.llama.build import build as run_build
 

@@ -53,21 +53,8 @@ from lacq import paths
 from lacq.errors import RecipeError
 from lacq.fsutil import canonical_hash
 from lacq.model.info import FLOAT_TYPES, ModelInfo, TensorInfo, tensor_nbytes
-from lacq.plan.files import (
-    find_file,
-    list_names,
-    load_toml,
-    substitute,
-    undefined_refs,
-    with_overrides,
-)
-from lacq.plan.llama_quant import (
-    BASE_FTYPES,
-    FTYPE_DEFAULT_TYPE,
-    allows_quantization,
-    predict_types,
-    quantize_order,
-)
+from lacq.plan.files import find_file, list_names, load_toml, substitute, undefined_refs, with_overrides
+from lacq.plan.llama_quant import BASE_FTYPES, FTYPE_DEFAULT_TYPE, allows_quantization, predict_types, quantize_order
 
 # Types llama-quantize can write; the integer and helper types are not weight types.
 _NOT_WEIGHT_TYPES = {"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"}

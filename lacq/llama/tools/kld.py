@@ -18,14 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lacq.errors import ToolError
-from lacq.llama.tools.base import (
-    LineHook,
-    ToolRun,
-    message_lines,
-    run_tool,
-    strip_prefix,
-    thread_gpu_args,
-)
+from lacq.llama.tools.base import LineHook, ToolRun, message_lines, run_tool, strip_prefix, thread_gpu_args
 
 MAGIC = b"_logits_"
 # "_logits_", n_ctx (u32), n_vocab (i32), n_chunk (i32); then n_chunk*n_ctx int32 tokens,

@@ -7,14 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lacq.errors import ToolError
-from lacq.llama.tools.base import (
-    LineHook,
-    ToolRun,
-    message_lines,
-    run_tool,
-    strip_prefix,
-    thread_gpu_args,
-)
+from lacq.llama.tools.base import LineHook, ToolRun, message_lines, run_tool, strip_prefix, thread_gpu_args
 
 _ERROR_LINE = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?E ")
 _FINAL = re.compile(r"Final estimate: PPL = ([\d.]+|nan|inf) \+/- ([\d.]+|nan|inf)")

@@ -13,13 +13,7 @@ import re
 from dataclasses import dataclass
 
 from lacq.errors import RecipeError
-from lacq.plan.kv.types import (
-    TURBO,
-    backend_problem,
-    kv_type,
-    pair_problem,
-    valid_names,
-)
+from lacq.plan.kv.types import TURBO, backend_problem, kv_type, pair_problem, valid_names
 
 ENV_K = "LLAMA_KV_TYPES_K"
 ENV_V = "LLAMA_KV_TYPES_V"

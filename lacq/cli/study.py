@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import click
 
@@ -57,3 +58,125 @@ def demo_cmd(ctx, model_spec, chunks, ctx_len, fmt, build: BuildChoice):
            title=f"{model.name}: Q4_0 base, protected layers Q8_0 — WikiText-2, {chunks}×{ctx_len} tokens")
     console.print(f"study {result.study}; {time.monotonic() - t0:.0f} s. "
                   f"★ = most perplexity gained per extra MB over the smallest configuration, on the Pareto front.")
+
+
+# ---------------------------------------------------------------- scan
+@cli.group(name="scan")
+def scan_group():
+    """Per-unit sensitivity scans (weights, KV cache): which units deserve the bits."""
+
+
+def _show_scan(scan, out: Path | None, plot_dir: Path | None, fmt: str) -> None:
+    from lacq.results.render import render
+    from lacq.studies.sensitivity import COLUMNS, KV_COLUMNS, classify, partitions, plot_scan, unit_frame
+    cols = KV_COLUMNS if scan.kind == "kv" else COLUMNS
+    lo, hi = scan.uniform[scan.lowest], scan.uniform[scan.highest]
+    console.print(f"all {scan.lowest}: KLD {lo.kld:.5f} ± {lo.kld_error:.5f} (PPL {lo.ppl:.3f}); all {scan.highest}: "
+                  f"KLD {hi.kld:.5f} ± {hi.kld_error:.5f} (PPL {hi.ppl:.3f}); {scan.chunks} chunks of {scan.ctx}")
+    for kinds in partitions(scan):
+        df = unit_frame(scan, kinds)
+        render(df, fmt, console, title=f"{kinds[0]} units, sorted by recovery per unit of cost", columns=cols)
+        pattern, advice = classify(scan, kinds)
+        console.print(f"[bold]{kinds[0]}s: {pattern}[/bold]. {advice}.")
+    for note in scan.notes:
+        console.print(f"[yellow]note[/yellow]: {note}")
+    if out:
+        scan.write(out)
+        console.print(f"wrote {out}")
+    if plot_dir:
+        stem = (out.stem if out else f"scan-{scan.kind}")
+        for p in plot_scan(scan, plot_dir, stem):
+            console.print(f"wrote {p}")
+
+
+def _store_scan(store, scan, model: Path, tools) -> int:
+    import json
+    import sys
+    return store.add(kind="scan", label=f"{scan.kind} scan {scan.provenance['study']}", model=model,
+                     build=tools.provenance(), command=sys.argv, metrics=json.loads(scan.to_json()),
+                     study=scan.provenance["study"], ctx=scan.ctx, chunks=scan.chunks,
+                     wall_seconds=scan.provenance.get("seconds"))
+
+
+scan_common = [
+    click.option("--chunks", type=int, default=4, show_default=True, help="Chunks of the KLD runs."),
+    click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True),
+    click.option("--jobs", "workers", type=int, default=1, show_default=True,
+                 help="Variants measured at once (each with --threads)."),
+    click.option("-t", "--threads", type=int, default=None),
+    click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Write the scan as JSON (for `lacq optimize`)."),
+    click.option("--plot-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Write a bar chart per unit kind here."),
+]
+
+
+def _scan_options(fn):
+    for opt in reversed(scan_common):
+        fn = opt(fn)
+    return fn
+
+
+@scan_group.command(name="weights")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--base", "base_spec", required=True, help="The unquantized parent (F16/BF16/F32) of MODEL.")
+@click.option("--types", default="q4_0,q8_0", show_default=True, help="Candidate types, comma-separated.")
+@click.option("--unit", "unit_list", default="block,group", show_default=True,
+              help="Units: block, group (a tensor kind across blocks), tensor; comma-separated.")
+@click.option("--include-source-type", is_flag=True, help="Keep the model file's own block type as a candidate.")
+@_scan_options
+@format_option()
+@build_options
+@click.pass_context
+@handle_errors
+def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_source_type, chunks, ctx_len, workers,
+                     threads, out, plot_dir, fmt, build: BuildChoice):
+    """KLD per unit when only it is raised to each higher type, and only it lowered from the highest."""
+    from lacq.model.resolve import resolve_model
+    from lacq.studies.scan import scan_weights
+    model, base = resolve_model(model_spec), resolve_model(base_spec)
+    tools, store = build.require(), open_results(ctx)
+    with progress_bar() as progress:
+        scan = scan_weights(tools, store, model, base, paths.default_corpus(), types=types.split(","),
+                            units=tuple(u.strip() for u in unit_list.split(",")), chunks=chunks, ctx=ctx_len,
+                            threads=threads, workers=workers, include_source_type=include_source_type,
+                            step=_stepper(progress))
+    rid = _store_scan(store, scan, model, tools)
+    _show_scan(scan, out, plot_dir, fmt)
+    console.print(f"scan stored as result #{rid} (study {scan.provenance['study']}), {scan.provenance['seconds']:.0f} s")
+
+
+@scan_group.command(name="kv")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--types", default="turbo2,turbo3,turbo4,q8_0", show_default=True, help="Candidate KV types.")
+@click.option("--cache", type=click.Choice(["v", "k", "both"]), default="v", show_default=True)
+@click.option("--other", default="q8_0", show_default=True, help="Type of the cache not scanned.")
+@_scan_options
+@format_option()
+@build_options
+@click.pass_context
+@handle_errors
+def scan_kv_cmd(ctx, model_spec, types, cache, other, chunks, ctx_len, workers, threads, out, plot_dir, fmt,
+                build: BuildChoice):
+    """KLD per KV layer (by ordinal) raised alone from the cheapest type and lowered alone from the dearest."""
+    from lacq.model.resolve import resolve_model
+    from lacq.studies.scan import scan_kv
+    model = resolve_model(model_spec)
+    tools, store = build.require(), open_results(ctx)
+    with progress_bar() as progress:
+        scan = scan_kv(tools, store, model, paths.default_corpus(), types=types.split(","), cache=cache, other=other,
+                       chunks=chunks, ctx=ctx_len, threads=threads, workers=workers, step=_stepper(progress))
+    rid = _store_scan(store, scan, model, tools)
+    _show_scan(scan, out, plot_dir, fmt)
+    console.print(f"scan stored as result #{rid} (study {scan.provenance['study']}), {scan.provenance['seconds']:.0f} s")
+
+
+def _stepper(progress):
+    tasks: dict[str, int] = {}
+
+    def step(stage: str, frac: float, detail: str) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=1.0, detail="")
+        progress.update(tasks[stage], completed=frac, detail=detail)
+
+    return step

@@ -66,6 +66,7 @@ class GGUFFile:
     metadata: dict[str, Any]
     arrays: dict[str, ArraySpan] = field(repr=False)
     tensors: tuple[RawTensor, ...] = field(repr=False)
+    infos_offset: int  # where the tensor infos start: the metadata is bytes 24..infos_offset
     data_offset: int
     file_size: int
 
@@ -200,6 +201,7 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> GGUFFile:
         value = cur.value(vtype, key, arrays)
         if key not in arrays:
             metadata[key] = value
+    infos_offset = cur.pos
     tensors = []
     for _ in range(n_tensors):
         name = cur.string()
@@ -210,4 +212,4 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> GGUFFile:
         tensors.append(RawTensor(name, shape, ttype, offset))
     align = int(metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
     data_offset = cur.pos + (-cur.pos % align)
-    return GGUFFile(path, version, metadata, arrays, tuple(tensors), data_offset, size)
+    return GGUFFile(path, version, metadata, arrays, tuple(tensors), infos_offset, data_offset, size)

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,30 @@ log = logging.getLogger(__name__)
 _PREFIX = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?(?:[IWEDT] )?")
 
 LineHook = Callable[[str], None]
+
+# Tools running now, so a study running several at once on threads can stop them all.
+_running: set[subprocess.Popen] = set()
+_running_lock = threading.Lock()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the tool's whole process group: it may have worker threads or children."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=5)
+    except ProcessLookupError:  # already gone: reap it
+        proc.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def terminate_running() -> None:
+    """Stop every tool `run_tool` has running (Ctrl-C on a thread pool reaches the main thread only)."""
+    with _running_lock:
+        procs = list(_running)
+    for proc in procs:
+        _stop(proc)
 
 
 def strip_prefix(line: str) -> str:
@@ -74,6 +99,8 @@ def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None, log_path:
         if logf:
             logf.close()
         raise ToolError(f"could not start {name}: {exc}") from None
+    with _running_lock:
+        _running.add(proc)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -84,15 +111,11 @@ def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None, log_path:
                 on_line(line.rstrip("\n"))
         rc = proc.wait()
     except BaseException:
-        # Stop the whole process group: the tool may have worker threads/children.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
         raise
     finally:
+        with _running_lock:
+            _running.discard(proc)
         if logf:
             logf.close()
     output = "".join(lines)

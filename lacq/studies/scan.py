@@ -1,0 +1,318 @@
+"""Per-unit sensitivity scans: which blocks, tensor groups, tensors or KV layers deserve the bits.
+
+Weights (`scan_weights`): the base is quantized once per candidate type; every
+variant is assembled from those files by copying tensor data (model/assemble.py,
+no re-quantization) and measured by KL-divergence against the base's cached
+logits, on the same tokens. KV (`scan_kv`): each KV layer's type is set by the
+per-layer patch (by KV-layer ordinal), measured against the model's own logits
+with an f16 cache. For each unit and candidate type: "raise" = only that unit
+at the type, the rest at the lowest; "lower" = only that unit at the type, the
+rest at the highest. Jobs run through studies/executor.py and are journaled in
+the results database, so an interrupted scan resumes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gguf
+
+from lacq import paths
+from lacq.errors import LacqError
+from lacq.fsutil import canonical_hash
+from lacq.llama.build import Build
+from lacq.measure.kld import base_logits, measure_kld
+from lacq.model.assemble import assemble
+from lacq.model.info import FLOAT_TYPES, ModelInfo, inspect_model
+from lacq.model.tokenizer import tokenizer_fingerprint
+from lacq.plan.kv.config import KvConfig, Override
+from lacq.plan.kv.types import kv_type
+from lacq.plan.llama_quant import BASE_FTYPES, allows_quantization
+from lacq.plan.recipe import check_weight_type, parse_recipe, resolve_recipe
+from lacq.quantize import quantize_with_plan
+from lacq.results.store import Store
+from lacq.studies.artifact import Kld, Scan, Unit
+from lacq.studies.executor import Job, run_jobs
+
+Step = Callable[[str, float, str], None]  # (stage, fraction, detail)
+UNIT_KINDS = ("block", "group", "tensor")
+DISK_MARGIN = 1 << 30
+
+
+class ScanError(LacqError):
+    """A scan cannot run as asked."""
+
+
+def weight_bits(t: str) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.upper()]]
+    return size * 8 / block
+
+
+# ---------------------------------------------------------------- weights: inputs
+def source_block_type(info: ModelInfo) -> str | None:
+    """The quantized type most of the model's block weight matrices use (what its file was made with)."""
+    counts: dict[str, int] = {}
+    for t in info.tensors:
+        if t.block is not None and allows_quantization(t) and t.type not in FLOAT_TYPES:
+            counts[t.type] = counts.get(t.type, 0) + t.n_elements
+    return max(counts, key=counts.get) if counts else None
+
+
+def check_base(model: Path, info: ModelInfo, base: Path, base_info: ModelInfo) -> None:
+    """The base must be an unquantized parent of the model: same architecture, tensors and tokenizer."""
+    if base_info.is_quantized:
+        kinds = sorted({t.type for t in base_info.tensors if len(t.shape) > 1} - FLOAT_TYPES)
+        raise ScanError(f"the base {base.name} is quantized ({', '.join(kinds)}); a scan needs an unquantized base "
+                        f"(F16/BF16/F32), e.g. `llama-quantize --allow-requantize {model.name} base.f16.gguf F16`")
+    mine = {t.name: t.shape for t in info.tensors}
+    theirs = {t.name: t.shape for t in base_info.tensors}
+    if (info.architecture, info.n_blocks) != (base_info.architecture, base_info.n_blocks) or mine != theirs:
+        diff = sorted(set(mine) ^ set(theirs))[:3] or [n for n in mine if mine[n] != theirs.get(n)][:3]
+        raise ScanError(f"{base.name} is not an unquantized parent of {model.name}: "
+                        f"{base_info.architecture}/{base_info.n_blocks} blocks vs {info.architecture}/{info.n_blocks}"
+                        f"{'; tensors differ: ' + ', '.join(diff) if diff else ''}")
+    if tokenizer_fingerprint(base) != tokenizer_fingerprint(model):
+        raise ScanError(f"{base.name} and {model.name} tokenize differently; KL-divergence needs the same tokenizer")
+
+
+def candidate_types(types: list[str], info: ModelInfo, include_source_type: bool) -> tuple[list[str], dict[str, str]]:
+    """Validated candidate types, cheapest first, and the types left out with why."""
+    out, excluded = [], {}
+    for t in types:
+        t = check_weight_type(t.strip(), "--types")
+        if t in FLOAT_TYPES or t not in BASE_FTYPES:
+            raise ScanError(f"--types: {t} cannot be a scan candidate; use quantized types llama-quantize takes "
+                            f"as a base type: {', '.join(k for k in BASE_FTYPES if k not in FLOAT_TYPES)}")
+        out.append(t)
+    source = source_block_type(info)
+    if source in out and not include_source_type:
+        out.remove(source)
+        excluded[source] = (f"the model file's own block type: from a base dequantized from {source}, {source} "
+                            "re-creates the source grid and looks nearly lossless (--include-source-type to keep it)")
+    if len(out) < 2:
+        raise ScanError(f"a scan needs at least two candidate types; left: {', '.join(out) or 'none'}"
+                        + (f" ({source} excluded: the model's own type)" if source in excluded else ""))
+    return sorted(dict.fromkeys(out), key=weight_bits), excluded
+
+
+def weight_units(info: ModelInfo, unit: str) -> list[tuple[str, str, tuple[str, ...], int | None]]:
+    """(id, kind, tensor names, block) of each unit: blocks, groups (a tensor kind across blocks) or
+    single tensors, plus token_embd and output (where not tied)."""
+    quant = [t for t in info.tensors if allows_quantization(t)]
+    out = []
+    if unit == "block":
+        for b in range(info.n_blocks):
+            names = tuple(t.name for t in quant if t.block == b)
+            if names:
+                out.append((f"blk.{b}", "block", names, b))
+    elif unit == "group":
+        groups = list(dict.fromkeys(t.group for t in quant if t.block is not None))
+        for g in groups:
+            out.append((g, "group", tuple(t.name for t in quant if t.block is not None and t.group == g), None))
+    elif unit == "tensor":
+        out += [(f"blk.{t.block}.{t.group}", "tensor", (t.name,), t.block) for t in quant if t.block is not None]
+    else:
+        raise ScanError(f"unknown unit {unit!r}; use {', '.join(UNIT_KINDS)}")
+    for t in quant:
+        if t.block is None:
+            kind = "embedding" if t.group.startswith("token_embd") else "output" if t.group == "output" else "extra"
+            out.append((t.group, kind, (t.name,), None))
+    return out
+
+
+# ---------------------------------------------------------------- weights: the scan
+@dataclass(frozen=True)
+class WeightVariant:
+    default: str  # type of every tensor not in `tensors`
+    tensors: tuple[str, ...]
+    type: str  # type of `tensors`
+
+
+def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Path, *, types: list[str],
+                 units: tuple[str, ...] = ("block",), chunks: int = 4, ctx: int = 512, threads: int | None = None,
+                 workers: int = 1, include_source_type: bool = False, step: Step | None = None) -> Scan:
+    t0 = time.monotonic()
+    info, base_info = inspect_model(model), inspect_model(base)
+    check_base(model, info, base, base_info)
+    cands, excluded = candidate_types(types, info, include_source_type)
+    for u in units:
+        if u not in UNIT_KINDS:
+            raise ScanError(f"unknown unit {u!r}; use {', '.join(UNIT_KINDS)}")
+    base_sha = store.sha256(base)
+    work = paths.sub("work") / "scan" / base_sha[:16]
+    work.mkdir(parents=True, exist_ok=True)
+    _check_disk(work, base_info, cands, chunks, ctx)
+    # One file per candidate type: every quantizable tensor at that type (llama.cpp's fallbacks apply).
+    files: dict[str, Path] = {}
+    for i, t in enumerate(cands):
+        if step:
+            step("quantize candidates", i / len(cands), t)
+        recipe = parse_recipe({"name": f"scan-{t}", "description": f"every tensor at {t}", "base": t,
+                               "rules": [{"tensors": "*", "type": t}]}, source="<scan>")
+        plan = resolve_recipe(recipe, base_info)
+        files[t] = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{base.stem}.all-{t}.gguf",
+                                      force=True).output
+    if step:
+        step("quantize candidates", 1.0, "done")
+    cinfo = {t: inspect_model(p) for t, p in files.items()}
+    lowest, highest = cands[0], cands[-1]
+    study = "scan-weights:" + canonical_hash({"base": base_sha, "types": cands, "chunks": chunks, "ctx": ctx,
+                                              "build": build.key, "corpus": store.sha256(corpus)})[:16]
+    logits, _ = base_logits(build, store, base, base_info, corpus, ctx=ctx, chunks=chunks, threads=threads,
+                            progress=(lambda f, d: step("base logits", f, d)) if step else None)
+    unit_list = [u for kind in units for u in weight_units(base_info, kind)]
+    unit_list = list({u[0]: u for u in unit_list}.values())  # token_embd/output appear once
+    jobs = [Job(f"uniform {t}", WeightVariant(t, (), t)) for t in cands]
+    for uid, _, names, _ in unit_list:
+        jobs += [Job(f"{uid} raise {t}", WeightVariant(lowest, names, t)) for t in cands[1:]]
+        jobs += [Job(f"{uid} lower {t}", WeightVariant(highest, names, t)) for t in cands[:-1]]
+
+    def run(job: Job, st: Store) -> int:
+        v: WeightVariant = job.spec
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            path = files[v.default] if not v.tensors else assemble(
+                files[v.default], {v.type: files[v.type]}, {n: v.type for n in v.tensors}, Path(tmp) / "variant.gguf")
+            out = measure_kld(build, st, path, cinfo[v.default] if not v.tensors else inspect_model(path), base,
+                              base_info, KvConfig(), corpus, ctx=ctx, chunks=chunks, threads=threads, label=job.key,
+                              study=study)
+            return out.result_id
+
+    ids = run_jobs(jobs, run, store, study, workers=workers,
+                   progress=(lambda d, n, k: step("variants", d / n, f"{d}/{n} {k}")) if step else None)
+    kld = {key: _kld(store, rid) for key, rid in ids.items()}
+    scanned = []
+    for uid, kind, names, block in unit_list:
+        cost = {t: float(sum(cinfo[t].tensor(n).n_bytes for n in names)) for t in cands}
+        replaced = {}
+        for t in cands:
+            actual = sorted({cinfo[t].tensor(n).type for n in names})
+            if actual != [t]:
+                replaced[t] = ",".join(actual)
+        scanned.append(Unit(id=uid, kind=kind, tensors=names, cost=cost, block=block, replaced=replaced,
+                            raise_={t: kld[f"{uid} raise {t}"] for t in cands[1:]},
+                            lower={t: kld[f"{uid} lower {t}"] for t in cands[:-1]}))
+    quantizable = {n for _, _, names, _ in unit_list for n in names}
+    fixed = float(sum(t.n_bytes for t in cinfo[lowest].tensors if t.name not in quantizable))
+    notes = [f"{t} excluded: {why}" for t, why in excluded.items()]
+    for u in scanned:
+        for t, actual in u.replaced.items():
+            notes.append(f"{u.id} at {t}: llama.cpp writes {actual} (row size); costs and KLD use what it writes")
+    return Scan(kind="weights", model={"path": str(model), "sha256": store.sha256(model),
+                                       "architecture": info.architecture, "n_blocks": info.n_blocks},
+                base={"path": str(base), "sha256": base_sha, "logits": str(logits)}, types=tuple(cands),
+                units=tuple(scanned), uniform={t: kld[f"uniform {t}"] for t in cands}, fixed_cost=fixed,
+                chunks=chunks, ctx=ctx, cost_unit="bytes", excluded_types=excluded, notes=tuple(_dedupe(notes)),
+                provenance={"study": study, "build": build.provenance(), "corpus_sha256": store.sha256(corpus),
+                            "seconds": round(time.monotonic() - t0, 1), "files": {t: str(p) for t, p in files.items()}})
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _kld(store: Store, result_id: int) -> Kld:
+    r = store.get(result_id)
+    m = r.metrics
+    return Kld(kld=m["kld_mean"], kld_error=m["kld_mean_error"], kld_p99=m["kld_quantiles"].get("p99"),
+               ppl=m["ppl_q"], result_id=result_id)
+
+
+def _check_disk(work: Path, base_info: ModelInfo, types: list[str], chunks: int, ctx: int) -> None:
+    """Refuse up front when the candidate files, one variant at a time and the logits cannot fit."""
+    n_el = sum(t.n_elements for t in base_info.tensors)
+    need = sum(n_el * weight_bits(t) / 8 for t in types) + n_el * weight_bits(types[-1]) / 8
+    need += chunks * (ctx - 1 - ctx // 2) * (base_info.n_vocab or 0) * 2
+    free = shutil.disk_usage(work).free
+    if need + DISK_MARGIN > free:
+        raise ScanError(f"the scan needs about {need / 1e9:.1f} GB (a file per candidate type, one variant at a "
+                        f"time, the base logits) and {work} has {free / 1e9:.1f} GB free")
+
+
+# ---------------------------------------------------------------- KV layers
+@dataclass(frozen=True)
+class KvVariant:
+    default: str
+    ordinal: int | None
+    type: str
+
+
+def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: list[str], cache: str = "v",
+            other: str = "q8_0", chunks: int = 4, ctx: int = 512, threads: int | None = None, workers: int = 1,
+            step: Step | None = None) -> Scan:
+    """Each KV layer (by ordinal) alone raised from the lowest type and alone lowered from the highest.
+
+    `cache` is the scanned cache ("v", "k" or "both"); the other cache stays at `other`. KLD is against
+    the same model with an f16 cache (its logits cached like a weight base's).
+    """
+    from lacq.plan.kv.config import check_kv_type
+    t0 = time.monotonic()
+    info = inspect_model(model)
+    if cache not in ("v", "k", "both"):
+        raise ScanError(f"--cache must be v, k or both, got {cache!r}")
+    cands = sorted(dict.fromkeys(check_kv_type(t.strip(), "--types") for t in types),
+                   key=lambda t: kv_type(t).bits_per_value)
+    if len(cands) < 2:
+        raise ScanError("a KV scan needs at least two candidate types")
+    n_kv = len(info.kv_blocks)
+    if n_kv == 0:
+        raise ScanError(f"{model.name} has no attention KV cache to scan")
+    lowest, highest = cands[0], cands[-1]
+
+    def config(v: KvVariant) -> KvConfig:
+        over = () if v.ordinal is None else (Override(v.ordinal, v.ordinal, v.type),)
+        k = v.default if cache in ("k", "both") else other
+        vv = v.default if cache in ("v", "both") else other
+        return KvConfig(k, vv, "auto", over if cache in ("k", "both") else (), over if cache in ("v", "both") else ())
+
+    for t in cands:  # every type on this backend and head size, before any work
+        from lacq.measure.common import prepare_kv
+        prepare_kv(build, config(KvVariant(t, 0, highest)), info)
+    study = "scan-kv:" + canonical_hash({"model": store.sha256(model), "types": cands, "cache": cache,
+                                         "other": other, "chunks": chunks, "ctx": ctx, "build": build.key,
+                                         "corpus": store.sha256(corpus)})[:16]
+    logits, _ = base_logits(build, store, model, info, corpus, ctx=ctx, chunks=chunks, threads=threads,
+                            progress=(lambda f, d: step("f16-cache logits", f, d)) if step else None)
+    jobs = [Job(f"uniform {t}", KvVariant(t, None, t)) for t in cands]
+    for o in range(n_kv):
+        jobs += [Job(f"kv.{o} raise {t}", KvVariant(lowest, o, t)) for t in cands[1:]]
+        jobs += [Job(f"kv.{o} lower {t}", KvVariant(highest, o, t)) for t in cands[:-1]]
+
+    def run(job: Job, st: Store) -> int:
+        return measure_kld(build, st, model, info, model, info, config(job.spec), corpus, ctx=ctx, chunks=chunks,
+                           threads=threads, label=job.key, study=study).result_id
+
+    ids = run_jobs(jobs, run, store, study, workers=workers,
+                   progress=(lambda d, n, k: step("variants", d / n, f"{d}/{n} {k}")) if step else None)
+    kld = {key: _kld(store, rid) for key, rid in ids.items()}
+    # Cost: bits × values; each KV layer holds n_head_kv × head size values per token per cache, and an
+    # iSWA layer's sliding-window cache holds at most its window of tokens.
+    values = layer_values(info, ctx, cache)
+    units = tuple(Unit(id=f"kv.{o}", kind="kv_layer", tensors=(), block=info.kv_blocks[o], ordinal=o,
+                       cost={t: kv_type(t).bits_per_value * values[o] for t in cands},
+                       raise_={t: kld[f"kv.{o} raise {t}"] for t in cands[1:]},
+                       lower={t: kld[f"kv.{o} lower {t}"] for t in cands[:-1]}) for o in range(n_kv))
+    return Scan(kind="kv", model={"path": str(model), "sha256": store.sha256(model), "architecture": info.architecture,
+                                  "n_blocks": info.n_blocks, "n_kv_layers": n_kv},
+                base={"cache": cache, "reference": "f16", "other": other, "logits": str(logits)}, types=tuple(cands),
+                units=units, uniform={t: kld[f"uniform {t}"] for t in cands}, fixed_cost=0.0, chunks=chunks, ctx=ctx,
+                cost_unit="bit-values", total_values=float(sum(values)),
+                notes=(f"{'K and V' if cache == 'both' else cache.upper()} scanned; "
+                       f"{'V' if cache == 'k' else 'K'} at {other}" if cache != "both" else "K and V scanned together",),
+                provenance={"study": study, "build": build.provenance(), "corpus_sha256": store.sha256(corpus),
+                            "seconds": round(time.monotonic() - t0, 1)})
+
+
+def layer_values(info: ModelInfo, ctx: int, cache: str) -> list[float]:
+    """Values each KV layer's scanned cache(s) hold for a context of `ctx` tokens."""
+    out = []
+    for block in info.kv_blocks:
+        heads = info.n_head_kv[block] if isinstance(info.n_head_kv, tuple) else info.n_head_kv
+        per_token = heads * ((info.head_dim if cache in ("k", "both") else 0) +
+                             (info.head_dim_v if cache in ("v", "both") else 0))
+        out.append(float(per_token * ctx))
+    return out

@@ -1,0 +1,120 @@
+"""Reading a scan: per-unit recovery and damage, the damage pattern, advice, bar charts.
+
+Recovery of a unit = KLD(all lowest) − KLD(only that unit at the highest type): what protecting it
+alone buys. Damage = KLD(only that unit at the lowest type) − KLD(all highest): what it alone costs.
+Both carry the ± of the two measurements (added in quadrature; the variants are measured on the same
+tokens, so this overstates the noise of a paired difference).
+
+The damage pattern (over one partition of the model: blocks, groups, tensors or KV layers) uses the
+shares of the positive damages:
+- insensitive: the whole lowest-vs-highest gap is below INSENSITIVE_KLD;
+- single bottleneck: one unit carries at least BOTTLENECK_SHARE of the damage;
+- a few hot units + distributed: the top FEW units carry at least FEW_SHARE;
+- distributed: otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from lacq.fsutil import atomic_output
+from lacq.studies.artifact import Scan
+
+INSENSITIVE_KLD = 0.005
+BOTTLENECK_SHARE = 0.5
+FEW, FEW_SHARE = 3, 0.5
+
+COLUMNS = {"unit": "Unit", "kind": "Kind", "recovery": "Recovery (KLD)", "recovery_err": "±",
+           "recovery_per_mb": "Recovery / MB", "damage": "Damage (KLD)", "damage_err": "± ",
+           "share_pct": "Share of damage %", "extra_mb": "Extra MB", "replaced": "llama.cpp writes"}
+KV_COLUMNS = {**{k: v for k, v in COLUMNS.items() if k not in ("recovery_per_mb", "extra_mb", "replaced")},
+              "block": "Block", "recovery_per_bit": "Recovery / bit/value"}
+
+
+def unit_frame(scan: Scan, kinds: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """One row per unit, sorted by recovery per unit of extra cost (best first)."""
+    lo, hi = scan.uniform[scan.lowest], scan.uniform[scan.highest]
+    rows = []
+    for u in scan.units:
+        if kinds and u.kind not in kinds:
+            continue
+        up, down = u.raise_[scan.highest], u.lower[scan.lowest]
+        extra = u.cost[scan.highest] - u.cost[scan.lowest]
+        row = {"unit": u.id, "kind": u.kind, "block": u.block,
+               "recovery": lo.kld - up.kld, "recovery_err": math.hypot(lo.kld_error, up.kld_error),
+               "damage": down.kld - hi.kld, "damage_err": math.hypot(down.kld_error, hi.kld_error),
+               "replaced": "; ".join(f"{t}→{a}" for t, a in u.replaced.items())}
+        if scan.kind == "kv":
+            bits = extra / scan.total_values if scan.total_values else float("nan")
+            row["recovery_per_bit"] = row["recovery"] / bits if bits else float("nan")
+            row["sort"] = row["recovery_per_bit"]
+        else:
+            row["extra_mb"] = extra / 1e6
+            row["recovery_per_mb"] = row["recovery"] / row["extra_mb"] if extra > 0 else float("nan")
+            row["sort"] = row["recovery_per_mb"]
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    positive = df.damage.clip(lower=0)
+    df["share_pct"] = 100 * positive / positive.sum() if positive.sum() > 0 else 0.0
+    return df.sort_values("sort", ascending=False, na_position="last").drop(columns="sort").reset_index(drop=True)
+
+
+def partitions(scan: Scan) -> list[tuple[str, ...]]:
+    """The unit kinds that each cover the model once (a block scan, a group scan, ...)."""
+    present = {u.kind for u in scan.units}
+    extra = tuple(k for k in ("embedding", "output", "extra") if k in present)
+    return [(k, *extra) for k in ("block", "group", "tensor", "kv_layer") if k in present]
+
+
+def classify(scan: Scan, kinds: tuple[str, ...]) -> tuple[str, str]:
+    """(pattern, one sentence of advice) for one partition of the scan."""
+    df = unit_frame(scan, kinds)
+    gap = scan.uniform[scan.lowest].kld - scan.uniform[scan.highest].kld
+    what = "KV layers" if scan.kind == "kv" else kinds[0] + "s"
+    if gap < INSENSITIVE_KLD:
+        return "insensitive", (f"all {what} at {scan.lowest} cost only {gap:.4f} KLD more than at {scan.highest}: "
+                               f"use the cheapest type and spend the bits elsewhere")
+    shares = df.sort_values("share_pct", ascending=False)
+    top = shares.head(FEW)
+    if top.share_pct.iloc[0] >= 100 * BOTTLENECK_SHARE:
+        return "single bottleneck", (f"{top.unit.iloc[0]} carries {top.share_pct.iloc[0]:.0f}% of the damage: "
+                                     f"protect it at {scan.highest} and keep the rest at {scan.lowest}")
+    if top.share_pct.sum() >= 100 * FEW_SHARE:
+        names = ", ".join(top.unit)
+        return "a few hot units + distributed", (f"{names} carry {top.share_pct.sum():.0f}% of the damage: "
+                                                 "protect them first, then spread what the budget leaves")
+    return "distributed", (f"the damage is spread (top {FEW} {what}: {top.share_pct.sum():.0f}%): no placement "
+                           "rule of thumb fits; let `lacq optimize` spend the budget by recovery per byte")
+
+
+def plot_scan(scan: Scan, out_dir: Path, stem: str) -> list[Path]:
+    """One bar chart per unit kind: recovery and damage per unit, with their ±."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    for kinds in partitions(scan):
+        df = unit_frame(scan, kinds[:1])
+        if df.empty:
+            continue
+        order = df.sort_values("block" if df.block.notna().all() else "unit")
+        fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(order) + 2), 3.6))
+        x = range(len(order))
+        ax.bar([i - 0.2 for i in x], order.recovery, 0.4, yerr=order.recovery_err, label=f"recovery (only it at {scan.highest})")
+        ax.bar([i + 0.2 for i in x], order.damage, 0.4, yerr=order.damage_err, label=f"damage (only it at {scan.lowest})")
+        ax.set_xticks(list(x), list(order.unit), rotation=90, fontsize=7)
+        ax.set_ylabel("KLD vs base")
+        ax.set_title(f"{Path(scan.model['path']).name}: {kinds[0]} sensitivity, {scan.lowest} ↔ {scan.highest}, "
+                     f"{scan.chunks}×{scan.ctx} tokens", fontsize=9)
+        ax.legend(fontsize=7)
+        out = Path(out_dir) / f"{stem}-{kinds[0]}.png"
+        with atomic_output(out) as part:
+            fig.savefig(part, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(out)
+    return written

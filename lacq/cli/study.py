@@ -18,6 +18,7 @@ from lacq.cli.common import (
     open_results,
     progress_bar,
 )
+from lacq.errors import LacqError
 from lacq.llama.build import BuildSpec
 from lacq.llama.build import build as run_build
 
@@ -180,3 +181,120 @@ def _stepper(progress):
         progress.update(tasks[stage], completed=frac, detail=detail)
 
     return step
+
+
+# ---------------------------------------------------------------- optimize
+@cli.group(name="optimize")
+def optimize_group():
+    """A recipe (weights) or KV policy from a scan, for a size or bits budget."""
+
+
+def _load_scan(ctx, spec: str):
+    """A scan JSON file, or a stored scan by its study name or result id."""
+    from lacq.studies.artifact import Scan
+    path = Path(spec)
+    if path.suffix == ".json" or path.exists():
+        return Scan.read(path)
+    store = open_results(ctx)
+    for r in reversed(store.results(kind="scan")):
+        if spec in (r.study, str(r.id)):
+            import json
+            return Scan.from_json(json.dumps(r.metrics), f"result #{r.id}")
+    raise LacqError(f"no scan file or stored scan {spec!r}; give the JSON `lacq scan … -o` wrote, or a scan study")
+
+
+def _write(path: Path, text: str, force: bool) -> None:
+    from lacq.errors import OutputExistsError
+    from lacq.fsutil import write_text_atomic
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
+    write_text_atomic(path, text)
+
+
+def _report_solution(s, scan) -> None:
+    where = f"{s.size_mb:.2f} MB" if s.kind == "weights" else f"{s.bits_per_value:.3f} bits/value"
+    console.print(f"{s.partition} partition, {where}: predicted KLD {s.kld:.5f} ± {s.kld_error:.5f} "
+                  f"(from the {scan.lowest} end {s.kld_low:.5f}, from the {scan.highest} end {s.kld_high:.5f}); "
+                  f"{s.method}{'' if s.gap is None else f', greedy−DP gap {s.gap:+.2e}'}")
+    changed = {u: t for u, t in s.choice.items() if t != s.lowest}
+    console.print(f"{len(changed)} of {len(s.choice)} units above {s.lowest}: "
+                  + ", ".join(f"{u}={t}" for u, t in changed.items()), soft_wrap=True)
+    for note in s.notes:
+        console.print(f"[yellow]note[/yellow]: {note}")
+
+
+@optimize_group.command(name="weights")
+@click.argument("scan_spec", metavar="SCAN")
+@click.option("--size-mb", type=float, default=None, help="Budget: the whole file's size in MB (1e6 bytes).")
+@click.option("--bpw", type=float, default=None, help="Budget: bits per weight over the whole file.")
+@click.option("--types", default=None, help="Only these scanned types (comma-separated).")
+@click.option("--name", default=None, help="Recipe name (default: opt_<size>mb).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Recipe TOML to write (default: <name>.toml here).")
+@click.option("--tensor-type-file", "ttf", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the plain --tensor-type-file for stock llama-quantize.")
+@click.option("--verify", is_flag=True, help="Quantize with the recipe and measure its KLD on the scan's tokens.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@build_options
+@click.pass_context
+@handle_errors
+def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, force, build: BuildChoice):
+    """Least predicted KLD within a size budget: one candidate type per scanned unit."""
+    from lacq.model.info import inspect_model
+    from lacq.studies.optimize import optimize
+    from lacq.studies.optimize_out import tensor_type_file, weights_recipe_toml
+    scan = _load_scan(ctx, scan_spec)
+    if scan.kind != "weights":
+        raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
+    if (size_mb is None) == (bpw is None):
+        raise LacqError("give exactly one budget: --size-mb or --bpw")
+    budget = size_mb * 1e6 if size_mb is not None else bpw * scan.model["n_elements"] / 8
+    s = optimize(scan, budget, types=types.split(",") if types else None)
+    _report_solution(s, scan)
+    name = name or f"opt_{s.size_mb:.1f}mb".replace(".", "_")
+    base = Path(scan.base["path"])
+    text = weights_recipe_toml(s, scan, name, model=inspect_model(base) if base.exists() else None)
+    out = out or Path(f"{name}.toml")
+    _write(out, text, force)
+    console.print(f"wrote {out}")
+    if ttf:
+        t = tensor_type_file(s, scan)
+        _write(ttf, t.text, force)
+        console.print(f"wrote {ttf} (llama-quantize --tensor-type-file {ttf} BASE.gguf OUT.gguf {t.ftype})")
+    if verify:
+        from lacq.studies.verify import verify_weights
+        rid, measured, path = verify_weights(build.require(), open_results(ctx), scan, s, out, paths.default_corpus(),
+                                             label=name, study=f"optimize:{scan.provenance.get('study')}")
+        console.print(f"measured KLD {measured:.5f} (predicted {s.kld:.5f}); {path}; result #{rid}")
+
+
+@optimize_group.command(name="kv")
+@click.argument("scan_spec", metavar="SCAN")
+@click.option("--bits", type=float, required=True, help="Budget: mean bits/value of the scanned cache.")
+@click.option("--types", default=None, help="Only these scanned types (comma-separated).")
+@click.option("--name", default=None, help="Policy name (default: opt_<bits>bpv).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="KV policy TOML to write (default: <name>.toml here).")
+@click.option("--verify", is_flag=True, help="Run the policy and measure its KLD on the scan's tokens.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@build_options
+@click.pass_context
+@handle_errors
+def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, force, build: BuildChoice):
+    """Least predicted KLD within a bits/value budget: one candidate type per KV layer."""
+    from lacq.studies.optimize import optimize
+    from lacq.studies.optimize_out import kv_policy_toml
+    scan = _load_scan(ctx, scan_spec)
+    if scan.kind != "kv":
+        raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
+    s = optimize(scan, bits, types=types.split(",") if types else None)
+    _report_solution(s, scan)
+    name = name or f"opt_{s.bits_per_value:.2f}bpv".replace(".", "_")
+    out = out or Path(f"{name}.toml")
+    _write(out, kv_policy_toml(s, scan, name), force)
+    console.print(f"wrote {out}")
+    if verify:
+        from lacq.studies.verify import verify_kv
+        rid, measured = verify_kv(build.require(), open_results(ctx), scan, s, out, paths.default_corpus(),
+                                  label=name, study=f"optimize:{scan.provenance.get('study')}")
+        console.print(f"measured KLD {measured:.5f} (predicted {s.kld:.5f}); result #{rid}")

@@ -97,8 +97,10 @@ def base_logits(build: Build, store: Store, base: Path, base_info: ModelInfo, co
 def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: Path, base_info: ModelInfo,
                 kv: KvConfig, corpus: Path, *, ctx: int = 512, chunks: int = 20, threads: int | None = None,
                 ngl: int | None = None, label: str | None = None, study: str | None = None,
-                recipe: str | None = None, plan_hash: str | None = None,
-                progress: Progress | None = None) -> KldOutcome:
+                recipe: str | None = None, plan_hash: str | None = None, progress: Progress | None = None,
+                annotations: dict | None = None) -> KldOutcome:
+    """KLD of `model` against `base` on the base's cached logits; `annotations` are stored beside the
+    metrics (a verification stores the KLD it predicted)."""
     if not corpus.exists():
         raise LacqError(f"corpus {corpus} does not exist")
     kv = prepare_kv(build, kv, info)
@@ -119,7 +121,8 @@ def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: 
 
     run, result = kld.run(args, env=kv.env(), on_line=on_line)
     metrics = asdict(result)
-    metrics.update(base_model_sha256=store.sha256(base), base_model=str(base), logits_key=logits.stem)
+    metrics.update(base_model_sha256=store.sha256(base), base_model=str(base), logits_key=logits.stem,
+                   **(annotations or {}))
     rid = record(store, kind="kld", label=label or f"{model.name} {kv.label()}", model=model, build=build, kv=kv,
                  command=list(run.argv), metrics=metrics, wall_seconds=run.seconds, study=study, recipe=recipe,
                  plan_hash=plan_hash, corpus=corpus, ctx=header.n_ctx, chunks=header.n_chunk)

@@ -32,6 +32,7 @@ class Kld:
     kld_p99: float | None = None
     ppl: float | None = None
     result_id: int | None = None  # the stored result in the results database
+    per_chunk: tuple[float, ...] = ()  # mean KLD of each chunk (same tokens in every variant: pairs)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class Scan:
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             raise LacqError(f"{source}: not a lacq scan of schema {SCHEMA} (schema {d.get('schema')!r})"
                             if isinstance(d, dict) else f"{source}: not a lacq scan")
-        kld = lambda m: {t: Kld(**v) for t, v in m.items()}
+        kld = lambda m: {t: Kld(**{**v, "per_chunk": tuple(v.get("per_chunk", ()))}) for t, v in m.items()}
         units = tuple(Unit(id=u["id"], kind=u["kind"], tensors=tuple(u["tensors"]), cost=u["cost"],
                            raise_=kld(u["raise"]), lower=kld(u["lower"]), block=u.get("block"),
                            ordinal=u.get("ordinal"), replaced=u.get("replaced", {})) for u in d["units"])

@@ -203,7 +203,8 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
         for t, actual in u.replaced.items():
             notes.append(f"{u.id} at {t}: llama.cpp writes {actual} (row size); costs and KLD use what it writes")
     return Scan(kind="weights", model={"path": str(model), "sha256": store.sha256(model),
-                                       "architecture": info.architecture, "n_blocks": info.n_blocks},
+                                       "architecture": info.architecture, "n_blocks": info.n_blocks,
+                                       "n_elements": sum(t.n_elements for t in info.tensors)},
                 base={"path": str(base), "sha256": base_sha, "logits": str(logits)}, types=tuple(cands),
                 units=tuple(scanned), uniform={t: kld[f"uniform {t}"] for t in cands}, fixed_cost=fixed,
                 chunks=chunks, ctx=ctx, cost_unit="bytes", excluded_types=excluded, notes=tuple(_dedupe(notes)),
@@ -216,10 +217,12 @@ def _dedupe(items: list[str]) -> list[str]:
 
 
 def _kld(store: Store, result_id: int) -> Kld:
-    r = store.get(result_id)
-    m = r.metrics
+    m = store.get(result_id).metrics
+    # llama-perplexity prints the running mean after each chunk; chunks score equally many tokens
+    running = [c["kld"] for c in m.get("chunks", [])]
+    per_chunk = tuple(round(i * v - (i - 1) * p, 7) for i, (v, p) in enumerate(zip(running, [0.0] + running), 1))
     return Kld(kld=m["kld_mean"], kld_error=m["kld_mean_error"], kld_p99=m["kld_quantiles"].get("p99"),
-               ppl=m["ppl_q"], result_id=result_id)
+               ppl=m["ppl_q"], result_id=result_id, per_chunk=per_chunk)
 
 
 def _check_disk(work: Path, base_info: ModelInfo, types: list[str], chunks: int, ctx: int) -> None:

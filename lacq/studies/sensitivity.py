@@ -2,8 +2,9 @@
 
 Recovery of a unit = KLD(all lowest) − KLD(only that unit at the highest type): what protecting it
 alone buys. Damage = KLD(only that unit at the lowest type) − KLD(all highest): what it alone costs.
-Both carry the ± of the two measurements (added in quadrature; the variants are measured on the same
-tokens, so this overstates the noise of a paired difference).
+Every variant is measured on the same tokens, so a difference is paired: its ± is the standard error of
+the per-chunk differences where the scan has at least PAIRED_MIN_CHUNKS chunks, else the two
+measurements' ± added in quadrature (which overstates the noise of a paired difference).
 
 The damage pattern (over one partition of the model: blocks, groups, tensors or KV layers) uses the
 shares of the positive damages:
@@ -21,9 +22,10 @@ from pathlib import Path
 import pandas as pd
 
 from lacq.fsutil import atomic_output
-from lacq.studies.artifact import Scan
+from lacq.studies.artifact import Kld, Scan
 
 INSENSITIVE_KLD = 0.005
+PAIRED_MIN_CHUNKS = 3
 BOTTLENECK_SHARE = 0.5
 FEW, FEW_SHARE = 3, 0.5
 
@@ -44,8 +46,8 @@ def unit_frame(scan: Scan, kinds: tuple[str, ...] | None = None) -> pd.DataFrame
         up, down = u.raise_[scan.highest], u.lower[scan.lowest]
         extra = u.cost[scan.highest] - u.cost[scan.lowest]
         row = {"unit": u.id, "kind": u.kind, "block": u.block,
-               "recovery": lo.kld - up.kld, "recovery_err": math.hypot(lo.kld_error, up.kld_error),
-               "damage": down.kld - hi.kld, "damage_err": math.hypot(down.kld_error, hi.kld_error),
+               "recovery": lo.kld - up.kld, "recovery_err": diff_error(lo, up),
+               "damage": down.kld - hi.kld, "damage_err": diff_error(down, hi),
                "replaced": "; ".join(f"{t}→{a}" for t, a in u.replaced.items())}
         if scan.kind == "kv":
             bits = extra / scan.total_values if scan.total_values else float("nan")
@@ -62,6 +64,16 @@ def unit_frame(scan: Scan, kinds: tuple[str, ...] | None = None) -> pd.DataFrame
     positive = df.damage.clip(lower=0)
     df["share_pct"] = 100 * positive / positive.sum() if positive.sum() > 0 else 0.0
     return df.sort_values("sort", ascending=False, na_position="last").drop(columns="sort").reset_index(drop=True)
+
+
+def diff_error(a: Kld, b: Kld) -> float:
+    """The ± of a.kld - b.kld: paired over chunks where there are enough of them."""
+    n = min(len(a.per_chunk), len(b.per_chunk))
+    if n >= PAIRED_MIN_CHUNKS and len(a.per_chunk) == len(b.per_chunk):
+        d = [x - y for x, y in zip(a.per_chunk, b.per_chunk)]
+        mean = sum(d) / n
+        return math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+    return math.hypot(a.kld_error, b.kld_error)
 
 
 def partitions(scan: Scan) -> list[tuple[str, ...]]:

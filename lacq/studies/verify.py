@@ -1,0 +1,48 @@
+"""Measuring an optimized recipe or KV policy: predicted against measured KLD, stored side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lacq import paths
+from lacq.llama.build import Build
+from lacq.measure.kld import measure_kld
+from lacq.model.info import inspect_model
+from lacq.plan.kv.config import KvConfig
+from lacq.plan.kv.policy import load_kv_policy
+from lacq.plan.recipe import load_recipe, resolve_recipe
+from lacq.quantize import quantize_with_plan
+from lacq.results.store import Store
+from lacq.studies.artifact import Scan
+from lacq.studies.optimize import Solution
+
+
+def verify_weights(build: Build, store: Store, scan: Scan, solution: Solution, recipe_path: Path, corpus: Path, *,
+                   label: str, study: str | None = None, threads: int | None = None) -> tuple[int, float, Path]:
+    """Quantize the scan's base with the recipe and measure it on the scan's tokens; (result id, KLD, file)."""
+    base = Path(scan.base["path"])
+    base_info = inspect_model(base)
+    plan = resolve_recipe(load_recipe(recipe_path), base_info)
+    out = quantize_with_plan(build, store, base, base_info, plan,
+                             output=paths.sub("work") / "optimized" / f"{base.stem}.{plan.recipe}.gguf", force=True)
+    r = measure_kld(build, store, out.output, inspect_model(out.output), base, base_info, KvConfig(), corpus,
+                    ctx=scan.ctx, chunks=scan.chunks, threads=threads, label=label, study=study,
+                    recipe=plan.recipe, plan_hash=plan.plan_hash, annotations=_prediction(solution))
+    return r.result_id, r.result.kld_mean, out.output
+
+
+def verify_kv(build: Build, store: Store, scan: Scan, solution: Solution, policy_path: Path, corpus: Path, *,
+              label: str, study: str | None = None, threads: int | None = None) -> tuple[int, float]:
+    """Run the model with the KV policy against its own f16-cache logits, on the scan's tokens."""
+    model = Path(scan.model["path"])
+    info = inspect_model(model)
+    kv: KvConfig = load_kv_policy(policy_path).config()
+    r = measure_kld(build, store, model, info, model, info, kv, corpus, ctx=scan.ctx, chunks=scan.chunks,
+                    threads=threads, label=label, study=study, annotations=_prediction(solution))
+    return r.result_id, r.result.kld_mean
+
+
+def _prediction(solution: Solution) -> dict:
+    return {"predicted": {"kld": solution.kld, "kld_low": solution.kld_low, "kld_high": solution.kld_high,
+                          "kld_error": solution.kld_error, "budget": solution.budget, "cost": solution.cost,
+                          "method": solution.method}}

@@ -1,4 +1,4 @@
-"""turbo2/3/4 KV-cache types (patch 0003) on the real patched llama.cpp, CPU."""
+"""turbo2/3/4 KV-cache types (patch 0004, CPU) on the real patched llama.cpp, CPU."""
 
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ class KvConfig:
 
     def check_head_size(self, head_dim_k: int | None, head_dim_v: int | None) -> None:
         """turbo types rely on the cache's Hadamard rotation, which needs head sizes that are
-        multiples of 64 (patch 0003 refuses the rest; lacq says so before loading the model)."""
+        multiples of 64 (patch 0004 refuses the rest; lacq says so before loading the model)."""
         ks, vs = self.all_types()
         for role, types, dim in (("K", ks, head_dim_k), ("V", vs, head_dim_v)):
             turbo = sorted(t for t in types if t in TURBO)

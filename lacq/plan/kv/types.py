@@ -53,7 +53,7 @@ def valid_names() -> str:
     return ", ".join(KV_TYPES)
 
 
-# ggml-common.h block_turbo2/3/4 of patch 0003: fp16 scale + 32 codebook
+# ggml-common.h block_turbo2/3/4 of patch 0004 (core; CUDA and Metal in their own patches): fp16 scale + 32 codebook
 # indices of 2, 3 or 4 bits (KV-only types; they never reach a GGUF file).
 KV_TYPES["turbo2"] = KvType("turbo2", 32, 10)
 KV_TYPES["turbo3"] = KvType("turbo3", 32, 14)

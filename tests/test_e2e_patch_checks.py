@@ -88,7 +88,7 @@ print(json.dumps({"max_abs": float(d.max()), "mean_abs": float(d.mean()),
 def _shift_error(build, model, ctk, ctv, policy_k=None):
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("needs llama-cpp-python (the niah extra) to drive llama_memory_seq_add")
-    from lacq.elf import private_cxx_runtime
+    from lacq.llama.elf import private_cxx_runtime
     if private_cxx_runtime(build.bin_dir) is not None:
         pytest.skip("this build carries its own libstdc++; llama-cpp-python cannot load it in process")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_KV_TYPES_")}

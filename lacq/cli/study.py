@@ -27,12 +27,13 @@ from lacq.llama.build import build as run_build
 @click.option("--model", "model_spec", default=None, help="GGUF path or hf://OWNER/REPO/FILE (default: SmolLM2-135M).")
 @click.option("--chunks", type=int, default=20, show_default=True)
 @click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True)
+@click.option("--scan-chunks", type=int, default=4, show_default=True, help="Chunks of the sensitivity scan's runs.")
 @format_option()
 @build_options
 @click.pass_context
 @handle_errors
-def demo_cmd(ctx, model_spec, chunks, ctx_len, fmt, build: BuildChoice):
-    """The layer-placement study end to end: build, quantize ten recipes, measure, compare."""
+def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, fmt, build: BuildChoice):
+    """The layer-placement study end to end: hand recipes, llama.cpp's mixes and optimized recipes, by KLD."""
     from lacq.model.resolve import resolve_model
     from lacq.results.render import render
     from lacq.studies.placement import run_placement_study
@@ -46,19 +47,21 @@ def demo_cmd(ctx, model_spec, chunks, ctx_len, fmt, build: BuildChoice):
         mtask = progress.add_task("model", total=1.0, detail=model_spec or "SmolLM2-135M-Instruct Q4_1")
         model = resolve_model(model_spec)
         progress.update(mtask, completed=1.0)
-        tasks: dict[str, int] = {}
-
-        def step(stage: str, frac: float, detail: str) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=1.0, detail="")
-            progress.update(tasks[stage], completed=frac, detail=detail)
-
         result = run_placement_study(tools, store, model, paths.default_corpus(), ctx=ctx_len, chunks=chunks,
-                                     step=step)
-    render(result.table, fmt, console,
-           title=f"{model.name}: Q4_0 base, protected layers Q8_0 — WikiText-2, {chunks}×{ctx_len} tokens")
-    console.print(f"study {result.study}; {time.monotonic() - t0:.0f} s. "
-                  f"★ = most perplexity gained per extra MB over the smallest configuration, on the Pareto front.")
+                                     scan_chunks=scan_chunks, step=_stepper(progress))
+    from lacq.results.tables import PLACEMENT_COLUMNS
+    from lacq.studies.sensitivity import classify, partitions
+    render(result.table, fmt, console, columns=PLACEMENT_COLUMNS,
+           title=f"{model.name} from its F16 base: KL-divergence on WikiText-2, {chunks}×{ctx_len} tokens")
+    for kinds in partitions(result.scan):
+        pattern, advice = classify(result.scan, kinds)
+        console.print(f"scan ({result.scan.chunks} chunks), {kinds[0]}s: [bold]{pattern}[/bold]. {advice}.")
+    for note in result.scan.notes:
+        console.print(f"[yellow]note[/yellow]: {note}")
+    for plot in result.plots:
+        console.print(f"wrote {plot}", soft_wrap=True)
+    console.print(f"study {result.study}; {time.monotonic() - t0:.0f} s. Sorted by mean KLD (± its standard error); "
+                  f"★ = lowest KLD at ≤ first8_q8's size, only where it leads by more than 2× the combined ±.")
 
 
 # ---------------------------------------------------------------- scan
@@ -203,6 +206,13 @@ def _load_scan(ctx, spec: str):
     raise LacqError(f"no scan file or stored scan {spec!r}; give the JSON `lacq scan … -o` wrote, or a scan study")
 
 
+def _check_model(ctx, scan, model_spec: str | None) -> None:
+    if model_spec:
+        from lacq.model.resolve import resolve_model
+        from lacq.studies.optimize import check_scan_matches
+        check_scan_matches(scan, open_results(ctx).sha256(resolve_model(model_spec)))
+
+
 def _write(path: Path, text: str, force: bool) -> None:
     from lacq.errors import OutputExistsError
     from lacq.fsutil import write_text_atomic
@@ -234,16 +244,19 @@ def _report_solution(s, scan) -> None:
 @click.option("--tensor-type-file", "ttf", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the plain --tensor-type-file for stock llama-quantize.")
 @click.option("--verify", is_flag=True, help="Quantize with the recipe and measure its KLD on the scan's tokens.")
+@click.option("--model", "model_spec", default=None, help="Check that the scan was made on this model.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @build_options
 @click.pass_context
 @handle_errors
-def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, force, build: BuildChoice):
+def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, model_spec, force,
+                         build: BuildChoice):
     """Least predicted KLD within a size budget: one candidate type per scanned unit."""
     from lacq.model.info import inspect_model
     from lacq.studies.optimize import optimize
     from lacq.studies.optimize_out import tensor_type_file, weights_recipe_toml
     scan = _load_scan(ctx, scan_spec)
+    _check_model(ctx, scan, model_spec)
     if scan.kind != "weights":
         raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
     if (size_mb is None) == (bpw is None):
@@ -276,15 +289,17 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="KV policy TOML to write (default: <name>.toml here).")
 @click.option("--verify", is_flag=True, help="Run the policy and measure its KLD on the scan's tokens.")
+@click.option("--model", "model_spec", default=None, help="Check that the scan was made on this model.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @build_options
 @click.pass_context
 @handle_errors
-def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, force, build: BuildChoice):
+def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, model_spec, force, build: BuildChoice):
     """Least predicted KLD within a bits/value budget: one candidate type per KV layer."""
     from lacq.studies.optimize import optimize
     from lacq.studies.optimize_out import kv_policy_toml
     scan = _load_scan(ctx, scan_spec)
+    _check_model(ctx, scan, model_spec)
     if scan.kind != "kv":
         raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
     s = optimize(scan, bits, types=types.split(",") if types else None)

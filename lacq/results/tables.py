@@ -195,3 +195,53 @@ def bench_frame(results: list[Result]) -> pd.DataFrame:
             kind = "pp" if b["n_prompt"] and not b["n_gen"] else "tg"
             row[f"{kind}_ts"], row[f"{kind}_sd"] = round(b["avg_ts"], 2), round(b["stddev_ts"], 2)
     return pd.DataFrame(list(rows.values()), columns=list(BENCH_COLUMNS))
+
+
+# The placement study (`lacq demo`): every file by KL-divergence against the base, PPL beside.
+PLACEMENT_COLUMNS = {
+    "configuration": "Configuration", "kind": "Kind", "size_mb": "Size (MB)", "kld_mean": "Mean KLD",
+    "kld_mean_error": "KLD ±", "kld_p99": "KLD 99%", "same_top_p_pct": "Same top p %", "ppl": "PPL",
+    "ppl_error": "±", "ppl_delta_pct": "PPL Δ%", "mark": "",
+}
+NOISE_SIGMAS = 2.0  # a lead smaller than this many combined ± is not called a win
+
+
+def placement_frame(results: list[Result], budget_label: str | None = None) -> pd.DataFrame:
+    """Rows sorted by mean KLD, with PPL beside (the same chunks) and marks.
+
+    `pareto`: no other row is both smaller and lower in KLD. `★`: the lowest KLD among the rows no
+    larger than `budget_label`'s file, marked only where it leads the runner-up by more than
+    NOISE_SIGMAS × their ± combined (else the runner-up is named as a tie).
+    """
+    latest = latest_by_label(results, "kld")
+    rows = []
+    for r in latest.values():
+        m = r.metrics
+        rows.append({"configuration": r.label, "kind": m.get("kind", ""), "size_mb": r.model_bytes / 1e6,
+                     "kld_mean": m["kld_mean"], "kld_mean_error": m["kld_mean_error"],
+                     "kld_p99": m["kld_quantiles"].get("p99"), "same_top_p_pct": m["same_top_p_pct"],
+                     "ppl": m["ppl_q"], "ppl_error": m["ppl_q_error"], "ppl_base": m["ppl_base"]})
+    df = pd.DataFrame(rows, columns=[*PLACEMENT_COLUMNS, "ppl_base"])
+    if df.empty:
+        return df
+    df["ppl_delta_pct"] = (df.ppl / df.ppl_base - 1) * 100
+    df = df.sort_values("kld_mean").reset_index(drop=True)
+    marks = ["" for _ in range(len(df))]
+    for i, r in df.iterrows():
+        if not (((df.size_mb <= r.size_mb) & (df.kld_mean < r.kld_mean)) |
+                ((df.size_mb < r.size_mb) & (df.kld_mean <= r.kld_mean))).any():
+            marks[i] = "pareto"
+    if budget_label is not None and budget_label in set(df.configuration):
+        limit = df.loc[df.configuration == budget_label, "size_mb"].iloc[0] + 1e-9
+        within = df[df.size_mb <= limit]  # sorted by KLD
+        best = within.iloc[0]
+        if len(within) > 1:
+            second = within.iloc[1]
+            noise = NOISE_SIGMAS * (best.kld_mean_error ** 2 + second.kld_mean_error ** 2) ** 0.5
+            i = within.index[0]
+            if second.kld_mean - best.kld_mean > noise:
+                marks[i] = f"★ best at ≤ {limit:.1f} MB" + (", pareto" if marks[i] else "")
+            else:
+                marks[i] = f"≈ {second.configuration} (within noise)" + (", pareto" if marks[i] else "")
+    df["mark"] = marks
+    return df

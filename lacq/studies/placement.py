@@ -1,8 +1,12 @@
-"""The layer-placement study (`lacq demo`): one model, end to end.
+"""The layer-placement study (`lacq demo`): hand placements against llama.cpp's mixes and optimized recipes.
 
 Build the CPU tools, get the model, dequantize it to an F16 base, quantize the
-ten weight recipes, measure perplexity of each and of the base, and return the
-comparison table.
+ten hand recipes of the placement study (Q4_0 base, protected tensors Q8_0) and
+llama.cpp's own mixes (Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M: stock llama-quantize
+ftypes), scan the model's blocks and tensor groups (q4_0 vs q8_0), let the
+optimizer place Q8_0 at Q4_K_M's size and at first8_q8's size, and measure
+every file by KL-divergence against the base on the same tokens (PPL beside).
+Everything is cached or journaled: a rerun measures only what is missing.
 """
 
 from __future__ import annotations
@@ -15,16 +19,25 @@ import pandas as pd
 
 from lacq import paths
 from lacq.llama.build import Build
-from lacq.measure.ppl import measure_ppl
+from lacq.measure.kld import measure_kld
 from lacq.model.info import inspect_model
 from lacq.plan.kv.config import KvConfig
-from lacq.plan.recipe import load_recipe, resolve_recipe
+from lacq.plan.recipe import load_recipe, parse_recipe, resolve_recipe
 from lacq.quantize import convert_ftype, quantize_with_plan
 from lacq.results.store import Store
-from lacq.results.tables import ppl_frame
+from lacq.results.tables import placement_frame
+from lacq.studies.artifact import Scan
+from lacq.studies.optimize import optimize
+from lacq.studies.optimize_out import ParetoPoint, plot_pareto, weights_recipe_toml
+from lacq.studies.scan import scan_weights
+from lacq.studies.sensitivity import plot_scan
 
 DEMO_RECIPES = ("uniform_q4_0", "first4_q8", "first8_q8", "last4_q8", "last8_q8", "middle8_q8",
                 "first_last4_q8", "alternating_even_q8", "attention_q8", "ffn_q8")
+LLAMA_MIXES = ("Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")
+SCAN_TYPES = ("q4_0", "q8_0")  # the study's own family
+SCAN_UNITS = ("block", "group")
+SCAN_CHUNKS = 4
 
 Step = Callable[[str, float, str], None]  # (stage, fraction, detail)
 
@@ -34,11 +47,14 @@ class PlacementResult:
     study: str
     table: pd.DataFrame
     base: Path
+    scan: Scan
+    plots: tuple[Path, ...]
 
 
 def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *, ctx: int = 512, chunks: int = 20,
-             recipes: tuple[str, ...] = DEMO_RECIPES, threads: int | None = None,
-             step: Step | None = None) -> PlacementResult:
+                        recipes: tuple[str, ...] = DEMO_RECIPES, mixes: tuple[str, ...] = LLAMA_MIXES,
+                        scan_chunks: int = SCAN_CHUNKS, threads: int | None = None,
+                        step: Step | None = None) -> PlacementResult:
     sha = store.sha256(model)[:12]
     work = paths.sub("work") / sha
     work.mkdir(parents=True, exist_ok=True)
@@ -51,30 +67,53 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
     else:
         base = model
     base_info = inspect_model(base)
-    study = f"demo:{sha}:{build.key}:c{ctx}:n{chunks}"
-    models = [("F16 base", base, None, None)]
-    for i, name in enumerate(recipes):
-        plan = resolve_recipe(load_recipe(name), base_info)
+    study = f"demo2:{sha}:{build.key}:c{ctx}:n{chunks}"
+
+    plans = [(name, "hand recipe", resolve_recipe(load_recipe(name), base_info)) for name in recipes]
+    plans += [(mix, "llama.cpp mix", resolve_recipe(parse_recipe(
+        {"name": mix, "description": f"stock llama-quantize {mix}", "base": mix.lower()}), base_info))
+              for mix in mixes]
+
+    scan = scan_weights(build, store, model, base, corpus, types=list(SCAN_TYPES), units=SCAN_UNITS,
+                        chunks=scan_chunks, ctx=ctx, threads=threads, step=step)
+    sizes = {"Q4_K_M": None, "first8_q8": None}
+    for i, (name, kind, plan) in enumerate(plans):
         if step:
-            step("quantize", i / len(recipes), name)
+            step("quantize", i / len(plans), name)
         # The work directory is lacq's own: a file made by another build is replaced.
         out = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{model.stem}.{name}.gguf",
                                  force=True)
-        models.append((name, out.output, name, plan.plan_hash))
+        if name in sizes:
+            sizes[name] = out.output.stat().st_size
+        plans[i] = (name, kind, plan, out.output)
+    for target, size in sizes.items():
+        if size is None:
+            continue
+        solution = optimize(scan, size)
+        name = f"optimized@{target}"
+        toml = work / f"{name.replace('@', '_at_')}.toml"
+        toml.write_text(weights_recipe_toml(solution, scan, name.replace("@", "_at_"), model=base_info))
+        plan = resolve_recipe(load_recipe(toml), base_info)
+        out = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{model.stem}.{toml.stem}.gguf",
+                                 force=True)
+        plans.append((name, "optimized", plan, out.output))
     if step:
         step("quantize", 1.0, "done")
-    done = {r.label for r in store.results(kind="ppl", study=study)}
-    for i, (label, path, recipe, plan_hash) in enumerate(models):
+
+    done = {r.label for r in store.results(kind="kld", study=study)}
+    for i, (label, kind, plan, path) in enumerate(plans):
         if label in done:
             continue
-
-        def on_chunk(frac: float, detail: str, i=i, label=label) -> None:
-            if step:
-                step("perplexity", (i + frac) / len(models), f"{label}: {detail}")
-
-        measure_ppl(build, store, path, inspect_model(path), KvConfig(), corpus, ctx=ctx, chunks=chunks,
-                    threads=threads, label=label, study=study, recipe=recipe, plan_hash=plan_hash,
-                    progress=on_chunk)
+        if step:
+            step("KL-divergence", i / len(plans), label)
+        measure_kld(build, store, path, inspect_model(path), base, base_info, KvConfig(), corpus, ctx=ctx,
+                    chunks=chunks, threads=threads, label=label, study=study, recipe=plan.recipe,
+                    plan_hash=plan.plan_hash, annotations={"kind": kind})
     if step:
-        step("perplexity", 1.0, "done")
-    return PlacementResult(study, ppl_frame(store.results(kind="ppl", study=study), base_label="F16 base"), base)
+        step("KL-divergence", 1.0, "done")
+    table = placement_frame(store.results(kind="kld", study=study), budget_label="first8_q8")
+    plots = tuple(plot_scan(scan, work, "demo-scan"))
+    points = [ParetoPoint(r.configuration, r.size_mb, r.kld_mean, r.kld_mean_error, r.kind) for r in table.itertuples()]
+    plots += (plot_pareto(points, work / "demo-pareto.png",
+                          title=f"{model.name}: size vs KLD, {chunks}×{ctx} tokens"),)
+    return PlacementResult(study, table, base, scan, plots)

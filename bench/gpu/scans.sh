@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The CUDA runs of issues 10 and 11 (this session's GPU work), run on the GPU host from a copy of
+# this checkout, stage by stage, each stage one `device run` call:
+#   .whl/          gguf and platformdirs wheels (the host's Python lacks them)
+#   .gpu/pack/1/   the pinned llama.cpp source and SmolLM2 Q4_1 part 1 (../shared/tools/pack-for-gpu)
+#   .gpu/pack/2/   SmolLM2 part 2
+# Stages, in order: setup (unpack, start the CUDA build of the whole patch series with test-backend-ops),
+# model (join the model, wait for the build), tests (test-backend-ops on SET_ROWS, GET_ROWS, CPY,
+# FLASH_ATTN_EXT: every case, counted; patch 0003's backend checks through bench/gpu/patch_checks.sh),
+# scans-w (the weight scan at 20, 4, 2 and 1 chunks: the chunk-count study), scans-kv (the KV scan of V
+# over the turbo family at 20 chunks). Results land in $OUT.
+set -uo pipefail
+export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+G=/tmp/g
+SRC=$G/llama.cpp
+MODEL=$G/model.gguf
+lacq() { python3 -m lacq "$@"; }
+bin() { lacq build --backend cuda --source "$SRC" --target test-backend-ops --print-path; }
+
+case "$1" in
+setup)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  bash .gpu/pack/1/collect.sh $G
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC --target test-backend-ops; echo rc=\$?" \
+    > /tmp/build.log 2>&1 < /dev/null &
+  sleep 20; tail -n 2 /tmp/build.log ;;
+model)
+  bash .gpu/pack/2/collect.sh $G
+  for _ in $(seq 1 "${2:-55}"); do grep -q '^rc=' /tmp/build.log && break; sleep 10; done
+  tail -n 3 /tmp/build.log
+  grep -q '^rc=0' /tmp/build.log || { grep -h -B2 -A8 'error' $(find $LACQ_HOME -name lacq-build.log) | head -60; exit 1; } ;;
+tests)
+  B=$(bin)
+  for op in SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT; do
+    "$B/test-backend-ops" test -b CUDA0 -o "$op" > "$OUT/tbo-$op.log" 2>&1
+    python3 .ci/backend_ops_summary.py --backend CUDA0 "$OUT/tbo-$op.log" 2>&1 | tail -n 3
+  done
+  mkdir -p .gpu/build && ln -sfn "$B" .gpu/build/bin
+  OUT=$OUT/patch_checks bash bench/gpu/patch_checks.sh run "$MODEL" ;;
+scans-w)
+  B=$(bin)
+  [ -f $G/f16.gguf ] || "$B/llama-quantize" --allow-requantize "$MODEL" $G/f16.gguf F16 > /dev/null 2>&1
+  for n in 20 4 2 1; do
+    lacq scan weights "$MODEL" --base $G/f16.gguf --unit block,group --chunks $n --backend cuda --source "$SRC" \
+      -o "$OUT/scan_weights_cuda_n$n.json" > "$OUT/scan_weights_cuda_n$n.txt" 2>/dev/null
+    tail -n 1 "$OUT/scan_weights_cuda_n$n.txt"
+  done ;;
+scans-kv)
+  lacq scan kv "$MODEL" --types turbo2,turbo3,turbo4,q8_0 --chunks 20 --backend cuda --source "$SRC" \
+    -o "$OUT/scan_kv_cuda.json" > "$OUT/scan_kv_cuda.txt" 2>/dev/null
+  tail -n 1 "$OUT/scan_kv_cuda.txt" ;;
+esac

@@ -131,17 +131,57 @@ def test_llama_cpp_refusing_a_model_shows_its_log(cpu_build, tmp_path):
     assert "last lines of its log" in r.output or "printed nothing" in r.output
 
 
-def _interrupt(args, ready, tmp_path) -> subprocess.CompletedProcess:
-    """Start `lacq ARGS`, wait until `ready()` holds, send Ctrl-C (SIGINT)."""
-    proc = subprocess.Popen([sys.executable, "-m", "lacq", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
-    deadline = time.monotonic() + 120
+def _start(args, sigint=signal.SIG_DFL) -> subprocess.Popen:
+    """Start `lacq ARGS` with the signal dispositions a terminal gives, whatever pytest inherited:
+    a shell that starts pytest in the background (`nohup … &`, some CI runners) leaves SIGINT
+    (and with nohup SIGHUP) ignored, children inherit that, and a signal the test sends would
+    do nothing. `sigint=signal.SIG_IGN` starts lacq as such a background job instead."""
+
+    def dispositions():
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    return subprocess.Popen([sys.executable, "-m", "lacq", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+                            preexec_fn=dispositions)  # noqa: PLW1509  (pytest runs the tests in one thread)
+
+
+def _wait_until(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "finished before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+
+
+def _interrupt(args, ready, tmp_path, sig=signal.SIGINT) -> subprocess.CompletedProcess:
+    """Start `lacq ARGS`, wait until `ready()` holds, send Ctrl-C (SIGINT) or `sig`."""
+    proc = _start(args)
+    _wait_until(proc, ready)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(args, proc.returncode, out)
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`: pid -> command name (from /proc/*/stat; Linux)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited while we looked
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if int(rest[1]) == pid:
+            out[int(stat.parent.name)] = name
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_ctrl_c_during_quantize_leaves_no_partial_file(smollm2_f16, tmp_path):
@@ -161,3 +201,46 @@ def test_ctrl_c_during_ppl_stores_nothing(quantized, tmp_path):
     assert done.returncode == 130, done.stdout
     assert "Traceback" not in done.stdout
     assert open_store().results(kind="ppl") == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_during_long_ppl_stops_llama_perplexity_and_stores_nothing(smollm2, cpu_build, sig):
+    # A long context: one chunk takes far longer than the test waits, as in a CI timeout.
+    proc = _start(["ppl", smollm2, "-c", "8192", "--chunks", "2"])
+    tool: list[int] = []
+
+    def computing() -> bool:
+        tool[:] = [p for p, name in _children(proc.pid).items() if name.startswith("llama-perplex")]
+        return bool(tool)
+
+    try:
+        _wait_until(proc, computing)
+        time.sleep(2)  # past loading the model: computing the first chunk
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + sig, (proc.returncode, out)
+        assert f"terminated by {signal.Signals(sig).name}" in out and "Traceback" not in out
+        assert not _alive(tool[0]), "llama-perplexity survived lacq"
+        assert open_store().results() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in tool:  # a survivor (the bug this test is about) must not run on for minutes
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_lacq_started_with_sigint_ignored_keeps_it_ignored(smollm2, cpu_build):
+    # Unix convention: a background job (started with SIGINT ignored) must not die on the
+    # terminal's Ctrl-C; lacq and the tool it runs keep the inherited disposition.
+    proc = _start(["ppl", smollm2, "--chunks", "2"], sigint=signal.SIG_IGN)
+    try:
+        _wait_until(proc, lambda: any(n.startswith("llama-perplex") for n in _children(proc.pid).values()))
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "PPL = " in out
+    assert len(open_store().results(kind="ppl")) == 1

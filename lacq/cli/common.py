@@ -4,13 +4,14 @@ An option group adds a few click options and hands the command one value built
 from them: `kv_options` a `KvConfig`, `run_options` a `RunOptions`,
 `build_options` a `BuildChoice`. Commands stay short and their bad input fails
 through one path: a `LacqError` becomes a one-paragraph message and exit 1,
-Ctrl-C a note and exit 130.
+Ctrl-C a note and exit 130, SIGTERM/SIGHUP a note and exit 128 + the signal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lacq.errors import LacqError
+from lacq.errors import LacqError, Terminated
 from lacq.llama.build import BACKENDS, Build, BuildSpec, require_build
 from lacq.plan.kv.flags import kv_from_flags
 
@@ -34,9 +35,36 @@ def progress_bar() -> Progress:
                     TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=err_console, transient=False)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_terminated(signum, frame):
+    # Once: a second SIGTERM/SIGHUP must not cut short the cleanup the first one started
+    # (stopping the tool's process group takes at most a few seconds; SIGKILL still works).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP stop lacq as Ctrl-C does: the running tool's process group is
+    terminated, temporary outputs removed, nothing stored.
+
+    A signal that was ignored when lacq started stays ignored, as is the Unix convention
+    (`nohup` ignores SIGHUP; a shell starts background jobs with SIGINT ignored so that the
+    terminal's Ctrl-C does not reach them). Python already keeps an inherited ignored SIGINT
+    ignored, so such a lacq is not interrupted by SIGINT either; its tools inherit the same
+    dispositions.
+    """
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _raise_terminated)
+
+
 @contextlib.contextmanager
 def user_errors():
-    """lacq's errors as a short message and exit 1; Ctrl-C as a note and exit 130."""
+    """lacq's errors as a short message and exit 1; Ctrl-C as a note and exit 130;
+    SIGTERM/SIGHUP as a note and exit 128 + the signal number (143, 129)."""
     try:
         yield
     except LacqError as exc:
@@ -44,6 +72,10 @@ def user_errors():
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]: stopped; no partial output was kept")
         sys.exit(130)
+    except Terminated as exc:
+        err_console.print(f"[red]terminated[/red] by {signal.Signals(exc.signum).name}: stopped; "
+                          "no partial output was kept")
+        sys.exit(128 + exc.signum)
 
 
 def handle_errors(fn):

@@ -51,6 +51,36 @@ def tail(text: str, n: int = 15) -> str:
     return "\n".join(lines[-n:])
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a tool started in its own session and its whole process group (worker threads,
+    children): SIGTERM, then SIGKILL after 5 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=5)
+    except ProcessLookupError:
+        proc.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_captured(argv: list[str], *, env: Mapping[str, str]) -> tuple[str, str, int]:
+    """Run argv with stdin closed and return (stdout, stderr, exit status), for tools whose
+    stdout and stderr are read apart (llama-completion). Like `run_tool`, the tool gets its own
+    session, and Ctrl-C, SIGTERM or SIGHUP of lacq stops its process group before unwinding."""
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                env=dict(env), start_new_session=True)
+    except OSError as exc:
+        raise ToolError(f"could not start {Path(argv[0]).name}: {exc}") from None
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        stop_group(proc)
+        raise
+    return out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), proc.returncode
+
+
 def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None, log_path: Path | None = None,
              on_line: LineHook | None = None, what: str | None = None) -> ToolRun:
     """Run argv to completion, streaming lines to `on_line` and `log_path`.
@@ -84,13 +114,7 @@ def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None, log_path:
                 on_line(line.rstrip("\n"))
         rc = proc.wait()
     except BaseException:
-        # Stop the whole process group: the tool may have worker threads/children.
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=5)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         raise
     finally:
         if logf:

@@ -208,6 +208,11 @@ def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON.")(fn)
 
 
+allow_long_context_option = click.option(
+    "--allow-long-context", is_flag=True,
+    help="Run a context longer than the model's training context (refused otherwise).")
+
+
 def corpus_path(corpus: Path | None) -> Path:
     from lacq import paths
     return corpus or paths.default_corpus()

@@ -10,6 +10,7 @@ from lacq.cli import cli
 from lacq.cli.common import (
     BuildChoice,
     RunOptions,
+    allow_long_context_option,
     build_options,
     console,
     corpus_path,
@@ -40,17 +41,20 @@ def _model(model_spec: str):
               help="Text to evaluate (default: WikiText-2 raw test split).")
 @click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True)
 @click.option("--chunks", type=int, default=20, show_default=True)
+@allow_long_context_option
 @run_options
 @kv_options
 @build_options
 @click.pass_context
 @handle_errors
-def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, run: RunOptions, kv: KvConfig, build: BuildChoice):
+def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, allow_long_context, run: RunOptions, kv: KvConfig,
+            build: BuildChoice):
     """Perplexity of MODEL (llama-perplexity), stored with its provenance."""
-    from lacq.measure.common import check_kv
+    from lacq.measure.common import check_context, check_kv
     from lacq.measure.ppl import measure_ppl
     model, info = _model(model_spec)
     resolved = check_kv(kv, info, build.backend)  # bad input fails before the build lookup
+    check_context(ctx_len, info, allow_long_context)
     if resolved.flash_attn != kv.flash_attn:
         err_console.print(f"[yellow]note[/yellow]: flash attention switched on: "
                           f"{', '.join(kv.needs_flash_attention())} need it")
@@ -60,7 +64,8 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, run: RunOptions, kv: KvCon
         task = progress.add_task("perplexity", total=1.0, detail=kv.label())
         out = measure_ppl(tools, store, model, info, kv, corpus_path(corpus), ctx=ctx_len, chunks=chunks,
                           threads=run.threads, ngl=run.ngl, label=run.label, study=run.study,
-                          progress=lambda f, d: progress.update(task, completed=f, detail=d))
+                          progress=lambda f, d: progress.update(task, completed=f, detail=d),
+                          allow_long_context=allow_long_context)
     r = out.result
     console.print(f"PPL = {r.ppl:.4f} +/- {r.ppl_error:.5f}  ({len(r.chunks)} chunks of {r.n_ctx}, "
                   f"K {kv.k} {out.k_bits_per_value:.3f} bits/value, V {kv.v} {out.v_bits_per_value:.3f} bits/value, "
@@ -79,27 +84,32 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, run: RunOptions, kv: KvCon
               help="Text to evaluate (default: WikiText-2 raw test split).")
 @click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True)
 @click.option("--chunks", type=int, default=20, show_default=True)
+@allow_long_context_option
 @run_options
 @click.option("--recipe", default=None, help="Weight recipe name to record with the result.")
 @kv_options
 @build_options
 @click.pass_context
 @handle_errors
-def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, run: RunOptions, recipe, kv: KvConfig,
-            build: BuildChoice):
+def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, allow_long_context, run: RunOptions, recipe,
+            kv: KvConfig, build: BuildChoice):
     """KL-divergence of MODEL against BASE (llama-perplexity; base logits cached)."""
+    from lacq.measure.common import check_context
     from lacq.measure.kld import measure_kld
     model, info = _model(model_spec)
     base, base_info = _model(base_spec)
     if chunks < 1:
         raise LacqError("--chunks must be at least 1")
+    for i in (info, base_info):
+        check_context(ctx_len, i, allow_long_context)
     tools = build.require()
     store = open_results(ctx)
     with progress_bar() as progress:
         task = progress.add_task("kl-divergence", total=1.0, detail=kv.label())
         out = measure_kld(tools, store, model, info, base, base_info, kv, corpus_path(corpus), ctx=ctx_len,
                           chunks=chunks, threads=run.threads, ngl=run.ngl, label=run.label, study=run.study,
-                          recipe=recipe, progress=lambda f, d: progress.update(task, completed=f, detail=d))
+                          recipe=recipe, progress=lambda f, d: progress.update(task, completed=f, detail=d),
+                          allow_long_context=allow_long_context)
     r = out.result
     q = r.kld_quantiles
     console.print(f"Mean KLD = {r.kld_mean:.6f} ± {r.kld_mean_error:.6f}  (99% {q.get('p99', float('nan')):.5f}, "

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from lacq.errors import RecipeError
+from lacq.errors import LacqError, RecipeError
 from lacq.llama.build import Build
 from lacq.model.info import ModelInfo
 from lacq.plan.kv.config import KvConfig
@@ -28,6 +28,18 @@ def check_kv(kv: KvConfig, info: ModelInfo, backend: str) -> KvConfig:
     kv.check_head_size(info.head_dim, info.head_dim_v)
     kv.per_layer(len(info.kv_blocks))
     return kv
+
+
+def check_context(ctx: int, info: ModelInfo, allow_long: bool = False) -> None:
+    """Refuse a context longer than the model's training context unless the caller insists:
+    such a run takes hours (`-c 100000` on an 8192-token model) and measures a model outside
+    what it was trained for."""
+    if ctx < 1:
+        raise LacqError(f"context {ctx} must be at least 1 token")
+    if info.n_ctx_train and ctx > info.n_ctx_train and not allow_long:
+        raise LacqError(f"context {ctx} is longer than {Path(info.path).name} was trained for "
+                        f"({info.n_ctx_train} tokens); use -c {info.n_ctx_train} or less, or pass "
+                        "--allow-long-context to run it anyway")
 
 
 def prepare_kv(build: Build, kv: KvConfig, info: ModelInfo) -> KvConfig:

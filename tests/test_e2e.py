@@ -244,3 +244,30 @@ def test_lacq_started_with_sigint_ignored_keeps_it_ignored(smollm2, cpu_build):
     assert proc.returncode == 0, out
     assert "PPL = " in out
     assert len(open_store().results(kind="ppl")) == 1
+
+
+@pytest.mark.parametrize("command", [
+    ["ppl", "--chunks", "2", "-c", "128"],
+    ["kld", "--chunks", "2", "-c", "128"],
+    ["bench", "--pp", "32", "--tg", "4", "-r", "1"],
+    ["niah", "--ctx", "256", "--depths", "50", "--trials", "1", "--runner", "completion"],
+], ids=lambda c: c[0])
+def test_json_prints_the_stored_result_alone_and_progress_is_plain_lines_in_a_log(smollm2, cpu_build, command):
+    name, *rest = command
+    base = ["--base", smollm2] if name == "kld" else []
+    # stderr a pipe, as a log file or CI is: not a terminal
+    done = subprocess.run([sys.executable, "-m", "lacq", name, smollm2, *base, *rest, "--ctk", "q8_0", "--ctv", "q4_0",
+                           "--boundary", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)  # one object and nothing else on stdout
+    (stored,) = open_store().results(kind=name)
+    assert out["id"] == stored.id and out["kind"] == name and out["metrics"] == json.loads(json.dumps(stored.metrics))
+    layers = out["kv"]["layers"]
+    assert [(l["block"], l["ordinal"]) for l in layers] == [(i, i) for i in range(30)]
+    assert [l["v"] for l in layers] == ["q8_0"] + ["q4_0"] * 28 + ["q8_0"] and {l["k"] for l in layers} == {"q8_0"}
+    assert out["kv"]["v_bits_per_value"] == pytest.approx((2 * 8.5 + 28 * 4.5) / 30)
+    assert out["build"]["build_key"] == cpu_build.key and out["model_sha256"]
+    # progress: plain lines (no bar redrawn), at least the stage's start and end
+    assert "━" not in done.stderr and "\r" not in done.stderr
+    lines = [l for l in done.stderr.splitlines() if l.startswith("[")]
+    assert len(lines) >= 2 and lines[-1].split("] ", 1)[1].split(":")[1].strip().startswith("100%"), done.stderr

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,54 @@ console = Console() if Console().is_terminal else Console(width=160)
 err_console = Console(stderr=True)
 
 
-def progress_bar() -> Progress:
+class PlainProgress:
+    """`progress_bar()`'s interface for logs: plain lines, no redrawing. One line when a stage
+    starts and one when it finishes; in between at most one line every `every` seconds."""
+
+    def __init__(self, console: Console, every: float = 30.0, clock=time.monotonic):
+        self.console, self.every, self.clock = console, every, clock
+        self.t0 = self.last = clock()
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = 1.0, detail: str = "", **_) -> int:
+        task_id = len(self.tasks)
+        self.tasks[task_id] = {"description": description, "total": total or 1.0, "completed": 0.0,
+                               "detail": detail, "done": False}
+        self._line(task_id)
+        return task_id
+
+    def update(self, task_id: int, completed: float | None = None, detail: str | None = None, **_) -> None:
+        task = self.tasks[task_id]
+        if completed is not None:
+            task["completed"] = completed
+        if detail is not None:
+            task["detail"] = detail
+        finished = task["completed"] >= task["total"] and not task["done"]
+        if finished:
+            task["done"] = True
+        if finished or self.clock() - self.last >= self.every:
+            self._line(task_id)
+
+    def _line(self, task_id: int) -> None:
+        task = self.tasks[task_id]
+        now = self.last = self.clock()
+        pct = 100 * task["completed"] / task["total"]
+        text = f"[{now - self.t0:5.0f} s] {task['description']}: {pct:.0f}%"
+        if task["detail"]:
+            text += f" {task['detail']}"
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def progress_bar() -> Progress | PlainProgress:
+    """A rich progress bar on a terminal; plain lines where stderr is a log file or a pipe."""
+    if not err_console.is_terminal:
+        return PlainProgress(err_console)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                     TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=err_console, transient=False)
 
@@ -206,6 +254,19 @@ def format_option(choices=("table", "md", "csv", "json"), default="table"):
 
 def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON.")(fn)
+
+
+def result_json_option(fn):
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the stored result (provenance, per-layer KV map, metrics) as one JSON object "
+                             "on stdout, and nothing else there.")(fn)
+
+
+def echo_result_json(store, result_id: int) -> None:
+    """The result as stored, as one JSON object on stdout."""
+    import dataclasses
+    import json
+    click.echo(json.dumps(dataclasses.asdict(store.get(result_id))))
 
 
 allow_long_context_option = click.option(

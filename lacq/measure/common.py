@@ -52,11 +52,26 @@ def prepare_kv(build: Build, kv: KvConfig, info: ModelInfo) -> KvConfig:
     return kv
 
 
+def kv_record(kv: KvConfig, info: ModelInfo | None) -> dict:
+    """The KV configuration as stored: its settings and, given the model, the per-layer map
+    (block, KV-layer ordinal, K and V type, and the cache of iSWA models) and bits/value."""
+    out = kv.to_dict()
+    if info is None or not info.kv_blocks:
+        return out
+    swa = set(info.swa_blocks)
+    out["layers"] = [{"block": b, "ordinal": i, "k": k, "v": v,
+                      **({"cache": "swa" if b in swa else "full"} if info.is_iswa else {})}
+                     for i, (b, (k, v)) in enumerate(zip(info.kv_blocks, kv.per_layer(len(info.kv_blocks))))]
+    out["k_bits_per_value"], out["v_bits_per_value"] = kv.bits_per_value(len(info.kv_blocks))
+    return out
+
+
 def record(store: Store, *, kind: str, label: str, model: Path, build: Build, kv: KvConfig, command: list,
            metrics: dict, wall_seconds: float, study: str | None = None, recipe: str | None = None,
            plan_hash: str | None = None, corpus: Path | None = None, ctx: int | None = None,
-           chunks: int | None = None) -> int:
-    """File one measurement with its provenance: build, KV configuration and the environment it set."""
+           chunks: int | None = None, info: ModelInfo | None = None) -> int:
+    """File one measurement with its provenance: build, KV configuration (with the per-layer map
+    where `info` is given) and the environment it set."""
     return store.add(kind=kind, label=label, model=model, build=build.provenance(), command=command,
-                     metrics=metrics, study=study, recipe=recipe, plan_hash=plan_hash, kv=kv.to_dict(),
+                     metrics=metrics, study=study, recipe=recipe, plan_hash=plan_hash, kv=kv_record(kv, info),
                      corpus=corpus, ctx=ctx, chunks=chunks, env=kv.env(), wall_seconds=wall_seconds)

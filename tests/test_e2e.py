@@ -267,6 +267,9 @@ def test_json_prints_the_stored_result_alone_and_progress_is_plain_lines_in_a_lo
     assert [l["v"] for l in layers] == ["q8_0"] + ["q4_0"] * 28 + ["q8_0"] and {l["k"] for l in layers} == {"q8_0"}
     assert out["kv"]["v_bits_per_value"] == pytest.approx((2 * 8.5 + 28 * 4.5) / 30)
     assert out["build"]["build_key"] == cpu_build.key and out["model_sha256"]
+    assert out["machine"]["cpu"]  # where it ran: the CPU, and the ggml CPU features the tool reported
+    if name in ("ppl", "kld"):
+        assert "REPACK" in out["machine"]["ggml_cpu"] or "NEON" in out["machine"]["ggml_cpu"], out["machine"]
     # progress: plain lines (no bar redrawn), at least the stage's start and end
     assert "━" not in done.stderr and "\r" not in done.stderr
     lines = [l for l in done.stderr.splitlines() if l.startswith("[")]

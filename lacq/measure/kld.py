@@ -124,5 +124,6 @@ def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: 
     metrics.update(base_model_sha256=store.sha256(base), base_model=str(base), logits_key=logits.stem)
     rid = record(store, kind="kld", label=label or f"{model.name} {kv.label()}", model=model, build=build, kv=kv,
                  command=list(run.argv), metrics=metrics, wall_seconds=run.seconds, study=study, recipe=recipe,
-                 plan_hash=plan_hash, corpus=corpus, ctx=header.n_ctx, chunks=header.n_chunk, info=info)
+                 plan_hash=plan_hash, corpus=corpus, ctx=header.n_ctx, chunks=header.n_chunk, info=info,
+                 tool_output=run.output)
     return KldOutcome(result, rid, logits, cached, time.monotonic() - t0)

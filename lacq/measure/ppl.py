@@ -49,5 +49,6 @@ def measure_ppl(build: Build, store: Store, model: Path, info: ModelInfo, kv: Kv
     metrics.update(k_bits_per_value=k_bpv, v_bits_per_value=v_bpv)
     rid = record(store, kind="ppl", label=label or f"{model.name} {kv.label()}", model=model, build=build, kv=kv,
                  command=list(run.argv), metrics=metrics, wall_seconds=run.seconds, study=study, recipe=recipe,
-                 plan_hash=plan_hash, corpus=corpus, ctx=ctx, chunks=result.n_chunks or chunks, info=info)
+                 plan_hash=plan_hash, corpus=corpus, ctx=ctx, chunks=result.n_chunks or chunks, info=info,
+                 tool_output=run.output)
     return PplOutcome(result, rid, run.seconds, k_bpv, v_bpv)

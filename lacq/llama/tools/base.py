@@ -40,6 +40,27 @@ class ToolRun:
     log_path: Path | None
 
 
+_SYSTEM_INFO = re.compile(r"system_info: (.*)$", re.M)
+
+
+def system_info(text: str) -> dict[str, list[str]] | None:
+    """The features each ggml backend reports on the tools' `system_info:` line:
+    "... | CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 0 | ..." -> {"CPU": ["SSE3", "AVX2"]}."""
+    m = _SYSTEM_INFO.search(text)
+    if not m:
+        return None
+    out: dict[str, list[str]] = {}
+    backend = None
+    for part in m.group(1).split("|"):
+        if " : " in part:
+            backend, part = (p.strip() for p in part.split(" : ", 1))
+            out.setdefault(backend, [])
+        name, sep, value = part.partition("=")
+        if backend and sep and value.strip() not in ("0", ""):
+            out[backend].append(name.strip() if value.strip() == "1" else f"{name.strip()}={value.strip()}")
+    return out
+
+
 def thread_gpu_args(threads: int | None, ngl: int | None) -> list[str]:
     """The -t / -ngl arguments every llama.cpp tool lacq runs takes the same way."""
     args = ["-t", str(threads)] if threads else []

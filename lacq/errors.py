@@ -45,3 +45,13 @@ class OutputExistsError(LacqError):
 
 class StoreError(LacqError):
     """The results database cannot be read or written."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived. A BaseException, like KeyboardInterrupt, so that it unwinds the
+    same way: a running tool's process group is stopped, temporary outputs are removed and no
+    result is stored."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

@@ -29,13 +29,14 @@ def write_synthetic_gguf(
     tied: bool = True,
     block_count: int | None = -1,
     truncate: bool = False,
+    n_ctx: int = 4096,
 ) -> Path:
     """Write a small model; `extra_kv` keys may use "{arch}"; block_count=None omits the key."""
     path = Path(path)
     w = gguf.GGUFWriter(path, arch)
     if block_count is not None:
         w.add_block_count(n_blocks if block_count == -1 else block_count)
-    w.add_context_length(256)
+    w.add_context_length(n_ctx)  # above lacq's default -c 512, as every real model
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_ff if isinstance(n_ff, int) else list(n_ff))
     w.add_head_count(n_head)

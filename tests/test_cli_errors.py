@@ -114,3 +114,14 @@ def test_tool_exit_status_reported():
 def test_tool_that_prints_nothing_says_so():
     with pytest.raises(ToolError, match="exited with status 2 and printed nothing"):
         run_tool([sys.executable, "-c", "import sys; sys.exit(2)"], what="fake-tool")
+
+
+@pytest.mark.parametrize("command", ["ppl", "kld"])
+def test_context_beyond_training_is_refused_unless_insisted(tmp_path, command):
+    m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4, n_ctx=256)
+    base = ["--base", m] if command == "kld" else []
+    _assert_clean_error(_run(command, m, *base, "-c", "100000", "--chunks", "1"),
+                        "context 100000 is longer than m.gguf was trained for (256 tokens)", "--allow-long-context")
+    # insisting gets past the check, to the next one (there is no build here)
+    _assert_clean_error(_run(command, m, *base, "-c", "100000", "--chunks", "1", "--allow-long-context"),
+                        "lacq build")

@@ -131,17 +131,57 @@ def test_llama_cpp_refusing_a_model_shows_its_log(cpu_build, tmp_path):
     assert "last lines of its log" in r.output or "printed nothing" in r.output
 
 
-def _interrupt(args, ready, tmp_path) -> subprocess.CompletedProcess:
-    """Start `lacq ARGS`, wait until `ready()` holds, send Ctrl-C (SIGINT)."""
-    proc = subprocess.Popen([sys.executable, "-m", "lacq", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
-    deadline = time.monotonic() + 120
+def _start(args, sigint=signal.SIG_DFL) -> subprocess.Popen:
+    """Start `lacq ARGS` with the signal dispositions a terminal gives, whatever pytest inherited:
+    a shell that starts pytest in the background (`nohup … &`, some CI runners) leaves SIGINT
+    (and with nohup SIGHUP) ignored, children inherit that, and a signal the test sends would
+    do nothing. `sigint=signal.SIG_IGN` starts lacq as such a background job instead."""
+
+    def dispositions():
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+    return subprocess.Popen([sys.executable, "-m", "lacq", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ),
+                            preexec_fn=dispositions)  # noqa: PLW1509  (pytest runs the tests in one thread)
+
+
+def _wait_until(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
     while not ready() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "finished before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+
+
+def _interrupt(args, ready, tmp_path, sig=signal.SIGINT) -> subprocess.CompletedProcess:
+    """Start `lacq ARGS`, wait until `ready()` holds, send Ctrl-C (SIGINT) or `sig`."""
+    proc = _start(args)
+    _wait_until(proc, ready)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(args, proc.returncode, out)
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is `pid`: pid -> command name (from /proc/*/stat; Linux)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited while we looked
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if int(rest[1]) == pid:
+            out[int(stat.parent.name)] = name
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_ctrl_c_during_quantize_leaves_no_partial_file(smollm2_f16, tmp_path):
@@ -161,3 +201,76 @@ def test_ctrl_c_during_ppl_stores_nothing(quantized, tmp_path):
     assert done.returncode == 130, done.stdout
     assert "Traceback" not in done.stdout
     assert open_store().results(kind="ppl") == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_during_long_ppl_stops_llama_perplexity_and_stores_nothing(smollm2, cpu_build, sig):
+    # A long context: one chunk takes far longer than the test waits, as in a CI timeout.
+    proc = _start(["ppl", smollm2, "-c", "8192", "--chunks", "2"])
+    tool: list[int] = []
+
+    def computing() -> bool:
+        tool[:] = [p for p, name in _children(proc.pid).items() if name.startswith("llama-perplex")]
+        return bool(tool)
+
+    try:
+        _wait_until(proc, computing)
+        time.sleep(2)  # past loading the model: computing the first chunk
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + sig, (proc.returncode, out)
+        assert f"terminated by {signal.Signals(sig).name}" in out and "Traceback" not in out
+        assert not _alive(tool[0]), "llama-perplexity survived lacq"
+        assert open_store().results() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in tool:  # a survivor (the bug this test is about) must not run on for minutes
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_lacq_started_with_sigint_ignored_keeps_it_ignored(smollm2, cpu_build):
+    # Unix convention: a background job (started with SIGINT ignored) must not die on the
+    # terminal's Ctrl-C; lacq and the tool it runs keep the inherited disposition.
+    proc = _start(["ppl", smollm2, "--chunks", "2"], sigint=signal.SIG_IGN)
+    try:
+        _wait_until(proc, lambda: any(n.startswith("llama-perplex") for n in _children(proc.pid).values()))
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "PPL = " in out
+    assert len(open_store().results(kind="ppl")) == 1
+
+
+@pytest.mark.parametrize("command", [
+    ["ppl", "--chunks", "2", "-c", "128"],
+    ["kld", "--chunks", "2", "-c", "128"],
+    ["bench", "--pp", "32", "--tg", "4", "-r", "1"],
+    ["niah", "--ctx", "256", "--depths", "50", "--trials", "1", "--runner", "completion"],
+], ids=lambda c: c[0])
+def test_json_prints_the_stored_result_alone_and_progress_is_plain_lines_in_a_log(smollm2, cpu_build, command):
+    name, *rest = command
+    base = ["--base", smollm2] if name == "kld" else []
+    # stderr a pipe, as a log file or CI is: not a terminal
+    done = subprocess.run([sys.executable, "-m", "lacq", name, smollm2, *base, *rest, "--ctk", "q8_0", "--ctv", "q4_0",
+                           "--boundary", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)  # one object and nothing else on stdout
+    (stored,) = open_store().results(kind=name)
+    assert out["id"] == stored.id and out["kind"] == name and out["metrics"] == json.loads(json.dumps(stored.metrics))
+    layers = out["kv"]["layers"]
+    assert [(l["block"], l["ordinal"]) for l in layers] == [(i, i) for i in range(30)]
+    assert [l["v"] for l in layers] == ["q8_0"] + ["q4_0"] * 28 + ["q8_0"] and {l["k"] for l in layers} == {"q8_0"}
+    assert out["kv"]["v_bits_per_value"] == pytest.approx((2 * 8.5 + 28 * 4.5) / 30)
+    assert out["build"]["build_key"] == cpu_build.key and out["model_sha256"]
+    assert out["machine"]["cpu"]  # where it ran: the CPU, and the ggml CPU features the tool reported
+    if name in ("ppl", "kld"):
+        assert "REPACK" in out["machine"]["ggml_cpu"] or "NEON" in out["machine"]["ggml_cpu"], out["machine"]
+    # progress: plain lines (no bar redrawn), at least the stage's start and end
+    assert "━" not in done.stderr and "\r" not in done.stderr
+    lines = [l for l in done.stderr.splitlines() if l.startswith("[")]
+    assert len(lines) >= 2 and lines[-1].split("] ", 1)[1].split(":")[1].strip().startswith("100%"), done.stderr

@@ -112,3 +112,41 @@ def test_truncated_header(tmp_path):
 def test_no_block_count(tmp_path):
     with pytest.raises(GGUFError, match="block_count"):
         inspect_model(write_synthetic_gguf(tmp_path / "b.gguf", block_count=None))
+
+
+GEMMA3_SWA = {"{arch}.attention.sliding_window": 128}
+
+
+@pytest.mark.parametrize("extra,window,swa", [
+    # gemma3's default pattern (src/models/gemma3.cpp: load_swa_pattern(ml, 6)): every sixth block global
+    (GEMMA3_SWA, 128, (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)),
+    # an integer pattern in the metadata replaces the default
+    ({**GEMMA3_SWA, "{arch}.attention.sliding_window_pattern": 4}, 128, (0, 1, 2, 4, 5, 6, 8, 9, 10)),
+    # per-layer flags win
+    ({**GEMMA3_SWA, "{arch}.attention.sliding_window_pattern": [True, False] * 6}, 128, (0, 2, 4, 6, 8, 10)),
+    # no window: gemma3 without SWA keeps one cache
+    ({}, None, ()),
+])
+def test_gemma3_sliding_window_blocks(tmp_path, extra, window, swa):
+    m = write_synthetic_gguf(tmp_path / "g.gguf", n_blocks=12, arch="gemma3", extra_kv=extra)
+    info = inspect_model(m)
+    assert (info.swa_window, info.swa_blocks, info.is_iswa) == (window, swa, bool(swa))
+    assert info.kv_blocks == tuple(range(12))  # ordinals count over both caches
+    assert ModelInfo.from_dict(json.loads(json.dumps(info.to_dict()))) == info
+
+
+def test_inspect_shows_the_two_caches_of_an_iswa_model(tmp_path):
+    from click.testing import CliRunner
+
+    from lacq.cli import cli
+    m = write_synthetic_gguf(tmp_path / "g.gguf", n_blocks=12, arch="gemma3", extra_kv=GEMMA3_SWA)
+    r = CliRunner().invoke(cli, ["inspect", str(m), "--no-tensors"])
+    assert r.exit_code == 0, r.output
+    assert "pure attention" not in r.output
+    assert ("two KV caches (iSWA): sliding-window cache, window 128 tokens, for blocks 0-4, 6-10; "
+            "full-context cache for blocks 5, 11") in " ".join(r.output.split())
+    assert "ordinals count over both caches" in r.output
+    rows = [line.split("│")[1:4] for line in r.output.splitlines() if line.count("│") >= 4]
+    assert [c.strip() for c in rows[5]] == ["5", "5", "full"] and [c.strip() for c in rows[6]] == ["6", "6", "sliding-window"]
+    d = json.loads(CliRunner().invoke(cli, ["inspect", str(m), "--json"]).output)
+    assert d["swa_window"] == 128 and d["swa_blocks"] == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]

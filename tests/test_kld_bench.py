@@ -140,6 +140,16 @@ def test_bench_parse_with_log_lines_around(capture):
     assert len(bench.parse(text)) == 4
 
 
+def test_bench_parse_with_stderr_between_test_objects(capture):
+    # llama-bench ends a test object with "  }" and no newline and writes the "," before the next;
+    # --progress and libllama's log go to stderr, which run_tool interleaves: seen in between.
+    lines = capture("bench_cpu_q8_0_q4_0.json").splitlines()
+    first_end = lines.index("  },")
+    lines[first_end:first_end + 1] = ["  }llama-bench: benchmark 2/4: starting",
+                                      "0.00.213.511 I llama_kv_types: layer blk=0 ord=0 k=q8_0 v=q8_0", ","]
+    assert len(bench.parse("\n".join(lines))) == 4
+
+
 @pytest.mark.parametrize("text,match", [
     ("error: unknown argument: -o\n", "no JSON"),
     ("[\n  {\"n_prompt\": 1,\n", "malformed"),

@@ -105,3 +105,35 @@ def test_report_joins_kld_and_niah_and_sorts_by_kld(tmp_path):
     assert df.set_index("configuration").loc["a", "niah_pass_pct"] == 50.0
     only_ppl, cols = combined_frame([r for r in store.results() if r.kind == "ppl"])
     assert "kld_mean" not in cols
+
+
+def test_system_info_gives_the_ggml_cpu_features(capture):
+    from lacq.llama.tools.base import system_info
+    info = system_info(capture("kv_policy_smollm2.log"))
+    assert info == {"CPU": ["SSE3", "SSSE3", "AVX", "AVX_VNNI", "AVX2", "F16C", "FMA", "BMI2", "AVX512",
+                            "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "LLAMAFILE", "OPENMP", "REPACK"]}
+    assert system_info("no such line") is None
+    line = "system_info: n_threads = 8 | CUDA : ARCHS = 900 | USE_GRAPHS = 1 | CPU : AVX2 = 1 | AVX512 = 0 |"
+    assert system_info(line) == {"CUDA": ["ARCHS=900", "USE_GRAPHS"], "CPU": ["AVX2"]}
+
+
+def test_results_record_the_machine_and_report_shows_it(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lacq.cli import cli
+    from lacq.measure.common import machine_record
+    db = tmp_path / "r.sqlite"
+    m = _models(tmp_path, {"a": 1000, "b": 900})
+    store = Store(db)
+    here = machine_record("I system_info: n_threads = 2 | CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | ")
+    assert here["ggml_cpu"] == ["SSE3", "AVX2", "AVX512"] and here["cpu"]
+    _add(store, m["a"], "A", 10.0, machine=here)
+    _add(store, m["b"], "B", 11.0, machine={**here, "cpu": "Other CPU", "ggml_cpu": ["AVX2"]})
+    _add(store, m["b"], "C", 12.0)  # stored before machines were recorded
+    store.close()
+    assert Store(db).get(1).machine == here
+    r = CliRunner().invoke(cli, ["--db", str(db), "report", "--format", "md"])
+    assert r.exit_code == 0, r.output
+    assert f"measured on {here['cpu']} (ggml CPU: SSE3 AVX2 AVX512): A" in r.output
+    assert "measured on Other CPU (ggml CPU: AVX2): B" in r.output
+    assert "rows come from 2 machines" in r.output and "1 result(s) carry no machine record" in r.output

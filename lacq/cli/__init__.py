@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import click
@@ -24,7 +25,13 @@ def cli(ctx, db, verbose):
 
 
 def main() -> None:
-    cli(prog_name="lacq")
+    from lacq.cli.common import install_signal_handlers
+    from lacq.errors import Terminated
+    install_signal_handlers()
+    try:
+        cli(prog_name="lacq")
+    except Terminated as exc:  # arrived outside a command's error handling (parsing, start-up)
+        sys.exit(128 + exc.signum)
 
 
 from lacq.cli import build, measure, model, quantize, report, study  # noqa: E402,F401  (register the commands)

@@ -4,14 +4,16 @@ An option group adds a few click options and hands the command one value built
 from them: `kv_options` a `KvConfig`, `run_options` a `RunOptions`,
 `build_options` a `BuildChoice`. Commands stay short and their bad input fails
 through one path: a `LacqError` becomes a one-paragraph message and exit 1,
-Ctrl-C a note and exit 130.
+Ctrl-C a note and exit 130, SIGTERM/SIGHUP a note and exit 128 + the signal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lacq.errors import LacqError
+from lacq.errors import LacqError, Terminated
 from lacq.llama.build import BACKENDS, Build, BuildSpec, require_build
 from lacq.plan.kv.flags import kv_from_flags
 
@@ -29,14 +31,88 @@ console = Console() if Console().is_terminal else Console(width=160)
 err_console = Console(stderr=True)
 
 
-def progress_bar() -> Progress:
+class PlainProgress:
+    """`progress_bar()`'s interface for logs: plain lines, no redrawing. One line when a stage
+    starts and one when it finishes; in between at most one line every `every` seconds."""
+
+    def __init__(self, console: Console, every: float = 30.0, clock=time.monotonic):
+        self.console, self.every, self.clock = console, every, clock
+        self.t0 = self.last = clock()
+        self.tasks: dict[int, dict] = {}
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = 1.0, detail: str = "", **_) -> int:
+        task_id = len(self.tasks)
+        self.tasks[task_id] = {"description": description, "total": total or 1.0, "completed": 0.0,
+                               "detail": detail, "done": False}
+        self._line(task_id)
+        return task_id
+
+    def update(self, task_id: int, completed: float | None = None, detail: str | None = None, **_) -> None:
+        task = self.tasks[task_id]
+        if completed is not None:
+            task["completed"] = completed
+        if detail is not None:
+            task["detail"] = detail
+        finished = task["completed"] >= task["total"] and not task["done"]
+        if finished:
+            task["done"] = True
+        if finished or self.clock() - self.last >= self.every:
+            self._line(task_id)
+
+    def _line(self, task_id: int) -> None:
+        task = self.tasks[task_id]
+        now = self.last = self.clock()
+        pct = 100 * task["completed"] / task["total"]
+        text = f"[{now - self.t0:5.0f} s] {task['description']}: {pct:.0f}%"
+        if task["detail"]:
+            text += f" {task['detail']}"
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def progress_bar() -> Progress | PlainProgress:
+    """A rich progress bar on a terminal; plain lines where stderr is a log file or a pipe."""
+    if not err_console.is_terminal:
+        return PlainProgress(err_console)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                     TimeElapsedColumn(), TextColumn("{task.fields[detail]}"), console=err_console, transient=False)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _raise_terminated(signum, frame):
+    # Once: a second SIGTERM/SIGHUP must not cut short the cleanup the first one started
+    # (stopping the tool's process group takes at most a few seconds; SIGKILL still works).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP stop lacq as Ctrl-C does: the running tool's process group is
+    terminated, temporary outputs removed, nothing stored.
+
+    A signal that was ignored when lacq started stays ignored, as is the Unix convention
+    (`nohup` ignores SIGHUP; a shell starts background jobs with SIGINT ignored so that the
+    terminal's Ctrl-C does not reach them). Python already keeps an inherited ignored SIGINT
+    ignored, so such a lacq is not interrupted by SIGINT either; its tools inherit the same
+    dispositions.
+    """
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _raise_terminated)
+
+
 @contextlib.contextmanager
 def user_errors():
-    """lacq's errors as a short message and exit 1; Ctrl-C as a note and exit 130."""
+    """lacq's errors as a short message and exit 1; Ctrl-C as a note and exit 130;
+    SIGTERM/SIGHUP as a note and exit 128 + the signal number (143, 129)."""
     try:
         yield
     except LacqError as exc:
@@ -44,6 +120,10 @@ def user_errors():
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/red]: stopped; no partial output was kept")
         sys.exit(130)
+    except Terminated as exc:
+        err_console.print(f"[red]terminated[/red] by {signal.Signals(exc.signum).name}: stopped; "
+                          "no partial output was kept")
+        sys.exit(128 + exc.signum)
 
 
 def handle_errors(fn):
@@ -174,6 +254,24 @@ def format_option(choices=("table", "md", "csv", "json"), default="table"):
 
 def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON.")(fn)
+
+
+def result_json_option(fn):
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print the stored result (provenance, per-layer KV map, metrics) as one JSON object "
+                             "on stdout, and nothing else there.")(fn)
+
+
+def echo_result_json(store, result_id: int) -> None:
+    """The result as stored, as one JSON object on stdout."""
+    import dataclasses
+    import json
+    click.echo(json.dumps(dataclasses.asdict(store.get(result_id))))
+
+
+allow_long_context_option = click.option(
+    "--allow-long-context", is_flag=True,
+    help="Run a context longer than the model's training context (refused otherwise).")
 
 
 def corpus_path(corpus: Path | None) -> Path:

@@ -10,9 +10,11 @@ from lacq.cli import cli
 from lacq.cli.common import (
     BuildChoice,
     RunOptions,
+    allow_long_context_option,
     build_options,
     console,
     corpus_path,
+    echo_result_json,
     err_console,
     format_option,
     handle_errors,
@@ -20,6 +22,7 @@ from lacq.cli.common import (
     kv_options,
     open_results,
     progress_bar,
+    result_json_option,
     run_options,
 )
 from lacq.errors import LacqError
@@ -40,17 +43,21 @@ def _model(model_spec: str):
               help="Text to evaluate (default: WikiText-2 raw test split).")
 @click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True)
 @click.option("--chunks", type=int, default=20, show_default=True)
+@allow_long_context_option
 @run_options
+@result_json_option
 @kv_options
 @build_options
 @click.pass_context
 @handle_errors
-def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, run: RunOptions, kv: KvConfig, build: BuildChoice):
+def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, allow_long_context, run: RunOptions, as_json, kv: KvConfig,
+            build: BuildChoice):
     """Perplexity of MODEL (llama-perplexity), stored with its provenance."""
-    from lacq.measure.common import check_kv
+    from lacq.measure.common import check_context, check_kv
     from lacq.measure.ppl import measure_ppl
     model, info = _model(model_spec)
     resolved = check_kv(kv, info, build.backend)  # bad input fails before the build lookup
+    check_context(ctx_len, info, allow_long_context)
     if resolved.flash_attn != kv.flash_attn:
         err_console.print(f"[yellow]note[/yellow]: flash attention switched on: "
                           f"{', '.join(kv.needs_flash_attention())} need it")
@@ -60,7 +67,11 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, run: RunOptions, kv: KvCon
         task = progress.add_task("perplexity", total=1.0, detail=kv.label())
         out = measure_ppl(tools, store, model, info, kv, corpus_path(corpus), ctx=ctx_len, chunks=chunks,
                           threads=run.threads, ngl=run.ngl, label=run.label, study=run.study,
-                          progress=lambda f, d: progress.update(task, completed=f, detail=d))
+                          progress=lambda f, d: progress.update(task, completed=f, detail=d),
+                          allow_long_context=allow_long_context)
+    if as_json:
+        echo_result_json(store, out.result_id)
+        return
     r = out.result
     console.print(f"PPL = {r.ppl:.4f} +/- {r.ppl_error:.5f}  ({len(r.chunks)} chunks of {r.n_ctx}, "
                   f"K {kv.k} {out.k_bits_per_value:.3f} bits/value, V {kv.v} {out.v_bits_per_value:.3f} bits/value, "
@@ -79,27 +90,36 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, run: RunOptions, kv: KvCon
               help="Text to evaluate (default: WikiText-2 raw test split).")
 @click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True)
 @click.option("--chunks", type=int, default=20, show_default=True)
+@allow_long_context_option
 @run_options
 @click.option("--recipe", default=None, help="Weight recipe name to record with the result.")
+@result_json_option
 @kv_options
 @build_options
 @click.pass_context
 @handle_errors
-def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, run: RunOptions, recipe, kv: KvConfig,
-            build: BuildChoice):
+def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, allow_long_context, run: RunOptions, recipe,
+            as_json, kv: KvConfig, build: BuildChoice):
     """KL-divergence of MODEL against BASE (llama-perplexity; base logits cached)."""
+    from lacq.measure.common import check_context
     from lacq.measure.kld import measure_kld
     model, info = _model(model_spec)
     base, base_info = _model(base_spec)
     if chunks < 1:
         raise LacqError("--chunks must be at least 1")
+    for i in (info, base_info):
+        check_context(ctx_len, i, allow_long_context)
     tools = build.require()
     store = open_results(ctx)
     with progress_bar() as progress:
         task = progress.add_task("kl-divergence", total=1.0, detail=kv.label())
         out = measure_kld(tools, store, model, info, base, base_info, kv, corpus_path(corpus), ctx=ctx_len,
                           chunks=chunks, threads=run.threads, ngl=run.ngl, label=run.label, study=run.study,
-                          recipe=recipe, progress=lambda f, d: progress.update(task, completed=f, detail=d))
+                          recipe=recipe, progress=lambda f, d: progress.update(task, completed=f, detail=d),
+                          allow_long_context=allow_long_context)
+    if as_json:
+        echo_result_json(store, out.result_id)
+        return
     r = out.result
     q = r.kld_quantiles
     console.print(f"Mean KLD = {r.kld_mean:.6f} ± {r.kld_mean_error:.6f}  (99% {q.get('p99', float('nan')):.5f}, "
@@ -128,12 +148,13 @@ def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, run: RunOptions
 @run_options
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG heatmap.")
 @format_option(("table", "md", "json"))
+@result_json_option
 @kv_options
 @build_options
 @click.pass_context
 @handle_errors
 def niah_cmd(ctx, model_spec, ctx_list, depths, trials, seed, haystack, chat_template, runner, n_predict,
-             run: RunOptions, plot, fmt, kv: KvConfig, build: BuildChoice):
+             run: RunOptions, plot, fmt, as_json, kv: KvConfig, build: BuildChoice):
     """Needle-in-a-haystack pass rates (depth × context length) for MODEL and a KV configuration."""
     from lacq.measure.niah.grid import measure_niah
     from lacq.results.plots import plot_niah
@@ -150,10 +171,13 @@ def niah_cmd(ctx, model_spec, ctx_list, depths, trials, seed, haystack, chat_tem
                            progress=lambda f, d: progress.update(task, completed=f, detail=d))
     res = store.get(out.result_id)
     df = niah_grid_frame(res.metrics)
-    niah_grid(df, fmt, console, f"{res.label}: NIAH pass rate ({trials} trials per cell, {out.runner})")
     if plot:
         plot_niah({res.label: df}, plot)
-        console.print(f"wrote {plot}")
+        err_console.print(f"wrote {plot}")
+    if as_json:
+        echo_result_json(store, out.result_id)
+        return
+    niah_grid(df, fmt, console, f"{res.label}: NIAH pass rate ({trials} trials per cell, {out.runner})")
     console.print(f"overall {res.metrics['pass_rate']:.0%} in {out.seconds:.0f} s; result #{out.result_id}")
 
 
@@ -168,11 +192,12 @@ def niah_cmd(ctx, model_spec, ctx_list, depths, trials, seed, haystack, chat_tem
 @run_options
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG chart.")
 @format_option()
+@result_json_option
 @kv_options
 @build_options
 @click.pass_context
 @handle_errors
-def bench_cmd(ctx, model_spec, pp, tg, depth_list, repetitions, run: RunOptions, plot, fmt, kv: KvConfig,
+def bench_cmd(ctx, model_spec, pp, tg, depth_list, repetitions, run: RunOptions, plot, fmt, as_json, kv: KvConfig,
               build: BuildChoice):
     """Prefill and decode speed (llama-bench -o json) per KV configuration and depth."""
     from lacq.measure.bench import measure_bench
@@ -188,7 +213,10 @@ def bench_cmd(ctx, model_spec, pp, tg, depth_list, repetitions, run: RunOptions,
                             threads=run.threads, ngl=run.ngl, label=run.label, study=run.study,
                             progress=lambda f, d: progress.update(task, completed=f, detail=d))
     df = bench_frame([store.get(out.result_id)])
-    render(df, fmt, console, title=f"llama-bench pp{pp} / tg{tg} on {out.rows[0].device}", columns=BENCH_COLUMNS)
     if plot:
         plot_bench(df, plot)
-        console.print(f"wrote {plot}")
+        err_console.print(f"wrote {plot}")
+    if as_json:
+        echo_result_json(store, out.result_id)
+        return
+    render(df, fmt, console, title=f"llama-bench pp{pp} / tg{tg} on {out.rows[0].device}", columns=BENCH_COLUMNS)

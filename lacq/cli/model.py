@@ -29,10 +29,17 @@ def inspect_cmd(model, as_json, tensors):
                   f"context {info.n_ctx_train}, {info.total_bytes / 1e6:.1f} MB, {info.bpw:.2f} bits/weight")
     ordinals = info.kv_ordinal_map()
     console.print(f"KV layers: {len(ordinals)} of {info.n_blocks} blocks")
-    kv_table = Table("KV ordinal", "block", title="KV-layer ordinal map")
+    swa = set(info.swa_blocks)
+    if info.is_iswa:
+        full = [b for b in info.kv_blocks if b not in swa]
+        console.print(f"two KV caches (iSWA): sliding-window cache, window {info.swa_window} tokens, for blocks "
+                      f"{_ranges(info.swa_blocks)}; full-context cache for blocks {_ranges(full) or 'none'}")
+        console.print("  KV-layer ordinals count over both caches, in block order")
+    kv_table = Table("KV ordinal", "block", *(["cache"] if info.is_iswa else []), title="KV-layer ordinal map")
     for block, ordinal in ordinals.items():
-        kv_table.add_row(str(ordinal), str(block))
-    if len(ordinals) != info.n_blocks:
+        cache = ["sliding-window" if block in swa else "full"] if info.is_iswa else []
+        kv_table.add_row(str(ordinal), str(block), *cache)
+    if len(ordinals) != info.n_blocks or info.is_iswa:
         console.print(kv_table)
     else:
         console.print("  (pure attention: ordinal = block index)")
@@ -48,6 +55,17 @@ def inspect_cmd(model, as_json, tensors):
     right = (False, False, False, False, True, True)
     click.echo("\n".join("  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)).rstrip()
                          for row in rows))
+
+
+def _ranges(blocks) -> str:
+    """0, 1, 2, 4 -> '0-2, 4'."""
+    out: list[list[int]] = []
+    for b in blocks:
+        if out and b == out[-1][1] + 1:
+            out[-1][1] = b
+        else:
+            out.append([b, b])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
 @cli.group(name="recipes")

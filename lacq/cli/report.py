@@ -19,7 +19,7 @@ from lacq.errors import LacqError
 def report_cmd(ctx, study, base_label, fmt, list_studies):
     """Comparison table of stored results: PPL, and KLD and NIAH where the study has them."""
     from lacq.results.render import render
-    from lacq.results.tables import combined_frame
+    from lacq.results.tables import combined_frame, machine_lines
     store = open_results(ctx)
     results = [r for r in store.results() if r.kind in ("ppl", "kld", "niah")]
     studies = list(dict.fromkeys(r.study for r in results if r.study))
@@ -36,3 +36,6 @@ def report_cmd(ctx, study, base_label, fmt, list_studies):
         raise LacqError(f"no results for study {study!r}; known studies: {', '.join(studies) or 'none'}")
     df, columns = combined_frame(rows, base_label)
     render(df, fmt, console, title=study, columns=columns)
+    if fmt in ("table", "md"):
+        for line in machine_lines(rows):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)

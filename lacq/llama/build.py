@@ -27,6 +27,7 @@ from lacq.fsutil import atomic_directory, canonical_hash, write_text_atomic
 from lacq.llama.elf import PRIVATE_RUNTIME_HINT, private_cxx_runtime
 from lacq.llama.patches import Patch, apply_series, read_series, series_hash
 from lacq.llama.source import Source, resolve_source, source_hash_if_present
+from lacq.llama.tools.base import stop_group
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +202,9 @@ def _run_logged(cmd: list[str], log_path: Path, env: dict, progress: Progress | 
     with open(log_path, "a") as logf:
         logf.write("$ " + " ".join(cmd) + "\n")
         logf.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        # Its own session, stopped as a group on Ctrl-C/SIGTERM: cmake's compilers are its children.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -216,8 +219,7 @@ def _run_logged(cmd: list[str], log_path: Path, env: dict, progress: Progress | 
                     progress(lo + (hi - lo) * frac, line.strip()[:80])
             rc = proc.wait()
         except BaseException:
-            proc.kill()
-            proc.wait()
+            stop_group(proc)
             raise
     if rc != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-25:])

@@ -44,5 +44,6 @@ def measure_bench(build: Build, store: Store, model: Path, info: ModelInfo, kv: 
     metrics = {"rows": [asdict(r) for r in rows], "device": rows[0].device, "backends": rows[0].backends,
                "build_key": build.key}
     rid = record(store, kind="bench", label=label or f"{model.name} {kv.label()}", model=model, build=build,
-                 kv=kv, command=list(run.argv), metrics=metrics, wall_seconds=run.seconds, study=study)
+                 kv=kv, command=list(run.argv), metrics=metrics, wall_seconds=run.seconds, study=study, info=info,
+                 tool_output=run.output)
     return BenchOutcome(rows, rid, run.seconds)

@@ -7,11 +7,13 @@ returns a frozen dataclass; the CLI only wires and prints.
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Callable
 
-from lacq.errors import RecipeError
+from lacq.errors import LacqError, RecipeError
 from lacq.llama.build import Build
+from lacq.llama.tools.base import system_info
 from lacq.model.info import ModelInfo
 from lacq.plan.kv.config import KvConfig
 from lacq.results.store import Store
@@ -30,6 +32,18 @@ def check_kv(kv: KvConfig, info: ModelInfo, backend: str) -> KvConfig:
     return kv
 
 
+def check_context(ctx: int, info: ModelInfo, allow_long: bool = False) -> None:
+    """Refuse a context longer than the model's training context unless the caller insists:
+    such a run takes hours (`-c 100000` on an 8192-token model) and measures a model outside
+    what it was trained for."""
+    if ctx < 1:
+        raise LacqError(f"context {ctx} must be at least 1 token")
+    if info.n_ctx_train and ctx > info.n_ctx_train and not allow_long:
+        raise LacqError(f"context {ctx} is longer than {Path(info.path).name} was trained for "
+                        f"({info.n_ctx_train} tokens); use -c {info.n_ctx_train} or less, or pass "
+                        "--allow-long-context to run it anyway")
+
+
 def prepare_kv(build: Build, kv: KvConfig, info: ModelInfo) -> KvConfig:
     """Every check of a KV configuration against this build and model, before any work:
     `check_kv`, and the per-layer patch where the configuration has per-layer types."""
@@ -40,11 +54,49 @@ def prepare_kv(build: Build, kv: KvConfig, info: ModelInfo) -> KvConfig:
     return kv
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; elsewhere what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_record(tool_output: str | None) -> dict:
+    """Where a result was measured: the CPU model, and the ggml CPU features the tool reported.
+    A native build (GGML_NATIVE, the default) compiles for the CPU it is built on, and ggml picks
+    kernels by these features: the same commit gives slightly different numbers on another CPU."""
+    info = system_info(tool_output) if tool_output else None
+    return {"cpu": cpu_model(), "arch": platform.machine(),
+            "ggml_cpu": info.get("CPU") if info else None}
+
+
+def kv_record(kv: KvConfig, info: ModelInfo | None) -> dict:
+    """The KV configuration as stored: its settings and, given the model, the per-layer map
+    (block, KV-layer ordinal, K and V type, and the cache of iSWA models) and bits/value."""
+    out = kv.to_dict()
+    if info is None or not info.kv_blocks:
+        return out
+    swa = set(info.swa_blocks)
+    out["layers"] = [{"block": b, "ordinal": i, "k": k, "v": v,
+                      **({"cache": "swa" if b in swa else "full"} if info.is_iswa else {})}
+                     for i, (b, (k, v)) in enumerate(zip(info.kv_blocks, kv.per_layer(len(info.kv_blocks))))]
+    out["k_bits_per_value"], out["v_bits_per_value"] = kv.bits_per_value(len(info.kv_blocks))
+    return out
+
+
 def record(store: Store, *, kind: str, label: str, model: Path, build: Build, kv: KvConfig, command: list,
            metrics: dict, wall_seconds: float, study: str | None = None, recipe: str | None = None,
            plan_hash: str | None = None, corpus: Path | None = None, ctx: int | None = None,
-           chunks: int | None = None) -> int:
-    """File one measurement with its provenance: build, KV configuration and the environment it set."""
+           chunks: int | None = None, info: ModelInfo | None = None, tool_output: str | None = None) -> int:
+    """File one measurement with its provenance: build, KV configuration (with the per-layer map
+    where `info` is given), the environment it set and the machine (CPU features from
+    `tool_output`, the tool's log)."""
     return store.add(kind=kind, label=label, model=model, build=build.provenance(), command=command,
-                     metrics=metrics, study=study, recipe=recipe, plan_hash=plan_hash, kv=kv.to_dict(),
-                     corpus=corpus, ctx=ctx, chunks=chunks, env=kv.env(), wall_seconds=wall_seconds)
+                     metrics=metrics, study=study, recipe=recipe, plan_hash=plan_hash, kv=kv_record(kv, info),
+                     corpus=corpus, ctx=ctx, chunks=chunks, env=kv.env(), wall_seconds=wall_seconds,
+                     machine=machine_record(tool_output))

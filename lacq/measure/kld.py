@@ -16,7 +16,7 @@ from lacq.errors import LacqError
 from lacq.fsutil import atomic_output, canonical_hash
 from lacq.llama.build import Build
 from lacq.llama.tools import kld, perplexity
-from lacq.measure.common import Progress, prepare_kv, record
+from lacq.measure.common import Progress, check_context, prepare_kv, record
 from lacq.model.info import ModelInfo
 from lacq.model.tokenizer import tokenizer_fingerprint
 from lacq.plan.kv.config import KvConfig
@@ -98,11 +98,13 @@ def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: 
                 kv: KvConfig, corpus: Path, *, ctx: int = 512, chunks: int = 20, threads: int | None = None,
                 ngl: int | None = None, label: str | None = None, study: str | None = None,
                 recipe: str | None = None, plan_hash: str | None = None, progress: Progress | None = None,
-                annotations: dict | None = None) -> KldOutcome:
+                annotations: dict | None = None, allow_long_context: bool = False) -> KldOutcome:
     """KLD of `model` against `base` on the base's cached logits; `annotations` are stored beside the
     metrics (a verification stores the KLD it predicted)."""
     if not corpus.exists():
         raise LacqError(f"corpus {corpus} does not exist")
+    for i in (info, base_info):
+        check_context(ctx, i, allow_long_context)
     kv = prepare_kv(build, kv, info)
     check_same_model(base_info, info, base, model)
     t0 = time.monotonic()
@@ -125,5 +127,6 @@ def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: 
                    **(annotations or {}))
     rid = record(store, kind="kld", label=label or f"{model.name} {kv.label()}", model=model, build=build, kv=kv,
                  command=list(run.argv), metrics=metrics, wall_seconds=run.seconds, study=study, recipe=recipe,
-                 plan_hash=plan_hash, corpus=corpus, ctx=header.n_ctx, chunks=header.n_chunk)
+                 plan_hash=plan_hash, corpus=corpus, ctx=header.n_ctx, chunks=header.n_chunk, info=info,
+                 tool_output=run.output)
     return KldOutcome(result, rid, logits, cached, time.monotonic() - t0)

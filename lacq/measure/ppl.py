@@ -8,7 +8,7 @@ from pathlib import Path
 from lacq.errors import LacqError
 from lacq.llama.build import Build
 from lacq.llama.tools import perplexity
-from lacq.measure.common import Progress, prepare_kv, record
+from lacq.measure.common import Progress, check_context, prepare_kv, record
 from lacq.model.info import ModelInfo
 from lacq.plan.kv.config import KvConfig
 from lacq.results.store import Store
@@ -26,9 +26,11 @@ class PplOutcome:
 def measure_ppl(build: Build, store: Store, model: Path, info: ModelInfo, kv: KvConfig, corpus: Path, *,
                 ctx: int = 512, chunks: int | None = 20, threads: int | None = None, ngl: int | None = None,
                 label: str | None = None, study: str | None = None, recipe: str | None = None,
-                plan_hash: str | None = None, progress: Progress | None = None) -> PplOutcome:
+                plan_hash: str | None = None, progress: Progress | None = None,
+                allow_long_context: bool = False) -> PplOutcome:
     if not corpus.exists():
         raise LacqError(f"corpus {corpus} does not exist")
+    check_context(ctx, info, allow_long_context)
     kv = prepare_kv(build, kv, info)
     k_bpv, v_bpv = kv.bits_per_value(len(info.kv_blocks))
     args = perplexity.argv(build.tool("llama-perplexity"), model, corpus, ctx=ctx, chunks=chunks,
@@ -47,5 +49,6 @@ def measure_ppl(build: Build, store: Store, model: Path, info: ModelInfo, kv: Kv
     metrics.update(k_bits_per_value=k_bpv, v_bits_per_value=v_bpv)
     rid = record(store, kind="ppl", label=label or f"{model.name} {kv.label()}", model=model, build=build, kv=kv,
                  command=list(run.argv), metrics=metrics, wall_seconds=run.seconds, study=study, recipe=recipe,
-                 plan_hash=plan_hash, corpus=corpus, ctx=ctx, chunks=result.n_chunks or chunks)
+                 plan_hash=plan_hash, corpus=corpus, ctx=ctx, chunks=result.n_chunks or chunks, info=info,
+                 tool_output=run.output)
     return PplOutcome(result, rid, run.seconds, k_bpv, v_bpv)

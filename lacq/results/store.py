@@ -41,8 +41,14 @@ def m001_results(db: sqlite3.Connection) -> None:
     """)
 
 
+def m002_machine(db: sqlite3.Connection) -> None:
+    # JSON: the CPU model and the ggml CPU features the tool reported (its system_info line):
+    # the same build flags give different kernels, and slightly different numbers, per CPU.
+    db.execute("ALTER TABLE results ADD COLUMN machine TEXT")
+
+
 # Append-only: never edit a migration that has shipped; add a new one.
-MIGRATIONS: list[Migration] = [m001_results]
+MIGRATIONS: list[Migration] = [m001_results, m002_machine]
 
 
 @dataclass(frozen=True)
@@ -67,9 +73,10 @@ class Result:
     wall_seconds: float | None
     host: str | None
     metrics: dict
+    machine: dict | None = None  # {"cpu": model name, "ggml_cpu": [features], "arch": ...}
 
 
-_JSON_COLUMNS = ("kv", "build", "command", "env", "metrics")
+_JSON_COLUMNS = ("kv", "build", "command", "env", "metrics", "machine")
 
 
 def latest_by_label(results: list["Result"], kind: str) -> dict[str, "Result"]:
@@ -96,7 +103,8 @@ class Store:
     def add(self, *, kind: str, label: str, model: Path, build: dict, command: list, metrics: dict,
             study: str | None = None, recipe: str | None = None, plan_hash: str | None = None,
             kv: dict | None = None, corpus: Path | None = None, ctx: int | None = None,
-            chunks: int | None = None, env: dict | None = None, wall_seconds: float | None = None) -> int:
+            chunks: int | None = None, env: dict | None = None, wall_seconds: float | None = None,
+            machine: dict | None = None) -> int:
         model = Path(model)
         row = dict(kind=kind, created=time.time(), label=label, study=study, model_path=str(model.resolve()),
                    model_sha256=self.sha256(model), model_bytes=model.stat().st_size, recipe=recipe,
@@ -104,7 +112,8 @@ class Store:
                    corpus_sha256=self.sha256(corpus) if corpus else None, ctx=ctx, chunks=chunks,
                    build=json.dumps(build), command=json.dumps(command),
                    env=json.dumps(env) if env else None, wall_seconds=wall_seconds,
-                   host=socket.gethostname(), metrics=json.dumps(metrics))
+                   host=socket.gethostname(), metrics=json.dumps(metrics),
+                   machine=json.dumps(machine) if machine is not None else None)
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self.db:

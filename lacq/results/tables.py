@@ -245,3 +245,33 @@ def placement_frame(results: list[Result], budget_label: str | None = None) -> p
                 marks[i] = f"≈ {second.configuration} (within noise)" + (", pareto" if marks[i] else "")
     df["mark"] = marks
     return df
+
+
+def machine_lines(results: list[Result]) -> list[str]:
+    """A report's footer: the machines its rows were measured on (CPU model, ggml CPU features).
+
+    The same commit and flags give slightly different PPL/KLD on CPUs with different features
+    (a native build picks other SIMD kernels), so a table mixing machines says so.
+    """
+    seen: dict[tuple, list[str]] = {}
+    unknown = 0
+    for r in results:
+        if not r.machine:
+            unknown += 1
+            continue
+        key = (r.machine.get("cpu") or "unknown CPU", tuple(r.machine.get("ggml_cpu") or ()))
+        seen.setdefault(key, []).append(r.label)
+    lines = []
+    for (cpu, features), labels in seen.items():
+        where = f"measured on {cpu}"
+        if features:
+            where += f" (ggml CPU: {' '.join(features)})"
+        if len(seen) > 1:
+            where += f": {', '.join(dict.fromkeys(labels))}"
+        lines.append(where)
+    if len(seen) > 1:
+        lines.append(f"rows come from {len(seen)} machines: CPU results agree across machines only to a few "
+                     "tenths of a percent; compare rows measured on one machine")
+    if unknown:
+        lines.append(f"{unknown} result(s) carry no machine record (stored by an older lacq)")
+    return lines

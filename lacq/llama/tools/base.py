@@ -28,24 +28,12 @@ _running: set[subprocess.Popen] = set()
 _running_lock = threading.Lock()
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the tool's whole process group: it may have worker threads or children."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=5)
-    except ProcessLookupError:  # already gone: reap it
-        proc.wait()
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def terminate_running() -> None:
     """Stop every tool `run_tool` has running (Ctrl-C on a thread pool reaches the main thread only)."""
     with _running_lock:
         procs = list(_running)
     for proc in procs:
-        _stop(proc)
+        stop_group(proc)
 
 
 def strip_prefix(line: str) -> str:
@@ -65,6 +53,27 @@ class ToolRun:
     log_path: Path | None
 
 
+_SYSTEM_INFO = re.compile(r"system_info: (.*)$", re.M)
+
+
+def system_info(text: str) -> dict[str, list[str]] | None:
+    """The features each ggml backend reports on the tools' `system_info:` line:
+    "... | CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 0 | ..." -> {"CPU": ["SSE3", "AVX2"]}."""
+    m = _SYSTEM_INFO.search(text)
+    if not m:
+        return None
+    out: dict[str, list[str]] = {}
+    backend = None
+    for part in m.group(1).split("|"):
+        if " : " in part:
+            backend, part = (p.strip() for p in part.split(" : ", 1))
+            out.setdefault(backend, [])
+        name, sep, value = part.partition("=")
+        if backend and sep and value.strip() not in ("0", ""):
+            out[backend].append(name.strip() if value.strip() == "1" else f"{name.strip()}={value.strip()}")
+    return out
+
+
 def thread_gpu_args(threads: int | None, ngl: int | None) -> list[str]:
     """The -t / -ngl arguments every llama.cpp tool lacq runs takes the same way."""
     args = ["-t", str(threads)] if threads else []
@@ -74,6 +83,36 @@ def thread_gpu_args(threads: int | None, ngl: int | None) -> list[str]:
 def tail(text: str, n: int = 15) -> str:
     lines = [l for l in text.splitlines() if l.strip()]
     return "\n".join(lines[-n:])
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a tool started in its own session and its whole process group (worker threads,
+    children): SIGTERM, then SIGKILL after 5 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=5)
+    except ProcessLookupError:
+        proc.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_captured(argv: list[str], *, env: Mapping[str, str]) -> tuple[str, str, int]:
+    """Run argv with stdin closed and return (stdout, stderr, exit status), for tools whose
+    stdout and stderr are read apart (llama-completion). Like `run_tool`, the tool gets its own
+    session, and Ctrl-C, SIGTERM or SIGHUP of lacq stops its process group before unwinding."""
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                env=dict(env), start_new_session=True)
+    except OSError as exc:
+        raise ToolError(f"could not start {Path(argv[0]).name}: {exc}") from None
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        stop_group(proc)
+        raise
+    return out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), proc.returncode
 
 
 def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None, log_path: Path | None = None,
@@ -111,7 +150,7 @@ def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None, log_path:
                 on_line(line.rstrip("\n"))
         rc = proc.wait()
     except BaseException:
-        _stop(proc)
+        stop_group(proc)
         raise
     finally:
         with _running_lock:

@@ -45,6 +45,22 @@ def _test_name(n_prompt: int, n_gen: int) -> str:
     return f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
 
 
+def _json_lines(text: str) -> str:
+    """The JSON array's lines without the stderr run_tool interleaved with them.
+
+    llama-bench ends a test object with "  }" (no newline) and writes the "," before the
+    next one, so its stderr (--progress, libllama's log) lands between the two, even on the
+    line of the "}". Every line of the pretty-printed JSON starts with one of " []{},".
+    """
+    keep = []
+    for line in text.splitlines():
+        if line.startswith("  }") and line.rstrip() not in ("  }", "  },"):
+            line = "  }," if line.startswith("  },") else "  }"  # stderr glued after the "}"
+        if line[:1] in ("", " ", "[", "]", "{", "}", ","):
+            keep.append(line)
+    return "\n".join(keep)
+
+
 def parse(text: str) -> tuple[BenchRow, ...]:
     """Parse llama-bench `-o json` stdout (a JSON array of test objects)."""
     # stderr is interleaved by run_tool: the array starts on a line of its own.
@@ -53,7 +69,7 @@ def parse(text: str) -> tuple[BenchRow, ...]:
     if start < 0:
         raise ToolError("llama-bench printed no JSON; was it run with -o json?")
     try:
-        data, _ = json.JSONDecoder().raw_decode(text[start:])
+        data, _ = json.JSONDecoder().raw_decode(_json_lines(text[start:]))
     except json.JSONDecodeError as exc:
         raise ToolError(f"llama-bench printed malformed JSON: {exc}") from None
     if not isinstance(data, list) or not data:

@@ -195,6 +195,6 @@ def measure_niah(build: Build, store: Store, model: Path, info: ModelInfo, kv: K
     seconds = time.monotonic() - t0
     rid = record(store, kind="niah", label=label or f"{model.name} {kv.label()}", model=model, build=build, kv=kv,
                  command=["niah", runner, str(haystack)], metrics=metrics, wall_seconds=seconds, study=study,
-                 corpus=haystack, ctx=max(lengths))
+                 corpus=haystack, ctx=max(lengths), info=info)
     journal.remove()
     return NiahOutcome(tuple(results), grid, rid, seconds, run.name)

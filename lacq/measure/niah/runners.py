@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Protocol
 
 from lacq.errors import ToolError
 from lacq.llama.tools import completion
+from lacq.llama.tools.base import run_captured
 from lacq.measure.niah.prompts import NiahError, NiahPrompt
 from lacq.plan.kv.config import ENV_K, ENV_V, KvConfig
 
@@ -220,8 +220,7 @@ class CompletionRunner:
                                             "-fa", "on" if _fa_on(self.kv) else "off"])
             env = {k: v for k, v in os.environ.items() if k not in (ENV_K, ENV_V)}
             env.update(self.kv.env())
-            proc = subprocess.run(args, capture_output=True, env=env, stdin=subprocess.DEVNULL)
-        return proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"), proc.returncode
+            return run_captured(args, env=env)
 
     def count_tokens(self, text: str) -> int:
         """Tokens llama-completion makes of `text`: it says so when the prompt is longer than n_ctx - 4."""

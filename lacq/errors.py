@@ -45,3 +45,7 @@ class OutputExistsError(LacqError):
 
 class StoreError(LacqError):
     """The results database cannot be read or written."""
+
+
+class SweepError(LacqError):
+    """A sweep file is malformed, or a sweep's executor cannot run."""

@@ -27,4 +27,4 @@ def main() -> None:
     cli(prog_name="lacq")
 
 
-from lacq.cli import build, measure, model, parity, quantize, report, study  # noqa: E402,F401  (register the commands)
+from lacq.cli import build, measure, model, parity, quantize, report, study, sweep  # noqa: E402,F401  (register the commands)

@@ -149,6 +149,13 @@ def test_compare_shows_a_configuration_one_backend_cannot_run_without_failing():
     assert row["verdict"] == "n/a" and "not run on metal" in row["diffs"][0]["note"]
 
 
+def test_compare_a_configuration_whose_tool_failed_exits_nonzero():
+    b = _doc("metal")
+    b["configs"][5] = {"name": "turbo4/turbo4", "status": "failed", "reason": "llama-perplexity was killed"}
+    problems = compare([_doc(), b], *TOL).problems
+    assert problems == ["turbo4/turbo4: failed on metal: llama-perplexity was killed"]
+
+
 def test_compare_refuses_kld_through_different_references():
     b = _doc("cuda")
     b["reference"] = dict(b["reference"], sha256="0" * 64)

@@ -149,6 +149,10 @@ def compare(docs: list[dict], tol_ppl: Tolerance, tol_kld: Tolerance) -> Compari
                             "are not comparable: make the reference once on the CPU and pass it to every "
                             "backend with --base-logits")
     by_doc = [{c["name"]: c for c in d["configs"]} for d in docs]
+    for n, configs in zip(names, by_doc):
+        for c in configs.values():
+            if c.get("status") == "failed":
+                out.problems.append(f"{c['name']}: failed on {n}: {str(c.get('reason', '')).splitlines()[0]}")
     order = list(dict.fromkeys(name for d in docs for name in (c["name"] for c in d["configs"])))
     for cfg in order:
         row = {"config": cfg, "values": [], "diffs": [], "verdict": "ok"}
@@ -194,6 +198,8 @@ def _compare_ops(docs: list[dict], names: list[str], out: Comparison) -> None:
     for n, ops in ran:
         if ops.get("failed"):
             out.problems.append(f"test-backend-ops: {ops['failed']} case(s) failed on {n}")
+        for error in ops.get("errors", []):
+            out.problems.append(f"test-backend-ops on {n}: {error}")
     ops_names = list(dict.fromkeys(op for _, ops in ran for op in ops.get("ops", {})))
     for op in ops_names:
         counts = [ops["ops"].get(op, {}) for _, ops in ran]

@@ -6,7 +6,8 @@ logits of the same model with an f16 cache, made on the CPU: that one run gives 
 KLD and same-top-p on exactly the reference's tokens, so two backends that take the same logits
 file (`--base-logits`) are compared token for token. A configuration the backend cannot run
 (checked before any work, as every lacq measurement does) is recorded as unsupported with the
-reason, never measured and never counted as agreement.
+reason, never measured and never counted as agreement; one whose tool fails is recorded as failed
+with the log's tail, and the suite goes on.
 
 Changing the configurations, the context or what is counted is a new SUITE_VERSION: `lacq compare`
 refuses documents of different versions.
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from lacq import __version__
-from lacq.errors import LacqError, RecipeError
+from lacq.errors import LacqError, RecipeError, ToolError
 from lacq.llama.build import Build
 from lacq.llama.tools import backend_ops
 from lacq.llama.tools import kld as kld_tool
@@ -113,11 +114,16 @@ def run_backend_ops(build: Build, log_dir: Path, step: Step | None = None) -> di
     device = backend_ops.DEVICE_NAMES[build.backend]
     tool = build.tool("test-backend-ops")
     log_dir.mkdir(parents=True, exist_ok=True)
-    ops, description = {}, None
+    ops, description, errors = {}, None, []
     for i, op in enumerate(backend_ops.OPS):
         if step:
             step("test-backend-ops", i / len(backend_ops.OPS), op)
-        result = backend_ops.run(tool, device, op, log_dir / f"{op}.log")
+        try:
+            result = backend_ops.run(tool, device, op, log_dir / f"{op}.log")
+        except ToolError as exc:  # crashed, or tested nothing: kept in the document, never a pass
+            errors.append(f"{op}: {str(exc).splitlines()[0]}")
+            ops[op] = {k: 0 for k in (*backend_ops.COLUMNS, *(f"turbo {c}" for c in backend_ops.COLUMNS))}
+            continue
         ops[op] = result.per_op.get(op, {k: 0 for k in backend_ops.COLUMNS})
         description = description or result.description
     if step:
@@ -126,7 +132,7 @@ def run_backend_ops(build: Build, log_dir: Path, step: Step | None = None) -> di
             "so these counts say which cases exist and run there, not that they agree with another backend"
             if build.backend == "cpu" else None)
     return {"status": "ran", "device": device, "description": description, "ops": ops, "note": note,
-            "failed": sum(c["failed"] for c in ops.values())}
+            "failed": sum(c.get("failed", 0) for c in ops.values()), "errors": errors, "logs": str(log_dir)}
 
 
 def run_parity(build: Build, store: Store, model: Path, corpus: Path, *, chunks: int = DEFAULT_CHUNKS,
@@ -175,9 +181,13 @@ def run_parity(build: Build, store: Store, model: Path, corpus: Path, *, chunks:
             if step:
                 step("suite", (i + frac) / len(configs), f"{name}: {detail}")
 
-        outcome = measure_kld(build, store, model, info, model, info, kv, corpus, ctx=header.n_ctx,
-                              chunks=header.n_chunk, threads=threads, ngl=ngl, label=cfg.name, study=study,
-                              progress=progress, logits=logits)
+        try:
+            outcome = measure_kld(build, store, model, info, model, info, kv, corpus, ctx=header.n_ctx,
+                                  chunks=header.n_chunk, threads=threads, ngl=ngl, label=cfg.name, study=study,
+                                  progress=progress, logits=logits)
+        except ToolError as exc:  # a kernel that crashes or refuses: recorded, and the suite goes on
+            rows.append({"name": cfg.name, "kv": kv.to_dict(), "status": "failed", "reason": str(exc)[-2000:]})
+            continue
         rows.append(_config_row(cfg, kv, outcome, None))
     if step:
         step("suite", 1.0, "done")

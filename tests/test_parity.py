@@ -9,14 +9,13 @@ import stat
 
 import pytest
 from click.testing import CliRunner
+from conftest import CAPTURES
 
 from lacq.cli import cli
 from lacq.errors import LacqError, ToolError
 from lacq.llama.tools import backend_ops
 from lacq.studies.compare import compare, parse_tolerance
 from lacq.studies.parity import SUITE_VERSION, suite_configs
-
-from conftest import CAPTURES
 
 DOC = json.loads((CAPTURES / "parity_cpu_c512_n1.json").read_text())
 OPS_RAN = {"status": "ran", "device": "CUDA0", "description": "x", "failed": 0, "note": None, "ops": {

@@ -78,12 +78,12 @@ def device_description(backend: str) -> str:
     try:
         if backend == "cuda" and shutil.which("nvidia-smi"):
             out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=20).stdout.strip()
+                                 check=False, text=True, timeout=20).stdout.strip()
             if out:
                 return out.splitlines()[0]
         if sys.platform == "darwin":
             out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                 timeout=20).stdout.strip()
+                                 check=False, timeout=20).stdout.strip()
             if out:
                 return out
         cpuinfo = Path("/proc/cpuinfo")

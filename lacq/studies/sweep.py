@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lacq import paths
 from lacq.errors import LacqError, SweepError
 from lacq.fsutil import canonical_hash
 from lacq.llama.build import BACKENDS, Build

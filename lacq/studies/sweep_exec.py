@@ -49,7 +49,7 @@ def visible_gpus() -> list[str]:
         return [g for g in (x.strip() for x in env.split(",")) if g and g != "-1"]
     if shutil.which("nvidia-smi"):
         try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
         except (OSError, subprocess.SubprocessError):
             return []
         return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]

@@ -110,11 +110,12 @@ Each SOURCE is a JSON file from `lacq parity`, or `db:STUDY` (a study in the res
 its parity document, or its KLD/PPL rows by label). The first is the baseline; every other one is
 compared with it, configuration by configuration.
 
-Exit status 1 when any configuration run on both sides differs beyond tolerance, when a
-test-backend-ops count (cases ran and passed, overall and of the turbo types) differs, when a case
-failed, or when the documents used different base logits. A configuration one backend cannot run
-is shown, not counted as a difference. Documents of different suite versions, models or token
-sets are refused.
+Exit status 1 when any configuration run on both sides differs beyond tolerance, when the
+test-backend-ops counts of turbo cases that ran or passed differ (whole-op counts are shown but not
+gated: backends support different stock types by design), when a case or a configuration failed,
+or when the documents used different base logits. A configuration one backend cannot run is shown,
+not counted as a difference. Documents of different suite versions, models or token sets are
+refused.
 
 Tolerances: a number is absolute, a percentage relative, both (comma-separated) pass when either
 holds. Defaults: PPL 0.5% relative (CPU and CUDA differed by at most 0.31% on the README's 40-chunk

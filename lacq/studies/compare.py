@@ -16,7 +16,10 @@ from lacq.results.store import Store, latest_by_label
 from lacq.studies.parity import SUITE
 
 STUDY_SUITE = "lacq-study"  # a document made from a stored study's KLD/PPL rows
-GATED_COUNTS = ("ran", "passed", "turbo ran", "turbo passed")
+# Only the turbo cases gate: backends differ in which stock types they support (CUDA skips q2_0
+# flash attention, Metal others), so whole-op counts differ between any two of them by design and
+# are shown, not gated; the turbo cases are the ones lacq's patches promise on every backend.
+GATED_COUNTS = ("turbo ran", "turbo passed")
 
 
 @dataclass(frozen=True)

@@ -10,58 +10,32 @@ Cases whose params name a turbo type are also counted on their own.
 Exits 1 when a case failed, or when the named backend was never tested: test-backend-ops prints
 "Skipping" for every device that `-b` does not name and still reports all backends passed, so
 a wrong backend name would otherwise look green with nothing run. Standard library only, so the
-macOS job runs it without installing anything.
+macOS job runs it without installing anything; the counter itself is lacq/llama/tools/backend_ops.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import importlib.util
 import sys
 from collections import Counter
 from pathlib import Path
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_BACKEND = re.compile(r"^Backend \d+/\d+: (?P<name>\S+)")
-_CASE = re.compile(r"^  (?P<op>[A-Z][A-Z0-9_]*)\((?P<params>.*)\): (?P<status>.*)$")
-COLUMNS = ("ran", "passed", "failed", "skipped")
-
-
-def classify(status: str) -> str | None:
-    status = status.strip()
-    if status.startswith(("not supported", "skipping")):
-        return "skipped"
-    if status.endswith("FAIL"):
-        return "failed"
-    if status.endswith("OK"):
-        return "passed"
-    return None  # a line this parser does not know: counted nowhere, reported below
+# The counting lives in lacq (lacq/llama/tools/backend_ops.py, standard library only; `lacq parity`
+# uses it too). Load that file by path so this script needs no installed lacq.
+_spec = importlib.util.spec_from_file_location(
+    "lacq_backend_ops", Path(__file__).resolve().parent.parent / "lacq" / "llama" / "tools" / "backend_ops.py")
+_ops = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = _ops  # its dataclasses look their module up there
+_spec.loader.exec_module(_ops)
+COLUMNS = _ops.COLUMNS
+classify = _ops.classify
 
 
 def count(text: str, backend: str) -> tuple[dict[str, Counter], bool, list[str]]:
     """Per-op counters (keys `passed`, `turbo passed`, ...), whether `backend` was tested,
     and the case lines that could not be classified."""
-    per_op: dict[str, Counter] = {}
-    current, tested, unknown = None, False, []
-    lines = _ANSI.sub("", text).splitlines()
-    for i, line in enumerate(lines):
-        if m := _BACKEND.match(line):
-            current = m["name"]
-            following = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            tested = tested or (current == backend and not following.startswith("Skipping"))
-            continue
-        if current != backend or not (m := _CASE.match(line)):
-            continue
-        kind = classify(m["status"])
-        if kind is None:
-            unknown.append(line.strip())
-            continue
-        counter = per_op.setdefault(m["op"], Counter())
-        turbo = "turbo" in m["params"]
-        for prefix in ("", "turbo ") if turbo else ("",):
-            counter[prefix + kind] += 1
-            if kind != "skipped":
-                counter[prefix + "ran"] += 1
+    per_op, tested, unknown, _ = _ops.count(text, backend)
     return per_op, tested, unknown
 
 

@@ -55,3 +55,7 @@ class Terminated(BaseException):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+
+
+class SweepError(LacqError):
+    """A sweep file is malformed, or a sweep's executor cannot run."""

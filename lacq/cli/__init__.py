@@ -34,4 +34,4 @@ def main() -> None:
         sys.exit(128 + exc.signum)
 
 
-from lacq.cli import build, measure, model, quantize, report, study  # noqa: E402,F401  (register the commands)
+from lacq.cli import build, measure, model, parity, quantize, report, study, sweep  # noqa: E402,F401  (register the commands)

@@ -39,3 +39,16 @@ def report_cmd(ctx, study, base_label, fmt, list_studies):
     if fmt in ("table", "md"):
         for line in machine_lines(rows):
             console.print(line, markup=False, highlight=False, soft_wrap=True)
+    _sweep_progress(store, study)
+
+
+def _sweep_progress(store, study: str | None) -> None:
+    """A sweep study's progress under its table: runs stored of runs planned, and which are missing."""
+    from lacq.studies.sweep import progress_of
+    state = progress_of(store, study) if study else None
+    if state is None:
+        return
+    stored, planned, missing = state
+    console.print(f"sweep {study}: {stored} of {planned} runs stored" + (
+        f"; missing: {', '.join(missing[:10])}{' …' if len(missing) > 10 else ''} "
+        "(run the same `lacq sweep` command to finish)" if missing else "; complete"))

@@ -98,9 +98,12 @@ def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: 
                 kv: KvConfig, corpus: Path, *, ctx: int = 512, chunks: int = 20, threads: int | None = None,
                 ngl: int | None = None, label: str | None = None, study: str | None = None,
                 recipe: str | None = None, plan_hash: str | None = None, progress: Progress | None = None,
-                annotations: dict | None = None, allow_long_context: bool = False) -> KldOutcome:
+                annotations: dict | None = None, allow_long_context: bool = False,
+                logits: Path | None = None) -> KldOutcome:
     """KLD of `model` against `base` on the base's cached logits; `annotations` are stored beside the
-    metrics (a verification stores the KLD it predicted)."""
+    metrics (a verification stores the KLD it predicted). `logits` gives the base's logits file
+    instead (made elsewhere, e.g. on another backend: `lacq parity --base-logits`); its chunk count
+    and context then decide the run's."""
     if not corpus.exists():
         raise LacqError(f"corpus {corpus} does not exist")
     for i in (info, base_info):
@@ -108,8 +111,14 @@ def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: 
     kv = prepare_kv(build, kv, info)
     check_same_model(base_info, info, base, model)
     t0 = time.monotonic()
-    logits, cached = base_logits(build, store, base, base_info, corpus, ctx=ctx, chunks=chunks, threads=threads,
-                                 ngl=ngl, progress=(lambda f, d: progress(0.5 * f, d)) if progress else None)
+    if logits is not None:
+        if not logits.is_file():
+            raise LacqError(f"base logits file {logits} does not exist")
+        cached = True
+    else:
+        logits, cached = base_logits(build, store, base, base_info, corpus, ctx=ctx, chunks=chunks,
+                                     threads=threads, ngl=ngl,
+                                     progress=(lambda f, d: progress(0.5 * f, d)) if progress else None)
     header = kld.read_logits_header(logits)
     check_logits_matches(header, logits, info)
     args = kld.argv(build.tool("llama-perplexity"), model, logits, ctx=header.n_ctx, threads=threads, ngl=ngl,

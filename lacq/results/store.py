@@ -120,6 +120,19 @@ class Store:
             cur = self.db.execute(f"INSERT INTO results ({cols}) VALUES ({marks})", tuple(row.values()))
         return int(cur.lastrowid)
 
+    def add_copy(self, result: Result, *, study: str | None, label: str, metrics: dict) -> int:
+        """File a result measured elsewhere (a sweep worker's own database, maybe on another node)
+        with its provenance as recorded there; the model need not exist here."""
+        row = {k: getattr(result, k) for k in Result.__dataclass_fields__ if k != "id"}
+        row.update(study=study, label=label, metrics=metrics, created=time.time())
+        for c in _JSON_COLUMNS:
+            row[c] = json.dumps(row[c]) if row[c] is not None else None
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.db:
+            cur = self.db.execute(f"INSERT INTO results ({cols}) VALUES ({marks})", tuple(row.values()))
+        return int(cur.lastrowid)
+
     def get(self, result_id: int) -> Result:
         row = self.db.execute("SELECT * FROM results WHERE id = ?", (result_id,)).fetchone()
         if row is None:

@@ -1,0 +1,109 @@
+"""`lacq sweep` on the real CPU build and SmolLM2: the local executor, a Ctrl-C and resume, and a
+local Ray cluster (2 CPUs) on which one worker is killed mid-run and the sweep still stores
+every result exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+from conftest import REPO
+
+from lacq.cli import cli
+from lacq.results.store import open_store
+from lacq.studies.sweep import CRASH_ONCE_ENV, load_sweep
+
+pytestmark = pytest.mark.e2e
+
+TINY = """
+name = "{name}"
+description = "2 KV configurations x 2 contexts, one chunk each"
+models = ["smollm2"]
+kv = ["f16/f16", {{ctk = "q8_0", ctv = "q4_0"}}]
+contexts = [128, 256]
+measurements = ["ppl"]
+
+[ppl]
+chunks = 1
+"""
+
+
+def _sweep(tmp_path, name):
+    p = tmp_path / f"{name}.toml"
+    p.write_text(TINY.format(name=name))
+    return p
+
+
+def _stored(name):
+    return [r for r in open_store().results(study=name) if r.kind == "ppl"]
+
+
+def _assert_each_run_once(name):
+    rows = _stored(name)
+    keys = [r.metrics["sweep_run"] for r in rows]
+    assert len(rows) == 4 and len(set(keys)) == 4, [r.label for r in rows]
+    assert {r.ctx for r in rows} == {128, 256}
+    assert all(r.metrics["ppl"] > 1 for r in rows)
+    return rows
+
+
+def test_local_executor_runs_a_four_run_sweep(cpu_build, smollm2, tmp_path):
+    r = CliRunner().invoke(cli, ["sweep", str(_sweep(tmp_path, "local4")), "--jobs", "2"])
+    assert r.exit_code == 0, r.output
+    assert "4 run(s) done now, 0 already stored" in r.output
+    rows = _assert_each_run_once("local4")
+    assert all(row.metrics["node"]["host"] and row.metrics["device"] for row in rows)
+    rep = CliRunner().invoke(cli, ["report", "--study", "local4"])
+    assert rep.exit_code == 0 and "4 of 4 runs stored; complete" in rep.output, rep.output
+
+
+def test_ctrl_c_then_the_same_command_runs_only_the_missing_runs(cpu_build, smollm2, tmp_path):
+    sweep = _sweep(tmp_path, "resume4")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "lacq", "sweep", str(sweep), "--jobs", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not _stored("resume4"):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0]
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    before = len(_stored("resume4"))
+    assert 1 <= before < 4, out
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{4 - before} run(s) done now, {before} already stored" in " ".join(r.stdout.split()), r.stdout
+    _assert_each_run_once("resume4")
+
+
+@pytest.fixture
+def local_ray(tmp_path, monkeypatch, isolated_home):
+    ray = pytest.importorskip("ray")
+    marker = tmp_path / "crash.marker"
+    # set before the cluster starts, so its workers inherit it: the first run to start kills its worker
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "LACQ_HOME": str(isolated_home)}})
+    yield marker
+    ray.shutdown()
+
+
+def test_ray_sweep_survives_a_killed_worker_and_stores_every_result_once(cpu_build, smollm2, tmp_path, local_ray):
+    sweep = _sweep(tmp_path, "ray4")
+    assert len(load_sweep(sweep).contexts) == 2
+    r = CliRunner().invoke(cli, ["sweep", str(sweep), "--executor", "ray"])
+    assert r.exit_code == 0, r.output
+    assert local_ray.exists(), "no worker was killed: the fault hook did not fire"
+    killed_pid = int(local_ray.read_text())
+    rows = _assert_each_run_once("ray4")
+    nodes = [row.metrics["node"] for row in rows]
+    assert all(n.get("ray_node_id") for n in nodes)
+    assert killed_pid not in {n["pid"] for n in nodes}  # the killed worker stored nothing
+    assert "4 run(s) done now" in " ".join(r.output.split())

@@ -128,3 +128,13 @@ def test_turbo_needs_head_size_multiple_of_64():
     KvConfig("q8_0", "q4_0", "on").check_head_size(32, 32)
     with pytest.raises(RecipeError, match="multiple of 64.*this model's is 32"):
         KvConfig("q8_0", "turbo3", "on").check_head_size(64, 32)
+
+
+def test_cuda_pairs_without_a_flash_attention_kernel_are_named_with_their_layers():
+    # boundary layers at q8_0 under turbo3 V: K q8_0 / V q8_0 has a kernel; f16 boundary K under q8_0 V has not
+    assert KvConfig("q8_0", "turbo3", "on", (), boundary(2, "q8_0")).slow_pairs("cuda", 8) == {}
+    k_f16 = KvConfig("q8_0", "q8_0", "on", boundary(1, "f16"), ())
+    assert k_f16.slow_pairs("cuda", 6) == {("f16", "q8_0"): [0, 5]}
+    assert k_f16.slow_pairs("cpu", 6) == {}  # the CPU runs every pair
+    assert KvConfig("q8_0", "q4_0", "on").slow_pairs("cuda", 3) == {("q8_0", "q4_0"): [0, 1, 2]}
+    assert KvConfig("turbo2", "turbo3", "on").slow_pairs("cuda", 2) == {("turbo2", "turbo3"): [0, 1]}

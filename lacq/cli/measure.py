@@ -29,11 +29,19 @@ from lacq.errors import LacqError
 from lacq.plan.kv.config import KvConfig
 
 
-def _model(model_spec: str):
+def _model(model_spec: str, kv: KvConfig | None = None, backend: str = "cpu"):
+    """The model and its info; with `kv`, a warning for K/V pairs the backend runs off the device."""
     from lacq.model.info import inspect_model
     from lacq.model.resolve import resolve_model
     model = resolve_model(model_spec)
-    return model, inspect_model(model)
+    info = inspect_model(model)
+    if kv is not None:
+        n_kv = len(info.kv_blocks)
+        for (k, v), ords in kv.slow_pairs(backend, n_kv).items() if n_kv else ():
+            err_console.print(f"[yellow]warning[/yellow]: K {k} / V {v} (KV layers {', '.join(map(str, ords))}) has "
+                              f"no {backend} flash-attention kernel in this build: ggml converts those layers' "
+                              "K and V to f16 at every call (slow; the numbers are unaffected)")
+    return model, info
 
 
 # ---------------------------------------------------------------- ppl
@@ -55,7 +63,7 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, allow_long_context, run: R
     """Perplexity of MODEL (llama-perplexity), stored with its provenance."""
     from lacq.measure.common import check_context, check_kv
     from lacq.measure.ppl import measure_ppl
-    model, info = _model(model_spec)
+    model, info = _model(model_spec, kv, build.backend)
     resolved = check_kv(kv, info, build.backend)  # bad input fails before the build lookup
     check_context(ctx_len, info, allow_long_context)
     if resolved.flash_attn != kv.flash_attn:
@@ -103,7 +111,7 @@ def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, allow_long_cont
     """KL-divergence of MODEL against BASE (llama-perplexity; base logits cached)."""
     from lacq.measure.common import check_context
     from lacq.measure.kld import measure_kld
-    model, info = _model(model_spec)
+    model, info = _model(model_spec, kv, build.backend)
     base, base_info = _model(base_spec)
     if chunks < 1:
         raise LacqError("--chunks must be at least 1")
@@ -161,7 +169,7 @@ def niah_cmd(ctx, model_spec, ctx_list, depths, trials, seed, haystack, chat_tem
     from lacq.results.render import niah_grid
     from lacq.results.tables import niah_grid_frame
     lengths, depth_list = int_list(ctx_list, "--ctx"), int_list(depths, "--depths")
-    model, info = _model(model_spec)
+    model, info = _model(model_spec, kv, build.backend)
     tools, store = build.require(), open_results(ctx)
     with progress_bar() as progress:
         task = progress.add_task("niah", total=1.0, detail=kv.label())
@@ -205,7 +213,7 @@ def bench_cmd(ctx, model_spec, pp, tg, depth_list, repetitions, run: RunOptions,
     from lacq.results.render import render
     from lacq.results.tables import BENCH_COLUMNS, bench_frame
     depths = tuple(int_list(depth_list, "--depth"))
-    model, info = _model(model_spec)
+    model, info = _model(model_spec, kv, build.backend)
     tools, store = build.require(), open_results(ctx)
     with progress_bar() as progress:
         task = progress.add_task("llama-bench", total=1.0, detail=kv.label())

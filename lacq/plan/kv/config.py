@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from lacq.errors import RecipeError
-from lacq.plan.kv.types import TURBO, backend_problem, kv_type, pair_problem, valid_names
+from lacq.plan.kv.types import TURBO, backend_problem, cuda_fa_pair, kv_type, pair_problem, valid_names
 
 ENV_K = "LLAMA_KV_TYPES_K"
 ENV_V = "LLAMA_KV_TYPES_V"
@@ -126,6 +126,17 @@ class KvConfig:
             if turbo and dim and dim % 64:
                 raise RecipeError(f"{role} cache type {turbo[0]} needs a head size that is a multiple of 64 "
                                   f"(for the Hadamard rotation); this model's is {dim}")
+
+    def slow_pairs(self, backend: str, n_kv: int) -> dict[tuple[str, str], list[int]]:
+        """(K, V) pairs of this configuration without a flash-attention kernel on `backend`, with their
+        KV-layer ordinals: they run, but converted to f16 at every call (CUDA; see types.cuda_fa_pair)."""
+        out: dict[tuple[str, str], list[int]] = {}
+        if backend != "cuda" or self.flash_attn == "off":
+            return out
+        for ordinal, (k, v) in enumerate(self.per_layer(n_kv)):
+            if not cuda_fa_pair(k, v):
+                out.setdefault((k, v), []).append(ordinal)
+        return out
 
     def per_layer(self, n_kv: int) -> list[tuple[str, str]]:
         """(K type, V type) for each KV-layer ordinal; validates ordinals."""

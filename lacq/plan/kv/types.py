@@ -73,6 +73,18 @@ def backend_problem(name: str, backend: str) -> str | None:
     return UNSUPPORTED.get((name.lower(), backend))
 
 
+# The K/V pairs CUDA's flash attention has kernels for in lacq's build (GGML_CUDA_FA_ALL_QUANTS off, the
+# FA_QUANTS list of ggml-cuda's CMakeLists.txt as patch 0005 extends it): the stock same-type pairs, and a
+# turbo V with K q8_0, f16 or the same turbo type (the list its configure step prints). Other pairs run,
+# but ggml-cuda converts the layer's whole K and V to f16 at every call (fattn.cu: "converting K and V to
+# f16 instead (slow)").
+CUDA_FA_SAME = ("f16", "q4_0", "q8_0", "bf16")
+
+
+def cuda_fa_pair(k: str, v: str) -> bool:
+    return (k == v and k in CUDA_FA_SAME) or (v in TURBO and k in ("q8_0", "f16", v))
+
+
 def pair_problem(k: str, v: str, backend: str) -> str | None:
     """Problems of a K/V type pair (flash attention dispatches on both)."""
     if backend == "metal" and (k in TURBO or v in TURBO) and k != v:

@@ -125,3 +125,17 @@ def test_context_beyond_training_is_refused_unless_insisted(tmp_path, command):
     # insisting gets past the check, to the next one (there is no build here)
     _assert_clean_error(_run(command, m, *base, "-c", "100000", "--chunks", "1", "--allow-long-context"),
                         "lacq build")
+
+
+def test_plain_progress_advances_like_rich_progress():
+    import io
+
+    from rich.console import Console
+
+    from lacq.cli.common import PlainProgress
+    out = io.StringIO()
+    p = PlainProgress(Console(file=out, width=200), every=1e9)
+    t = p.add_task("sweep", total=2, detail="")
+    p.advance(t)
+    p.advance(t)
+    assert out.getvalue().splitlines()[-1].endswith("sweep: 100%")

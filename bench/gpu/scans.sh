@@ -8,7 +8,8 @@
 # model (join the model, wait for the build), tests (test-backend-ops on SET_ROWS, GET_ROWS, CPY,
 # FLASH_ATTN_EXT: every case, counted; patch 0003's backend checks through bench/gpu/patch_checks.sh),
 # scans-w (the weight scan at 20, 4, 2 and 1 chunks: the chunk-count study), scans-kv (the KV scan of V
-# over the turbo family at 20 chunks). Results land in $OUT.
+# over the turbo family at 20 chunks), parity (`lacq parity` on the CPU and CUDA builds against one CPU-made
+# reference, and `lacq compare` of the two). Results land in $OUT.
 set -uo pipefail
 export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/site:$PWD
@@ -25,8 +26,8 @@ setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   bash .gpu/pack/1/collect.sh $G
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC --target test-backend-ops; echo rc=\$?" \
-    > /tmp/build.log 2>&1 < /dev/null &
+  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC --target test-backend-ops && \
+    python3 -m lacq build --source $SRC; echo rc=\$?" > /tmp/build.log 2>&1 < /dev/null &
   sleep 20; tail -n 2 /tmp/build.log ;;
 model)
   bash .gpu/pack/2/collect.sh $G
@@ -53,4 +54,12 @@ scans-kv)
   lacq scan kv "$MODEL" --types turbo2,turbo3,turbo4,q8_0 --chunks 20 --backend cuda --source "$SRC" \
     -o "$OUT/scan_kv_cuda.json" > "$OUT/scan_kv_cuda.txt" 2>/dev/null
   tail -n 1 "$OUT/scan_kv_cuda.txt" ;;
+parity)
+  # One f16-cache reference made by the CPU build (16 threads here), both backends measured against it.
+  lacq parity --backend cpu --source "$SRC" --model "$MODEL" --no-backend-ops --out "$OUT/parity-cpu.json" \
+    > "$OUT/parity-cpu.txt" 2>&1; tail -n 3 "$OUT/parity-cpu.txt"
+  REF=$(python3 -c "import json; print(json.load(open('$OUT/parity-cpu.json'))['reference']['path'])")
+  lacq parity --backend cuda --source "$SRC" --model "$MODEL" --base-logits "$REF" --out "$OUT/parity-cuda.json" \
+    > "$OUT/parity-cuda.txt" 2>&1; tail -n 3 "$OUT/parity-cuda.txt"
+  lacq compare "$OUT/parity-cpu.json" "$OUT/parity-cuda.json" --format md | tee "$OUT/parity-compare.md" ;;
 esac

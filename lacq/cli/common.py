@@ -65,6 +65,9 @@ class PlainProgress:
         if finished or self.clock() - self.last >= self.every:
             self._line(task_id)
 
+    def advance(self, task_id: int, advance: float = 1.0) -> None:
+        self.update(task_id, completed=self.tasks[task_id]["completed"] + advance)
+
     def _line(self, task_id: int) -> None:
         task = self.tasks[task_id]
         now = self.last = self.clock()

@@ -197,7 +197,9 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
                             raise_={t: kld[f"{uid} raise {t}"] for t in cands[1:]},
                             lower={t: kld[f"{uid} lower {t}"] for t in cands[:-1]}))
     quantizable = {n for _, _, names, _ in unit_list for n in names}
+    # Budgets are file sizes: what no unit holds includes the header, metadata (the tokenizer) and padding.
     fixed = float(sum(t.n_bytes for t in cinfo[lowest].tensors if t.name not in quantizable))
+    fixed += files[lowest].stat().st_size - cinfo[lowest].total_bytes
     notes = [f"{t} excluded: {why}" for t, why in excluded.items()]
     for u in scanned:
         for t, actual in u.replaced.items():

@@ -138,3 +138,17 @@ def test_cuda_pairs_without_a_flash_attention_kernel_are_named_with_their_layers
     assert k_f16.slow_pairs("cpu", 6) == {}  # the CPU runs every pair
     assert KvConfig("q8_0", "q4_0", "on").slow_pairs("cuda", 3) == {("q8_0", "q4_0"): [0, 1, 2]}
     assert KvConfig("turbo2", "turbo3", "on").slow_pairs("cuda", 2) == {("turbo2", "turbo3"): [0, 1]}
+
+
+def test_tqs_types_their_bits_and_their_limits():
+    for name, bpv, size in (("tqs2", 2.5, 20), ("tqs3", 3.5, 28), ("tqs4", 4.5, 36)):
+        t = kv_type(name)
+        assert (t.block_size, t.type_size, t.bits_per_value, t.quantized) == (64, size, bpv, True)
+    assert KvConfig("tqs3", "f16", "auto").with_fa_resolved().flash_attn == "on"
+    KvConfig("q8_0", "tqs3", "on").check_head_size(64, 256)
+    with pytest.raises(RecipeError, match="tqs4 needs a head size that is a multiple of 64.*this model's is 96"):
+        KvConfig("q8_0", "tqs4", "on").check_head_size(64, 96)
+    KvConfig("q8_0", "tqs2", "on").check_backend("cpu")
+    for backend in ("cuda", "metal"):
+        with pytest.raises(RecipeError, match="V cache type tqs2 cannot run on the .* CPU backend only"):
+            KvConfig("q8_0", "tqs2", "on").check_backend(backend)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 
 from lacq.errors import RecipeError
-from lacq.plan.kv.types import TURBO, backend_problem, cuda_fa_pair, kv_type, pair_problem, valid_names
+from lacq.plan.kv.types import ROTATED, backend_problem, cuda_fa_pair, kv_type, pair_problem, valid_names
 
 ENV_K = "LLAMA_KV_TYPES_K"
 ENV_V = "LLAMA_KV_TYPES_V"
@@ -91,10 +91,10 @@ class KvConfig:
         return ({self.k} | {o.type for o in self.k_overrides}, {self.v} | {o.type for o in self.v_overrides})
 
     def needs_flash_attention(self) -> list[str]:
-        """Types that need flash attention: any quantized V, and turbo K (its
+        """Types that need flash attention: any quantized V, and turbo/tqs K (their
         kernels exist only in the flash-attention path)."""
         ktypes, vtypes = self.all_types()
-        return sorted({t for t in vtypes if kv_type(t).quantized} | {t for t in ktypes if t in TURBO})
+        return sorted({t for t in vtypes if kv_type(t).quantized} | {t for t in ktypes if t in ROTATED})
 
     def with_fa_resolved(self) -> "KvConfig":
         """Switch flash attention on where the types need it; refuse an explicit `off`."""
@@ -118,11 +118,11 @@ class KvConfig:
                     raise RecipeError(f"K {k} with V {v} cannot run on the {backend} backend: {why}")
 
     def check_head_size(self, head_dim_k: int | None, head_dim_v: int | None) -> None:
-        """turbo types rely on the cache's Hadamard rotation, which needs head sizes that are
-        multiples of 64 (patch 0004 refuses the rest; lacq says so before loading the model)."""
+        """turbo and tqs types rely on the cache's Hadamard rotation, which needs head sizes that
+        are multiples of 64 (patches 0004/0008 refuse the rest; lacq says so before loading the model)."""
         ks, vs = self.all_types()
         for role, types, dim in (("K", ks, head_dim_k), ("V", vs, head_dim_v)):
-            turbo = sorted(t for t in types if t in TURBO)
+            turbo = sorted(t for t in types if t in ROTATED)
             if turbo and dim and dim % 64:
                 raise RecipeError(f"{role} cache type {turbo[0]} needs a head size that is a multiple of 64 "
                                   f"(for the Hadamard rotation); this model's is {dim}")

@@ -60,6 +60,16 @@ KV_TYPES["turbo3"] = KvType("turbo3", 32, 14)
 KV_TYPES["turbo4"] = KvType("turbo4", 32, 18)
 TURBO = ("turbo2", "turbo3", "turbo4")
 
+# ggml-common.h block_tqs2/3/4 of patch 0008 (core and CPU only): 64 values, fp16 super-scale,
+# four 4-bit sub-scales (one per 16 values) and 2-, 3- or 4-bit indices into turbo's codebooks
+# (KV-only types; numpy mirror in tqs_ref.py).
+KV_TYPES["tqs2"] = KvType("tqs2", 64, 20)
+KV_TYPES["tqs3"] = KvType("tqs3", 64, 28)
+KV_TYPES["tqs4"] = KvType("tqs4", 64, 36)
+TQS = ("tqs2", "tqs3", "tqs4")
+# KV types whose codebook assumes rotated rows: head size a multiple of 64, flash attention
+ROTATED = TURBO + TQS
+
 
 # KV types a backend of the pinned tree cannot run in flash attention (which a
 # quantized V cache needs), with the reason shown to the user.
@@ -67,6 +77,8 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
     ("q2_0", "cuda"): "the pinned tree's CUDA flash-attention kernels have no q2_0 variant",
     ("q2_0", "metal"): "the pinned tree's Metal flash-attention kernels have no q2_0 variant",
 }
+UNSUPPORTED.update({(t, backend): f"patch 0008 adds {t} to the CPU backend only; its {name} kernels are not written yet"
+                    for t in TQS for backend, name in (("cuda", "CUDA"), ("metal", "Metal"))})
 
 
 def backend_problem(name: str, backend: str) -> str | None:

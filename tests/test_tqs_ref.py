@@ -1,0 +1,143 @@
+"""lacq.plan.kv.tqs_ref against the patched libggml's tqs quantizers, bit for bit.
+
+Three C paths must write the bytes the numpy reference writes: ggml_quantize_chunk
+(the reference quantize_row_tqsN_ref of libggml-base), the CPU backend's from_float
+(its AVX-512 quantizer where the machine has one; SET_ROWS and CPY use it) and, for
+dequantization, both to_float and the CPU backend's SIMD dequantizer that flash
+attention reads V rows with. Uses the libraries of lacq's CPU build of the patched
+tree (the e2e build fixture); LACQ_GGML_BASE_LIB points at another libggml-base
+(its libggml-cpu is taken from the same folder).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lacq.plan.kv import tqs_ref, turbo_ref
+from lacq.plan.kv.types import kv_type
+
+TYPE_IDS = {"tqs2": 46, "tqs3": 47, "tqs4": 48}
+
+
+class TypeTraits(ctypes.Structure):
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+class TypeTraitsCpu(ctypes.Structure):
+    _fields_ = [
+        ("from_float", ctypes.c_void_p),
+        ("vec_dot", ctypes.c_void_p),
+        ("vec_dot_type", ctypes.c_int),
+        ("nrows", ctypes.c_int64),
+    ]
+
+
+ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+@pytest.fixture(scope="module")
+def ggml(cpu_build):
+    """(libggml-base, libggml-cpu) of lacq's CPU build (LACQ_GGML_BASE_LIB overrides)."""
+    base_path = Path(os.environ.get("LACQ_GGML_BASE_LIB") or cpu_build.bin_dir / "libggml-base.so")
+    base = ctypes.CDLL(str(base_path), mode=ctypes.RTLD_GLOBAL)
+    base.ggml_get_type_traits.restype = ctypes.POINTER(TypeTraits)
+    base.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    base.ggml_quantize_chunk.restype = ctypes.c_size_t
+    base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    for name, tid in TYPE_IDS.items():
+        tt = base.ggml_get_type_traits(tid).contents
+        if tt.type_name is None or tt.type_name.decode() != name:
+            pytest.skip(f"{base_path} has no {name} type")
+    cpu = ctypes.CDLL(str(base_path.with_name("libggml-cpu.so")))
+    cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(TypeTraitsCpu)
+    cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    cpu.ggml_cpu_tqs_to_float.restype = ctypes.c_void_p
+    cpu.ggml_cpu_tqs_to_float.argtypes = [ctypes.c_int]
+    cpu.ggml_cpu_init()
+    return base, cpu
+
+
+def _data(rng, nrows, ncols):
+    x = rng.standard_normal((nrows, ncols)).astype(np.float32)
+    x[0, :64] = 0.0                                       # all-zero block
+    x[1, :64] = np.float32(3.0)                           # constant block
+    x[1, 64:80] = 0.0                                     # one all-zero sub-block
+    x[2, :] *= np.float32(1e-3)                           # small scale
+    x[3, :64] = np.linspace(-2, 2, 64, dtype=np.float32)  # values on a grid
+    x[4, :] = rng.uniform(-1, 1, ncols).astype(np.float32) * np.float32(40.0)
+    x[5, :64] *= np.repeat(np.float32([1e-3, 1.0, 30.0, 0.2]), 16)  # sub-blocks of very different scale
+    x[6, :] = np.float32(1e-8) * rng.standard_normal(ncols).astype(np.float32)  # d rounds to 0 or subnormal
+    return x
+
+
+def _ptr(a):
+    return a.ctypes.data
+
+
+@pytest.mark.parametrize("name", sorted(TYPE_IDS))
+@pytest.mark.e2e
+def test_quantize_matches_ggml(ggml, name):
+    base, cpu = ggml
+    bits = tqs_ref.TYPE_BITS[name]
+    tid = TYPE_IDS[name]
+    tt = base.ggml_get_type_traits(tid).contents
+    assert tt.blck_size == 64 == kv_type(name).block_size
+    assert tt.type_size == tqs_ref.BLOCK_BYTES[bits] == kv_type(name).type_size
+    assert tt.is_quantized
+
+    rng = np.random.default_rng(4321 + bits)
+    nrows, ncols = 96, 256
+    x = _data(rng, nrows, ncols)
+    ref = tqs_ref.quantize(x, bits)
+
+    out = ctypes.create_string_buffer(len(ref))
+    n = base.ggml_quantize_chunk(tid, _ptr(x), out, 0, nrows, ncols, None)
+    assert n == len(ref)
+    assert out.raw == ref, "reference C quantizer (ggml_quantize_chunk) differs"
+
+    fast = ctypes.create_string_buffer(len(ref))
+    ROW_FN(cpu.ggml_get_type_traits_cpu(tid).contents.from_float)(_ptr(x), fast, nrows * ncols)
+    assert fast.raw == ref, "CPU backend quantizer (SET_ROWS/CPY) differs"
+
+    want = tqs_ref.dequantize(ref, bits)
+    for fn in (tt.to_float, cpu.ggml_cpu_tqs_to_float(tid)):
+        if fn is None:                                    # no SIMD dequantizer on this CPU
+            continue
+        y = np.zeros(nrows * ncols, dtype=np.float32)
+        ROW_FN(fn)(out, _ptr(y), nrows * ncols)
+        np.testing.assert_array_equal(y, want)
+    assert not np.any(want[:64])                          # all-zero block stays zero
+
+
+def test_reference_mse_on_gaussian_beats_turbo():
+    x = np.random.default_rng(0).standard_normal((1000, 64)).astype(np.float32)
+    expected = {2: 0.0946, 3: 0.0212, 4: 0.0051}          # bench/kvformats/results/gaussian.md
+    for bits, mse in expected.items():
+        rel = float(((x - tqs_ref.roundtrip(x, bits)) ** 2).sum() / (x ** 2).sum())
+        turbo = turbo_ref.dequantize(turbo_ref.quantize(x, bits), bits).reshape(x.shape)
+        rel_turbo = float(((x - turbo) ** 2).sum() / (x ** 2).sum())
+        assert abs(rel - mse) < 0.05 * mse, (bits, rel)
+        assert rel < 0.92 * rel_turbo, (bits, rel, rel_turbo)
+        assert tqs_ref.bits_per_value(bits) == turbo_ref.bits_per_value(bits) == bits + 0.5
+
+
+def test_sub_scales_are_4_bit_multiples_of_the_fp16_super_scale():
+    x = np.random.default_rng(1).standard_normal((50, 64)).astype(np.float32)
+    x[:, 16:32] *= np.float32(0.05)
+    d, u, idx = tqs_ref.quantize_fields(x, 3)
+    assert u.max() == 15 and u.min() >= 1 and idx.max() < 8
+    assert np.all(u.max(axis=1) == 15)                    # the largest sub-scale uses the full range

@@ -9,7 +9,7 @@
 # FLASH_ATTN_EXT: every case, counted; patch 0003's backend checks through bench/gpu/patch_checks.sh),
 # scans-w (the weight scan at 20, 4, 2 and 1 chunks: the chunk-count study), scans-kv (the KV scan of V
 # over the turbo family at 20 chunks), parity (`lacq parity` on the CPU and CUDA builds against one CPU-made
-# reference, and `lacq compare` of the two). Results land in $OUT.
+# reference, and `lacq compare` of the two), verify (bench/gpu/verify.py). Results land in $OUT.
 set -uo pipefail
 export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/site:$PWD
@@ -54,6 +54,13 @@ scans-kv)
   lacq scan kv "$MODEL" --types turbo2,turbo3,turbo4,q8_0 --chunks 20 --backend cuda --source "$SRC" \
     -o "$OUT/scan_kv_cuda.json" > "$OUT/scan_kv_cuda.txt" 2>/dev/null
   tail -n 1 "$OUT/scan_kv_cuda.txt" ;;
+verify)
+  # Predicted against measured for ten size and ten bits budgets, and the baselines (bench/gpu/verify.py).
+  R=bench/results/gpu-2026-11-24
+  [ -f $G/f16.gguf ] || "$(bin)/llama-quantize" --allow-requantize "$MODEL" $G/f16.gguf F16 > /dev/null 2>&1
+  python3 bench/gpu/verify.py --scan-weights $R/scan_weights_cuda_n20.json --scan-kv $R/scan_kv_cuda.json \
+    --source "$SRC" --model "$MODEL" --base $G/f16.gguf --out "$OUT/verify" 2>&1 | tail -n 40
+  rm -f "$OUT"/verify/*.gguf; tar -C "$OUT" -czf "$OUT/verify.tgz" verify && rm -rf "$OUT/verify" ;;
 parity)
   # One f16-cache reference made by the CPU build (16 threads here), both backends measured against it.
   lacq parity --backend cpu --source "$SRC" --model "$MODEL" --no-backend-ops --out "$OUT/parity-cpu.json" \

@@ -38,7 +38,8 @@ def timed(argv: list[str], env: dict | None = None) -> float:
 
 def main() -> None:
     ap = parser(__doc__, out=RESULTS / "overhead.md")
-    ap.add_argument("--models", default="smollm2,gemma3-270m")
+    ap.add_argument("--models", default="smollm2,gemma3-270m", help="models whose `lacq inspect` is timed")
+    ap.add_argument("--ppl-models", default="smollm2", help="models whose `lacq ppl` overhead is timed")
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--chunks", type=int, default=4)
     args = ap.parse_args()
@@ -50,6 +51,9 @@ def main() -> None:
         for spec in args.models.split(","):
             model = resolve_model(spec)
             inspect = [timed([*lacq, "inspect", str(model)]) for _ in range(args.pairs)]
+            if spec not in args.ppl_models.split(","):
+                rows.append({"model": model.name, "inspect_s": statistics.median(inspect)})
+                continue
             ppl = [*lacq, "ppl", str(model), "--chunks", str(args.chunks), "--label", "overhead"]
             if args.threads:
                 ppl += ["-t", str(args.threads)]

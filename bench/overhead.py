@@ -64,7 +64,7 @@ def main() -> None:
                          "raw_s": statistics.median(r for r, _ in pairs),
                          "lacq_s": statistics.median(l for _, l in pairs),
                          "ratio": statistics.median(l / r for r, l in pairs)})
-            print(f"{model.name}: {rows[-1]}", file=sys.stderr, flush=True)
+            print(f"{model.name}: {rows[-1]}; pairs {[(round(r, 2), round(l, 2)) for r, l in pairs]}", file=sys.stderr, flush=True)
     lines = results_header(f"lacq's overhead, medians of {args.pairs} runs ({args.chunks}-chunk ppl), {args.backend}",
                            build, ["python", *sys.argv])
     emit_table(lines + markdown_lines(pd.DataFrame(rows).round(3), COLUMNS) + [""], args.out)

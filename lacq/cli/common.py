@@ -78,6 +78,18 @@ class PlainProgress:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
+def stage_stepper(progress):
+    """A `step(stage, fraction, detail)` callback that gives each stage its own task on `progress`."""
+    tasks: dict[str, int] = {}
+
+    def step(stage: str, frac: float, detail: str) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=1.0, detail="")
+        progress.update(tasks[stage], completed=frac, detail=detail)
+
+    return step
+
+
 def progress_bar() -> Progress | PlainProgress:
     """A rich progress bar on a terminal; plain lines where stderr is a log file or a pipe."""
     if not err_console.is_terminal:

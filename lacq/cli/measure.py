@@ -44,14 +44,23 @@ def _model(model_spec: str, kv: KvConfig | None = None, backend: str = "cpu"):
     return model, info
 
 
+def text_options(fn):
+    """The text a perplexity or KLD run reads: corpus, context, chunks, and leave to exceed the model's context."""
+    for opt in reversed([
+        click.option("-f", "--corpus", type=click.Path(path_type=Path), default=None,
+                     help="Text to evaluate (default: WikiText-2 raw test split)."),
+        click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True),
+        click.option("--chunks", type=int, default=20, show_default=True),
+        allow_long_context_option,
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 # ---------------------------------------------------------------- ppl
 @cli.command(name="ppl")
 @click.argument("model_spec", metavar="MODEL")
-@click.option("-f", "--corpus", type=click.Path(path_type=Path), default=None,
-              help="Text to evaluate (default: WikiText-2 raw test split).")
-@click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True)
-@click.option("--chunks", type=int, default=20, show_default=True)
-@allow_long_context_option
+@text_options
 @run_options
 @result_json_option
 @kv_options
@@ -94,11 +103,7 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, allow_long_context, run: R
 @cli.command(name="kld")
 @click.argument("model_spec", metavar="MODEL")
 @click.option("--base", "base_spec", required=True, help="The unquantized (or higher-precision) base GGUF.")
-@click.option("-f", "--corpus", type=click.Path(path_type=Path), default=None,
-              help="Text to evaluate (default: WikiText-2 raw test split).")
-@click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True)
-@click.option("--chunks", type=int, default=20, show_default=True)
-@allow_long_context_option
+@text_options
 @run_options
 @click.option("--recipe", default=None, help="Weight recipe name to record with the result.")
 @result_json_option

@@ -11,7 +11,7 @@ import click
 from rich.table import Table
 
 from lacq.cli import cli
-from lacq.cli.common import console, err_console, handle_errors, open_results, progress_bar
+from lacq.cli.common import console, err_console, handle_errors, open_results, progress_bar, stage_stepper
 from lacq.errors import LacqError
 from lacq.llama.build import BACKENDS, BuildSpec
 from lacq.llama.build import build as run_build
@@ -55,12 +55,7 @@ def parity_cmd(ctx, backend, source, model_spec, base_logits, out, chunks, no_ba
         ngl = 99
     store = open_results(ctx)
     with progress_bar() as progress:
-        tasks: dict[str, int] = {}
-
-        def step(stage: str, frac: float, detail: str) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=1.0, detail="")
-            progress.update(tasks[stage], completed=frac, detail=detail)
+        step = stage_stepper(progress)
 
         targets = () if no_backend_ops else ("test-backend-ops",)
         build = run_build(BuildSpec(backend=backend, extra_targets=targets), source,

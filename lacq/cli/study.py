@@ -17,6 +17,7 @@ from lacq.cli.common import (
     handle_errors,
     open_results,
     progress_bar,
+    stage_stepper,
 )
 from lacq.errors import LacqError
 from lacq.llama.build import BuildSpec
@@ -48,7 +49,7 @@ def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, fmt, build: BuildCho
         model = resolve_model(model_spec)
         progress.update(mtask, completed=1.0)
         result = run_placement_study(tools, store, model, paths.default_corpus(), ctx=ctx_len, chunks=chunks,
-                                     scan_chunks=scan_chunks, step=_stepper(progress))
+                                     scan_chunks=scan_chunks, step=stage_stepper(progress))
     from lacq.results.tables import PLACEMENT_COLUMNS
     from lacq.studies.sensitivity import classify, partitions
     render(result.table, fmt, console, columns=PLACEMENT_COLUMNS,
@@ -144,7 +145,7 @@ def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_sourc
         scan = scan_weights(tools, store, model, base, paths.default_corpus(), types=types.split(","),
                             units=tuple(u.strip() for u in unit_list.split(",")), chunks=chunks, ctx=ctx_len,
                             threads=threads, workers=workers, include_source_type=include_source_type,
-                            step=_stepper(progress))
+                            step=stage_stepper(progress))
     rid = _store_scan(store, scan, model, tools)
     _show_scan(scan, out, plot_dir, fmt)
     console.print(f"scan stored as result #{rid} (study {scan.provenance['study']}), {scan.provenance['seconds']:.0f} s")
@@ -169,21 +170,11 @@ def scan_kv_cmd(ctx, model_spec, types, cache, other, chunks, ctx_len, workers, 
     tools, store = build.require(), open_results(ctx)
     with progress_bar() as progress:
         scan = scan_kv(tools, store, model, paths.default_corpus(), types=types.split(","), cache=cache, other=other,
-                       chunks=chunks, ctx=ctx_len, threads=threads, workers=workers, step=_stepper(progress))
+                       chunks=chunks, ctx=ctx_len, threads=threads, workers=workers,
+                       step=stage_stepper(progress))
     rid = _store_scan(store, scan, model, tools)
     _show_scan(scan, out, plot_dir, fmt)
     console.print(f"scan stored as result #{rid} (study {scan.provenance['study']}), {scan.provenance['seconds']:.0f} s")
-
-
-def _stepper(progress):
-    tasks: dict[str, int] = {}
-
-    def step(stage: str, frac: float, detail: str) -> None:
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(stage, total=1.0, detail="")
-        progress.update(tasks[stage], completed=frac, detail=detail)
-
-    return step
 
 
 # ---------------------------------------------------------------- optimize

@@ -490,3 +490,14 @@ def test_restricting_types_keeps_predictions_anchored_at_the_scan_ends():
     assert s.kld == pytest.approx(TINY.uniform["q8_0"].kld)
     mid = optimize(TINY, budget_limits(TINY, types=["q5_0"])[0], types=["q5_0"])
     assert mid.kld == pytest.approx(TINY.uniform["q5_0"].kld)  # additive scan: exact anywhere
+
+
+def test_non_block_tensors_of_any_kind_join_every_weights_partition():
+    # scan.weight_units names non-block tensors other than token_embd/output "extra" (per_layer_token_embd, ...)
+    scan = additive_scan({"blk.0.attn_v": 0.2, "per_layer_token_embd": 0.5}, sizes({"blk.0.attn_v": 100,
+                                                                                       "per_layer_token_embd": 100}))
+    units = tuple(u if u.id != "per_layer_token_embd" else Unit(u.id, "extra", u.tensors, u.cost, u.raise_, u.lower)
+                  for u in scan.units)
+    scan = Scan(**{**scan.__dict__, "units": units})
+    s = optimize(scan, budget_limits(scan)[1])
+    assert s.choice == {"blk.0.attn_v": "q8_0", "per_layer_token_embd": "q8_0"}

@@ -56,7 +56,8 @@ from lacq.studies import knapsack
 from lacq.studies.artifact import Kld, Scan, Unit
 
 WEIGHT_PARTITIONS = ("tensor", "block", "group")  # finest first
-WHOLE_KINDS = ("embedding", "output")  # weights units outside the blocks: part of every weights partition
+# weights units outside the blocks (studies/scan.weight_units names them): part of every weights partition
+WHOLE_KINDS = ("embedding", "output", "extra")
 METHODS = ("auto", "greedy", "dp")
 
 

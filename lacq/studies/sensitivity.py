@@ -23,6 +23,7 @@ import pandas as pd
 
 from lacq.fsutil import atomic_output
 from lacq.studies.artifact import Kld, Scan
+from lacq.studies.optimize import WHOLE_KINDS
 
 INSENSITIVE_KLD = 0.005
 PAIRED_MIN_CHUNKS = 3
@@ -79,8 +80,8 @@ def diff_error(a: Kld, b: Kld) -> float:
 def partitions(scan: Scan) -> list[tuple[str, ...]]:
     """The unit kinds that each cover the model once (a block scan, a group scan, ...)."""
     present = {u.kind for u in scan.units}
-    extra = tuple(k for k in ("embedding", "output", "extra") if k in present)
-    return [(k, *extra) for k in ("block", "group", "tensor", "kv_layer") if k in present]
+    whole = tuple(k for k in WHOLE_KINDS if k in present)
+    return [(k, *whole) for k in ("block", "group", "tensor", "kv_layer") if k in present]
 
 
 def classify(scan: Scan, kinds: tuple[str, ...]) -> tuple[str, str]:

@@ -6,40 +6,26 @@ These need no llama.cpp build: lacq refuses before any tool runs.
 import sys
 
 import pytest
-from click.testing import CliRunner
+from cliutil import assert_clean_error, run_cli
 from synth import write_synthetic_gguf
 
-from lacq.cli import cli
 from lacq.errors import ToolError
 from lacq.llama.tools.base import run_tool
-
-
-def _run(*args):
-    result = CliRunner().invoke(cli, list(map(str, args)))
-    return result
-
-
-def _assert_clean_error(result, *needles):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    for needle in needles:
-        assert needle in result.output, result.output
 
 
 def test_not_a_gguf(tmp_path):
     p = tmp_path / "notes.gguf"
     p.write_text("just text, no magic")
-    _assert_clean_error(_run("inspect", p), "not a GGUF")
+    assert_clean_error(run_cli("inspect", p), "not a GGUF")
 
 
 def test_truncated_gguf(tmp_path):
     p = write_synthetic_gguf(tmp_path / "t.gguf", truncate=True)
-    _assert_clean_error(_run("inspect", p), "truncated")
+    assert_clean_error(run_cli("inspect", p), "truncated")
 
 
 def test_missing_model(tmp_path):
-    _assert_clean_error(_run("ppl", tmp_path / "nope.gguf"), "does not exist")
+    assert_clean_error(run_cli("ppl", tmp_path / "nope.gguf"), "does not exist")
 
 
 def _recipe(tmp_path, body):
@@ -51,30 +37,30 @@ def _recipe(tmp_path, body):
 def test_recipe_unknown_type(tmp_path):
     m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
     r = _recipe(tmp_path, '[[rules]]\nlayers = "first:1"\ntensors = "*"\ntype = "q9_9"\n')
-    _assert_clean_error(_run("quantize", "--recipe", r, m), "q9_9")
+    assert_clean_error(run_cli("quantize", "--recipe", r, m), "q9_9")
     assert not list(tmp_path.glob("m.r*.gguf"))
 
 
 def test_recipe_layer_beyond_model(tmp_path):
     m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
-    _assert_clean_error(_run("quantize", "--recipe", "first8_q8", m), "first:8")
+    assert_clean_error(run_cli("quantize", "--recipe", "first8_q8", m), "first:8")
 
 
 def test_recipe_selector_matching_nothing(tmp_path):
     m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
     r = _recipe(tmp_path, '[[rules]]\nlayers = "all"\ntensors = "ffn_gate_exps"\ntype = "q8_0"\n')
-    _assert_clean_error(_run("quantize", "--recipe", r, m), "matches no quantizable tensor")
+    assert_clean_error(run_cli("quantize", "--recipe", r, m), "matches no quantizable tensor")
 
 
 def test_unknown_recipe_param(tmp_path):
     m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
-    _assert_clean_error(_run("quantize", "--recipe", "first4_q8", "--set", "nope=q8_0", m), "nope")
+    assert_clean_error(run_cli("quantize", "--recipe", "first4_q8", "--set", "nope=q8_0", m), "nope")
 
 
 def test_missing_build(tmp_path):
     m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
-    _assert_clean_error(_run("quantize", "--recipe", "first4_q8", m), "lacq build")
-    _assert_clean_error(_run("ppl", m, "--chunks", "1"), "lacq build")
+    assert_clean_error(run_cli("quantize", "--recipe", "first4_q8", m), "lacq build")
+    assert_clean_error(run_cli("ppl", m, "--chunks", "1"), "lacq build")
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -91,11 +77,11 @@ def test_missing_build(tmp_path):
 ])
 def test_bad_kv_settings_fail_before_work(tmp_path, args, needle):
     m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4)
-    _assert_clean_error(_run("ppl", m, *args), needle)
+    assert_clean_error(run_cli("ppl", m, *args), needle)
 
 
 def test_report_on_empty_database():
-    _assert_clean_error(_run("report"), "no perplexity results")
+    assert_clean_error(run_cli("report"), "no perplexity results")
 
 
 def test_tool_crash_shows_log_tail():
@@ -120,10 +106,10 @@ def test_tool_that_prints_nothing_says_so():
 def test_context_beyond_training_is_refused_unless_insisted(tmp_path, command):
     m = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=4, n_ctx=256)
     base = ["--base", m] if command == "kld" else []
-    _assert_clean_error(_run(command, m, *base, "-c", "100000", "--chunks", "1"),
+    assert_clean_error(run_cli(command, m, *base, "-c", "100000", "--chunks", "1"),
                         "context 100000 is longer than m.gguf was trained for (256 tokens)", "--allow-long-context")
     # insisting gets past the check, to the next one (there is no build here)
-    _assert_clean_error(_run(command, m, *base, "-c", "100000", "--chunks", "1", "--allow-long-context"),
+    assert_clean_error(run_cli(command, m, *base, "-c", "100000", "--chunks", "1", "--allow-long-context"),
                         "lacq build")
 
 

@@ -8,10 +8,9 @@ import json
 import stat
 
 import pytest
-from click.testing import CliRunner
+from cliutil import assert_clean_error, run_cli
 from conftest import CAPTURES
 
-from lacq.cli import cli
 from lacq.errors import LacqError, ToolError
 from lacq.llama.tools import backend_ops
 from lacq.studies.compare import compare, parse_tolerance
@@ -34,18 +33,6 @@ def _write(tmp_path, name, doc):
     p = tmp_path / name
     p.write_text(json.dumps(doc))
     return p
-
-
-def _run(*args):
-    return CliRunner().invoke(cli, list(map(str, args)))
-
-
-def _clean_error(result, *needles):
-    assert result.exit_code not in (0, None), result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    for n in needles:
-        assert n in result.output, result.output
 
 
 # ---------------------------------------------------------------- test-backend-ops parser
@@ -105,7 +92,7 @@ TOL = (parse_tolerance("0.5%", "ppl"), parse_tolerance("0.002,5%", "kld"))
 
 def test_compare_identical_documents_agree_and_print_a_markdown_table(tmp_path):
     a, b = _write(tmp_path, "a.json", _doc("cpu")), _write(tmp_path, "b.json", _doc("cuda"))
-    r = _run("compare", a, b, "--format", "md")
+    r = run_cli("compare", a, b, "--format", "md")
     assert r.exit_code == 0, r.output
     assert "| f16/f16 |" in r.output and "every configuration agrees" in r.output
 
@@ -113,10 +100,10 @@ def test_compare_identical_documents_agree_and_print_a_markdown_table(tmp_path):
 def test_compare_ppl_beyond_tolerance_exits_nonzero(tmp_path):
     b = _doc("cuda")
     b["configs"][3]["ppl"] *= 1.01
-    r = _run("compare", _write(tmp_path, "a.json", _doc()), _write(tmp_path, "b.json", b))
+    r = run_cli("compare", _write(tmp_path, "a.json", _doc()), _write(tmp_path, "b.json", b))
     assert r.exit_code == 1 and "q8_0/turbo3" in r.output and "PPL" in r.output, r.output
     # a looser tolerance passes
-    assert _run("compare", tmp_path / "a.json", tmp_path / "b.json", "--tolerance-ppl", "2%").exit_code == 0
+    assert run_cli("compare", tmp_path / "a.json", tmp_path / "b.json", "--tolerance-ppl", "2%").exit_code == 0
 
 
 def test_compare_kld_tolerance_absolute_or_relative():
@@ -172,7 +159,7 @@ def test_compare_accepts_studies_from_the_results_database(tmp_path, monkeypatch
         for label in ("f16/f16", "q8_0/q4_0"):
             store.add(kind="ppl", label=label, model=model, build={"backend": "cpu", "build_key": "k"},
                       command=[], metrics={"ppl": ppl, "ppl_error": 0.1}, study=study)
-    r = _run("compare", "db:run-a", "db:run-b", "--format", "md")
+    r = run_cli("compare", "db:run-a", "db:run-b", "--format", "md")
     assert r.exit_code == 0, r.output
     assert "| q8_0/q4_0 | 10.0000 |" in r.output
 
@@ -181,32 +168,32 @@ def test_compare_accepts_studies_from_the_results_database(tmp_path, monkeypatch
 def test_compare_mismatched_suite_versions_are_refused(tmp_path):
     a = _write(tmp_path, "a.json", _doc())
     b = _write(tmp_path, "b.json", _doc("cuda", suite_version=SUITE_VERSION + 1))
-    _clean_error(_run("compare", a, b), "suite versions differ")
+    assert_clean_error(run_cli("compare", a, b), "suite versions differ")
 
 
 def test_compare_missing_file(tmp_path):
-    _clean_error(_run("compare", _write(tmp_path, "a.json", _doc()), tmp_path / "nope.json"), "nope.json")
+    assert_clean_error(run_cli("compare", _write(tmp_path, "a.json", _doc()), tmp_path / "nope.json"), "nope.json")
 
 
 def test_compare_not_a_parity_document(tmp_path):
     junk = tmp_path / "x.json"
     junk.write_text('{"hello": 1}')
-    _clean_error(_run("compare", _write(tmp_path, "a.json", _doc()), junk), "not a `lacq parity` document")
+    assert_clean_error(run_cli("compare", _write(tmp_path, "a.json", _doc()), junk), "not a `lacq parity` document")
 
 
 def test_compare_bad_tolerance(tmp_path):
     a = _write(tmp_path, "a.json", _doc())
-    _clean_error(_run("compare", a, a, "--tolerance-ppl", "half"), "--tolerance-ppl")
+    assert_clean_error(run_cli("compare", a, a, "--tolerance-ppl", "half"), "--tolerance-ppl")
 
 
 def test_parity_missing_base_logits_fails_before_any_work(tmp_path):
     out = tmp_path / "p.json"
-    _clean_error(_run("parity", "--backend", "cuda", "--base-logits", tmp_path / "nope.logits", "--out", out),
+    assert_clean_error(run_cli("parity", "--backend", "cuda", "--base-logits", tmp_path / "nope.logits", "--out", out),
                  "does not exist")
     assert not out.exists() and not list(tmp_path.glob("*.json*"))
 
 
 def test_parity_refuses_an_existing_out_file(tmp_path):
     out = _write(tmp_path, "p.json", {"keep": True})
-    _clean_error(_run("parity", "--out", out), "exists")
+    assert_clean_error(run_cli("parity", "--out", out), "exists")
     assert json.loads(out.read_text()) == {"keep": True}

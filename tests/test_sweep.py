@@ -6,9 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cliutil import assert_clean_error, run_cli
 
-from lacq.cli import cli
 from lacq.errors import SweepError
 from lacq.llama.build import Build
 from lacq.results.store import open_store
@@ -41,18 +40,6 @@ def _plan(tmp_path, store, build=BUILD):
         model.write_bytes(b"GGUF" + bytes(60))
     sweep = load_sweep(_sweep_file(tmp_path))
     return sweep, plan_runs(sweep, build, store, lambda spec, recipe: model, lambda m, c, n: tmp_path / "l")
-
-
-def _run(*args):
-    return CliRunner().invoke(cli, list(map(str, args)))
-
-
-def _clean_error(result, *needles):
-    assert result.exit_code not in (0, None), result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    for n in needles:
-        assert n in result.output, result.output
 
 
 class FakeExecutor:
@@ -115,7 +102,7 @@ def test_report_shows_sweep_progress(tmp_path):
     setup = WorkerSetup(home=str(tmp_path), build=BUILD, corpus=str(tmp_path))
     with pytest.raises(KeyboardInterrupt):
         run_sweep(sweep, runs, setup, store, FakeExecutor(tmp_path / "m.gguf", stop_after=3))
-    r = _run("report", "--study", "tiny")
+    r = run_cli("report", "--study", "tiny")
     assert r.exit_code == 0, r.output
     assert "3 of 4 runs stored" in r.output
 
@@ -129,36 +116,36 @@ def test_local_executor_pins_one_gpu_per_worker():
 
 # ---------------------------------------------------------------- bad input: one line, non-zero, no results
 def test_sweep_missing_file(tmp_path):
-    _clean_error(_run("sweep", tmp_path / "nope.toml"), "does not exist")
+    assert_clean_error(run_cli("sweep", tmp_path / "nope.toml"), "does not exist")
 
 
 def test_sweep_unknown_top_level_key(tmp_path):
     p = _sweep_file(tmp_path, TINY.replace('name = "tiny"', 'name = "tiny"\nmodel = "typo"'))
-    _clean_error(_run("sweep", p), "unknown key(s) model")
+    assert_clean_error(run_cli("sweep", p), "unknown key(s) model")
     assert not open_store().results()
 
 
 def test_sweep_unknown_key_in_a_kv_entry_and_a_section(tmp_path):
     p = _sweep_file(tmp_path, TINY.replace('ctv = "q4_0"', 'ctv = "q4_0", ctx = 3'))
-    _clean_error(_run("sweep", p), "unknown key(s) in a kv entry: ctx")
+    assert_clean_error(run_cli("sweep", p), "unknown key(s) in a kv entry: ctx")
     p = _sweep_file(tmp_path, TINY.replace("chunks = 1", "chunk = 1"))
-    _clean_error(_run("sweep", p), "unknown key(s) in [ppl]: chunk")
+    assert_clean_error(run_cli("sweep", p), "unknown key(s) in [ppl]: chunk")
 
 
 def test_sweep_unknown_measurement_and_bad_kv_type(tmp_path):
-    _clean_error(_run("sweep", _sweep_file(tmp_path, TINY.replace('["ppl"]', '["speed"]'))), "unknown measurement")
-    _clean_error(_run("sweep", _sweep_file(tmp_path, TINY.replace('"q4_0"', '"q9_9"'))), "q9_9")
+    assert_clean_error(run_cli("sweep", _sweep_file(tmp_path, TINY.replace('["ppl"]', '["speed"]'))), "unknown measurement")
+    assert_clean_error(run_cli("sweep", _sweep_file(tmp_path, TINY.replace('"q4_0"', '"q9_9"'))), "q9_9")
 
 
 def test_sweep_unknown_executor(tmp_path):
-    _clean_error(_run("sweep", _sweep_file(tmp_path), "--executor", "slurm"), "unknown executor 'slurm'")
+    assert_clean_error(run_cli("sweep", _sweep_file(tmp_path), "--executor", "slurm"), "unknown executor 'slurm'")
     assert not open_store().results()
 
 
 def test_sweep_ray_not_installed_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    r = _run("sweep", _sweep_file(tmp_path), "--executor", "ray")
-    _clean_error(r, "needs Ray", "pip install 'lacq[ray]'")
+    r = run_cli("sweep", _sweep_file(tmp_path), "--executor", "ray")
+    assert_clean_error(r, "needs Ray", "pip install 'lacq[ray]'")
     assert len(r.output.strip().splitlines()) == 1
     assert not open_store().results()
 

@@ -17,23 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ggml_ctypes import TypeTraits
 
 from lacq.plan.kv import tqs_ref, turbo_ref
 from lacq.plan.kv.types import kv_type
 
 TYPE_IDS = {"tqs2": 46, "tqs3": 47, "tqs4": 48}
-
-
-class TypeTraits(ctypes.Structure):
-    _fields_ = [
-        ("type_name", ctypes.c_char_p),
-        ("blck_size", ctypes.c_int64),
-        ("blck_size_interleave", ctypes.c_int64),
-        ("type_size", ctypes.c_size_t),
-        ("is_quantized", ctypes.c_bool),
-        ("to_float", ctypes.c_void_p),
-        ("from_float_ref", ctypes.c_void_p),
-    ]
 
 
 class TypeTraitsCpu(ctypes.Structure):

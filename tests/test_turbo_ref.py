@@ -12,22 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ggml_ctypes import TypeTraits
 
 from lacq.plan.kv import turbo_ref as turbo_ref
 
 TYPE_IDS = {"turbo2": 43, "turbo3": 44, "turbo4": 45}
-
-
-class TypeTraits(ctypes.Structure):
-    _fields_ = [
-        ("type_name", ctypes.c_char_p),
-        ("blck_size", ctypes.c_int64),
-        ("blck_size_interleave", ctypes.c_int64),
-        ("type_size", ctypes.c_size_t),
-        ("is_quantized", ctypes.c_bool),
-        ("to_float", ctypes.c_void_p),
-        ("from_float_ref", ctypes.c_void_p),
-    ]
 
 
 TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int64)

@@ -26,11 +26,12 @@ from lacq import paths
 from lacq.errors import LacqError
 from lacq.fsutil import canonical_hash
 from lacq.llama.build import Build
+from lacq.measure.common import prepare_kv
 from lacq.measure.kld import base_logits, measure_kld
 from lacq.model.assemble import assemble
 from lacq.model.info import FLOAT_TYPES, ModelInfo, inspect_model
 from lacq.model.tokenizer import tokenizer_fingerprint
-from lacq.plan.kv.config import KvConfig, Override
+from lacq.plan.kv.config import KvConfig, Override, check_kv_type
 from lacq.plan.kv.types import kv_type
 from lacq.plan.llama_quant import BASE_FTYPES, allows_quantization
 from lacq.plan.recipe import check_weight_type, parse_recipe, resolve_recipe
@@ -209,13 +210,9 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
                                        "n_elements": sum(t.n_elements for t in info.tensors)},
                 base={"path": str(base), "sha256": base_sha, "logits": str(logits)}, types=tuple(cands),
                 units=tuple(scanned), uniform={t: kld[f"uniform {t}"] for t in cands}, fixed_cost=fixed,
-                chunks=chunks, ctx=ctx, cost_unit="bytes", excluded_types=excluded, notes=tuple(_dedupe(notes)),
+                chunks=chunks, ctx=ctx, cost_unit="bytes", excluded_types=excluded, notes=tuple(dict.fromkeys(notes)),
                 provenance={"study": study, "build": build.provenance(), "corpus_sha256": store.sha256(corpus),
                             "seconds": round(time.monotonic() - t0, 1), "files": {t: str(p) for t, p in files.items()}})
-
-
-def _dedupe(items: list[str]) -> list[str]:
-    return list(dict.fromkeys(items))
 
 
 def _kld(store: Store, result_id: int) -> Kld:
@@ -254,7 +251,6 @@ def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: lis
     `cache` is the scanned cache ("v", "k" or "both"); the other cache stays at `other`. KLD is against
     the same model with an f16 cache (its logits cached like a weight base's).
     """
-    from lacq.plan.kv.config import check_kv_type
     t0 = time.monotonic()
     info = inspect_model(model)
     if cache not in ("v", "k", "both"):
@@ -275,7 +271,6 @@ def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: lis
         return KvConfig(k, vv, "auto", over if cache in ("k", "both") else (), over if cache in ("v", "both") else ())
 
     for t in cands:  # every type on this backend and head size, before any work
-        from lacq.measure.common import prepare_kv
         prepare_kv(build, config(KvVariant(t, 0, highest)), info)
     study = "scan-kv:" + canonical_hash({"model": store.sha256(model), "types": cands, "cache": cache,
                                          "other": other, "chunks": chunks, "ctx": ctx, "build": build.key,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from lacq.cli import cli
 from lacq.errors import ToolError
 from lacq.llama.build import BuildSpec, build
-from lacq.llama.tools import backend_ops
+from lacq.llama.tools import backend_ops, kv_bytes
 from lacq.studies import parity
 
 pytestmark = pytest.mark.e2e
@@ -49,7 +49,7 @@ def test_parity_on_cpu_writes_the_document_and_compares_through_the_same_referen
 
 
 def test_backend_ops_counts_set_rows_on_the_cpu_build_and_refuses_a_wrong_device_name(e2e_home, tmp_path):
-    tools = build(BuildSpec(backend="cpu", extra_targets=("test-backend-ops",)))
+    tools = build(BuildSpec(backend="cpu", extra_targets=backend_ops.CHECK_TARGETS))
     tool = tools.tool("test-backend-ops")
     r = backend_ops.run(tool, "CPU", "SET_ROWS", tmp_path / "set_rows.log")
     c = r.per_op["SET_ROWS"]
@@ -57,3 +57,13 @@ def test_backend_ops_counts_set_rows_on_the_cpu_build_and_refuses_a_wrong_device
     assert c["turbo passed"] > 0  # patch 0004's turbo SET_ROWS cases ran
     with pytest.raises(ToolError, match="tested nothing"):
         backend_ops.run(tool, "MTL0", "SET_ROWS", tmp_path / "wrong.log")
+
+
+def test_kv_bytes_on_the_cpu_build_equal_the_reference_quantizer(e2e_home, tmp_path):
+    """Patch 0011: the CPU's (vectorized) SET_ROWS and CPY write the scalar reference's bytes for all six types."""
+    tools = build(BuildSpec(backend="cpu", extra_targets=backend_ops.CHECK_TARGETS))
+    r = kv_bytes.run(tools.tool(kv_bytes.TARGET), "CPU", tmp_path / "kv_bytes.log")
+    assert r["types"] == ["tqs2", "tqs3", "tqs4", "turbo2", "turbo3", "turbo4"]
+    assert (r["cases"], r["unsupported"], r["differ"]) == (18, 0, 0) and r["blocks"] > 0, r
+    with pytest.raises(ToolError, match="compared nothing"):
+        kv_bytes.run(tools.tool(kv_bytes.TARGET), "MTL0", tmp_path / "wrong.log")

@@ -3,7 +3,9 @@
 - a K shift in a cache rotated because some layer is quantized must shift its f16/f32 layers correctly;
 - LLAMA_KV_TYPES_K/V take only the -ctk/-ctv types (q8_1 used to reach a segfault), and the backend check
   added for GPU-resident caches lets every listed type through on the CPU;
-- a session saved under one per-layer policy is refused by a context with another.
+- a session saved under one per-layer policy is refused by a context with another;
+- the per-layer variables bind to one model per process: a second model's contexts (a speculative draft
+  model) keep their own cache types, and freeing the bound model frees the binding (issue 11, item 6).
 """
 
 from __future__ import annotations
@@ -180,3 +182,66 @@ def test_session_from_another_policy_is_refused(cpu_build, smollm2, tmp_path, sa
     other = _completion(cpu_build, smollm2, session, restored)
     out = other.stdout + other.stderr
     assert other.returncode != 0 and needle in out and "failed to load session file" in out, out[-2000:]
+
+
+# Two models of one process, as llama-server -md and llama-speculative load them: the target's context first,
+# then the draft's. Reports, per context made, how many per-layer lines libllama logged and whether it said
+# the policy was ignored.
+DRAFT_PROBE = r'''
+import ctypes, json, sys
+import llama_cpp as L
+
+model_path = sys.argv[1]
+lines = []
+_log = L.llama_log_callback(lambda level, text, user_data: lines.append(text.decode(errors="replace")))
+L.llama_log_set(_log, ctypes.c_void_p(0))
+L.llama_backend_init()
+
+
+def load():
+    return L.llama_model_load_from_file(model_path.encode(), L.llama_model_default_params())
+
+
+def context(model):
+    cp = L.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = 256
+    cp.n_threads = cp.n_threads_batch = 2
+    cp.flash_attn_type = 1  # a q8_0 V layer needs flash attention
+    del lines[:]
+    ctx = L.llama_init_from_model(model, cp)
+    text = "".join(lines)
+    return ctx, {"made": bool(ctx), "layers": text.count("llama_kv_types: layer "),
+                 "ignored": text.count("keeps its own cache types")}
+
+
+target, draft = load(), load()
+report = {}
+c1, report["target"] = context(target)
+c2, report["draft"] = context(draft)
+c3, report["target again"] = context(target)
+for c in (c1, c2, c3):
+    L.llama_free(c)
+L.llama_model_free(target)
+c4, report["draft after the target is freed"] = context(draft)
+L.llama_free(c4)
+L.llama_model_free(draft)
+print(json.dumps(report))
+'''
+
+
+def test_per_layer_kv_types_bind_to_the_first_model_not_a_draft(cpu_build, smollm2):
+    """Before patch 0010 both models' contexts took the policy (30 per-layer lines each)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("needs llama-cpp-python (the niah extra) to load two models in one process")
+    from lacq.llama.elf import private_cxx_runtime
+    if private_cxx_runtime(cpu_build.bin_dir) is not None:
+        pytest.skip("this build carries its own libstdc++; llama-cpp-python cannot load it in process")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_KV_TYPES_")}
+    env.update(LLAMA_CPP_LIB_PATH=str(cpu_build.bin_dir), LLAMA_KV_TYPES_V="0..1=q8_0")
+    proc = subprocess.run([sys.executable, "-c", DRAFT_PROBE, str(smollm2)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    bound = {"made": True, "layers": 30, "ignored": 0}
+    assert got == {"target": bound, "draft": {"made": True, "layers": 0, "ignored": 1}, "target again": bound,
+                   "draft after the target is freed": bound}, got

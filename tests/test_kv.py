@@ -137,7 +137,12 @@ def test_cuda_pairs_without_a_flash_attention_kernel_are_named_with_their_layers
     assert k_f16.slow_pairs("cuda", 6) == {("f16", "q8_0"): [0, 5]}
     assert k_f16.slow_pairs("cpu", 6) == {}  # the CPU runs every pair
     assert KvConfig("q8_0", "q4_0", "on").slow_pairs("cuda", 3) == {("q8_0", "q4_0"): [0, 1, 2]}
-    assert KvConfig("turbo2", "turbo3", "on").slow_pairs("cuda", 2) == {("turbo2", "turbo3"): [0, 1]}
+    # patch 0009: a turbo type has kernels beside q8_0, f16 and every turbo type, in either order
+    assert KvConfig("turbo2", "turbo3", "on").slow_pairs("cuda", 2) == {}
+    assert KvConfig("turbo3", "turbo3", "on", (), boundary(1, "q8_0")).slow_pairs("cuda", 4) == {}
+    assert KvConfig("turbo4", "f16", "on").slow_pairs("cuda", 1) == {}
+    assert KvConfig("turbo3", "q4_0", "on").slow_pairs("cuda", 2) == {("turbo3", "q4_0"): [0, 1]}
+    assert KvConfig("bf16", "turbo2", "on").slow_pairs("cuda", 1) == {("bf16", "turbo2"): [0]}
 
 
 def test_tqs_types_their_bits_and_their_limits():

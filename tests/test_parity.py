@@ -197,3 +197,15 @@ def test_parity_refuses_an_existing_out_file(tmp_path):
     out = _write(tmp_path, "p.json", {"keep": True})
     assert_clean_error(run_cli("parity", "--out", out), "exists")
     assert json.loads(out.read_text()) == {"keep": True}
+
+
+def test_kv_bytes_lines_are_parsed_from_a_real_cpu_run():
+    from lacq.llama.tools import kv_bytes
+    rows = kv_bytes.parse((CAPTURES / "kv_bytes_cpu.txt").read_text())
+    assert len(rows) == 18 and rows[0] == {"device": "CPU", "type": "turbo2", "op": "SET_ROWS", "src": "f32",
+                                           "blocks": 16384, "differ": 0}
+    s = kv_bytes.summary(rows)
+    assert (s["cases"], s["differ"], s["types"]) == (18, 0, ["tqs2", "tqs3", "tqs4", "turbo2", "turbo3", "turbo4"])
+    # a differing block and an unsupported case, as the tool prints them
+    more = kv_bytes.parse("CUDA0 tqs3 CPY f32: 8192 blocks, 3 differ FAIL\nCUDA0 tqs2 CPY f32: not supported\n")
+    assert kv_bytes.summary(rows + more)["differ"] == 3 and kv_bytes.summary(more)["unsupported"] == 1

@@ -14,6 +14,7 @@ from lacq.cli import cli
 from lacq.cli.common import console, err_console, handle_errors, open_results, progress_bar, stage_stepper
 from lacq.errors import LacqError
 from lacq.llama.build import BACKENDS, BuildSpec
+from lacq.llama.tools.backend_ops import CHECK_TARGETS
 from lacq.llama.build import build as run_build
 
 
@@ -57,7 +58,7 @@ def parity_cmd(ctx, backend, source, model_spec, base_logits, out, chunks, no_ba
     with progress_bar() as progress:
         step = stage_stepper(progress)
 
-        targets = () if no_backend_ops else ("test-backend-ops",)
+        targets = () if no_backend_ops else CHECK_TARGETS
         build = run_build(BuildSpec(backend=backend, extra_targets=targets), source,
                           progress=lambda f, d: step(f"build {backend}", f, d))
         reference = None
@@ -92,6 +93,10 @@ def _print_summary(doc: dict, out: Path | None) -> None:
         for op, c in ops["ops"].items():
             err_console.print(f"  {op}: {c['passed']}/{c['ran']} passed, {c['skipped']} not supported "
                               f"(turbo {c['turbo passed']}/{c['turbo ran']}, {c['turbo skipped']} not supported)")
+        if kvb := ops.get("kv_bytes"):
+            err_console.print(f"  test-kv-bytes: {kvb['differ']} of {kvb['blocks']} blocks differ from the reference "
+                              f"({kvb['cases']} cases over {', '.join(kvb['types'])}; "
+                              f"{kvb['unsupported']} not supported)")
     ref = doc["reference"]
     err_console.print(f"reference: {ref['path']} (sha256 {ref['sha256'][:16]}…); give it to other backends "
                       "with --base-logits", soft_wrap=True)

@@ -201,6 +201,9 @@ def _compare_ops(docs: list[dict], names: list[str], out: Comparison) -> None:
     for n, ops in ran:
         if ops.get("failed"):
             out.problems.append(f"test-backend-ops: {ops['failed']} case(s) failed on {n}")
+        if (kvb := ops.get("kv_bytes")) and kvb.get("differ"):
+            out.problems.append(f"test-kv-bytes: {kvb['differ']} of {kvb['blocks']} KV blocks differ from the "
+                                f"reference quantizer's bytes on {n}")
         for error in ops.get("errors", []):
             out.problems.append(f"test-backend-ops on {n}: {error}")
     ops_names = list(dict.fromkeys(op for _, ops in ran for op in ops.get("ops", {})))

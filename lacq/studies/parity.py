@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Callable
 
 from lacq import __version__
-from lacq.errors import LacqError, RecipeError, ToolError
+from lacq.errors import BuildError, LacqError, RecipeError, ToolError
 from lacq.llama.build import Build
-from lacq.llama.tools import backend_ops
+from lacq.llama.tools import backend_ops, kv_bytes
 from lacq.llama.tools import kld as kld_tool
 from lacq.measure.common import check_kv
 from lacq.measure.kld import base_logits, check_logits_matches, measure_kld
@@ -126,13 +126,19 @@ def run_backend_ops(build: Build, log_dir: Path, step: Step | None = None) -> di
             continue
         ops[op] = result.per_op.get(op, {k: 0 for k in backend_ops.COLUMNS})
         description = description or result.description
+    kv_bytes_doc = None
+    try:  # patch 0011's byte-exactness check of the turbo/tqs writes, beside the tolerance-based cases
+        kv_bytes_doc = kv_bytes.run(build.tool(kv_bytes.TARGET), device, log_dir / "kv_bytes.log")
+    except (ToolError, BuildError) as exc:
+        errors.append(f"{kv_bytes.TARGET}: {str(exc).splitlines()[0]}")
     if step:
         step("test-backend-ops", 1.0, "done")
     note = ("test-backend-ops compares a backend with the CPU: on the CPU it checks the CPU against itself, "
             "so these counts say which cases exist and run there, not that they agree with another backend"
             if build.backend == "cpu" else None)
     return {"status": "ran", "device": device, "description": description, "ops": ops, "note": note,
-            "failed": sum(c.get("failed", 0) for c in ops.values()), "errors": errors, "logs": str(log_dir)}
+            "failed": sum(c.get("failed", 0) for c in ops.values()), "kv_bytes": kv_bytes_doc, "errors": errors,
+            "logs": str(log_dir)}
 
 
 def run_parity(build: Build, store: Store, model: Path, corpus: Path, *, chunks: int = DEFAULT_CHUNKS,

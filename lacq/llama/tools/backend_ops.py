@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OPS = ("SET_ROWS", "GET_ROWS", "CPY", "FLASH_ATTN_EXT")
+# The check programs a parity build makes: this tool and test-kv-bytes (tools/kv_bytes.py, patch 0011).
+CHECK_TARGETS = ("test-backend-ops", "test-kv-bytes")
 # The device name test-backend-ops prints (and `-b` takes) for each lacq backend.
 DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA0", "metal": "MTL0"}
 COLUMNS = ("ran", "passed", "failed", "skipped")

@@ -85,16 +85,19 @@ def backend_problem(name: str, backend: str) -> str | None:
     return UNSUPPORTED.get((name.lower(), backend))
 
 
-# The K/V pairs CUDA's flash attention has kernels for in lacq's build (GGML_CUDA_FA_ALL_QUANTS off, the
-# FA_QUANTS list of ggml-cuda's CMakeLists.txt as patch 0005 extends it): the stock same-type pairs, and a
-# turbo V with K q8_0, f16 or the same turbo type (the list its configure step prints). Other pairs run,
-# but ggml-cuda converts the layer's whole K and V to f16 at every call (fattn.cu: "converting K and V to
+# The K/V pairs CUDA's flash attention has kernels for in lacq's build (GGML_CUDA_FA_QUANTS at its default,
+# extended by patches 0005 and 0009 in ggml/cmake/common.cmake; its configure step prints the list): the stock
+# same-type pairs, and every pair of a turbo type with q8_0, f16 or a turbo type, in either order. Other pairs
+# run, but ggml-cuda converts the layer's whole K and V to f16 at every call (fattn.cu: "converting K and V to
 # f16 instead (slow)").
 CUDA_FA_SAME = ("f16", "q4_0", "q8_0", "bf16")
+CUDA_FA_TURBO_PARTNERS = ("q8_0", "f16", *TURBO)
 
 
 def cuda_fa_pair(k: str, v: str) -> bool:
-    return (k == v and k in CUDA_FA_SAME) or (v in TURBO and k in ("q8_0", "f16", v))
+    if k in TURBO or v in TURBO:
+        return k in CUDA_FA_TURBO_PARTNERS and v in CUDA_FA_TURBO_PARTNERS
+    return k == v and k in CUDA_FA_SAME
 
 
 def pair_problem(k: str, v: str, backend: str) -> str | None:

@@ -14,8 +14,8 @@ from lacq.cli import cli
 from lacq.cli.common import console, err_console, handle_errors, open_results, progress_bar, stage_stepper
 from lacq.errors import LacqError
 from lacq.llama.build import BACKENDS, BuildSpec
-from lacq.llama.tools.backend_ops import CHECK_TARGETS
 from lacq.llama.build import build as run_build
+from lacq.llama.tools.backend_ops import CHECK_TARGETS
 
 
 @cli.command(name="parity")

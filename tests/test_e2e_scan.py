@@ -93,6 +93,21 @@ def test_weight_scan_resumes_and_feeds_the_optimizer(cpu_build, smollm2, smollm2
     assert scan.uniform["q8_0"].kld < r.metrics["kld_mean"] < scan.uniform["q4_0"].kld
 
 
+def test_variants_that_are_the_same_file_are_measured_once(cpu_build, smollm2, smollm2_f16):
+    """q6_k falls back to q8_0 on SmolLM2's 576-wide rows, so only ffn_down (1536-wide) and nothing else differs
+    between the two candidate files: 2 uniform runs and ffn_down's two variants are all that is measured."""
+    store = open_store()
+    before = len(store.results(kind="kld"))
+    scan = scan_weights(cpu_build, store, smollm2, smollm2_f16, paths.default_corpus(), types=["q6_k", "q8_0"],
+                        units=("group",), chunks=CHUNKS, ctx=CTX)
+    assert len(store.results(kind="kld")) - before == 4
+    units = {u.id: u for u in scan.units}
+    assert units["ffn_down"].raise_["q8_0"].result_id != scan.uniform["q6_k"].result_id
+    assert units["attn_v"].raise_["q8_0"].result_id == scan.uniform["q6_k"].result_id
+    assert units["attn_v"].lower["q6_k"].result_id == scan.uniform["q8_0"].result_id
+    assert any("were the same file as another" in n for n in scan.notes)
+
+
 def test_the_source_type_is_excluded_and_said(cpu_build, smollm2, smollm2_f16):
     with pytest.raises(ScanError, match="q4_1 excluded: the model's own type"):
         scan_weights(cpu_build, open_store(), smollm2, smollm2_f16, paths.default_corpus(), types=["q4_1", "q8_0"],

@@ -183,9 +183,13 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
                               study=study)
             return out.result_id
 
-    ids = run_jobs(jobs, run, store, study, workers=workers,
+    # Variants whose files are byte for byte the same (a type llama.cpp replaces by another candidate, e.g. q6_k
+    # by q8_0 on 576-wide rows; a unit already at the default's type) are measured once.
+    unique: dict[tuple, Job] = {}
+    alias = {job.key: unique.setdefault(_signature(job.spec, cinfo), job).key for job in jobs}
+    ids = run_jobs(list(unique.values()), run, store, study, workers=workers,
                    progress=(lambda d, n, k: step("variants", d / n, f"{d}/{n} {k}")) if step else None)
-    kld = {key: _kld(store, rid) for key, rid in ids.items()}
+    kld = {key: _kld(store, ids[rep]) for key, rep in alias.items()}
     scanned = []
     for uid, kind, names, block in unit_list:
         cost = {t: float(sum(cinfo[t].tensor(n).n_bytes for n in names)) for t in cands}
@@ -202,6 +206,9 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
     fixed = float(sum(t.n_bytes for t in cinfo[lowest].tensors if t.name not in quantizable))
     fixed += files[lowest].stat().st_size - cinfo[lowest].total_bytes
     notes = [f"{t} excluded: {why}" for t, why in excluded.items()]
+    if len(unique) < len(jobs):
+        notes.append(f"{len(jobs) - len(unique)} of {len(jobs)} variants were the same file as another after "
+                     "llama.cpp's replacements and were measured once")
     for u in scanned:
         for t, actual in u.replaced.items():
             notes.append(f"{u.id} at {t}: llama.cpp writes {actual} (row size); costs and KLD use what it writes")
@@ -213,6 +220,15 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
                 chunks=chunks, ctx=ctx, cost_unit="bytes", excluded_types=excluded, notes=tuple(dict.fromkeys(notes)),
                 provenance={"study": study, "build": build.provenance(), "corpus_sha256": store.sha256(corpus),
                             "seconds": round(time.monotonic() - t0, 1), "files": {t: str(p) for t, p in files.items()}})
+
+
+def _signature(v: WeightVariant, cinfo: dict) -> tuple:
+    """What a variant's file holds. llama-quantize is deterministic, so a tensor of the same type (after its
+    replacements) in two candidate files has the same bytes: only tensors whose type differs from the
+    default's change the file."""
+    changed = tuple((n, cinfo[v.type].tensor(n).type) for n in v.tensors
+                    if cinfo[v.type].tensor(n).type != cinfo[v.default].tensor(n).type)
+    return v.default, changed
 
 
 def _kld(store: Store, result_id: int) -> Kld:

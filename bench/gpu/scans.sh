@@ -10,6 +10,11 @@
 # scans-w (the weight scan at 20, 4, 2 and 1 chunks: the chunk-count study), scans-kv (the KV scan of V
 # over the turbo family at 20 chunks), parity (`lacq parity` on the CPU and CUDA builds against one CPU-made
 # reference, and `lacq compare` of the two), verify (bench/gpu/verify.py). Results land in $OUT.
+# Second session (patches 0009-0012): kernels (test-backend-ops counts, test-kv-bytes on CUDA0, the mixed
+# turbo pairs with and without their kernels (GGML_CUDA_FA_MIXED_TURBO=0), decode speed of a turbo-K boundary
+# policy before/after, the tqs V types against q4_0: decode at depth 7680 and PPL on the F16 base), scan-t (the
+# tensor-granularity weight scan over iq4_nl/q5_0/q6_k/q8_0), verify-t (optimized recipes at the stock mixes'
+# sizes, measured at 20 chunks beside those mixes).
 set -uo pipefail
 export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1
 export PYTHONPATH=/tmp/site:$PWD
@@ -19,15 +24,15 @@ G=/tmp/g
 SRC=$G/llama.cpp
 MODEL=$G/model.gguf
 lacq() { python3 -m lacq "$@"; }
-bin() { lacq build --backend cuda --source "$SRC" --target test-backend-ops --print-path; }
+bin() { lacq build --backend cuda --source "$SRC" --target test-backend-ops --target test-kv-bytes --print-path; }
 
 case "$1" in
 setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   bash .gpu/pack/1/collect.sh $G
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC --target test-backend-ops && \
-    python3 -m lacq build --source $SRC; echo rc=\$?" > /tmp/build.log 2>&1 < /dev/null &
+  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC --target test-backend-ops \
+    --target test-kv-bytes; echo rc=\$?" > /tmp/build.log 2>&1 < /dev/null &
   sleep 20; tail -n 2 /tmp/build.log ;;
 model)
   bash .gpu/pack/2/collect.sh $G
@@ -69,4 +74,45 @@ parity)
   lacq parity --backend cuda --source "$SRC" --model "$MODEL" --base-logits "$REF" --out "$OUT/parity-cuda.json" \
     > "$OUT/parity-cuda.txt" 2>&1; tail -n 3 "$OUT/parity-cuda.txt"
   lacq compare "$OUT/parity-cpu.json" "$OUT/parity-cuda.json" --format md | tee "$OUT/parity-compare.md" ;;
+kernels)
+  B=$(bin)
+  for op in SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT; do
+    "$B/test-backend-ops" test -b CUDA0 -o "$op" > "$OUT/tbo-$op.log" 2>&1
+    echo "$op: $(python3 .ci/backend_ops_summary.py --backend CUDA0 "$OUT/tbo-$op.log" 2>&1 | tail -n 1)"
+  done
+  "$B/test-kv-bytes" -b CUDA0 > "$OUT/kv-bytes-cuda.txt" 2>&1; echo "test-kv-bytes rc=$?: $(tail -n 1 "$OUT/kv-bytes-cuda.txt")"
+  MIXED='type_K=turbo2,type_V=(q8_0|f16|turbo3|turbo4),|type_K=turbo3,type_V=(q8_0|f16|turbo2|turbo4),|type_K=turbo4,type_V=(q8_0|f16|turbo2|turbo3),'
+  for m in 1 0; do
+    GGML_CUDA_FA_MIXED_TURBO=$m "$B/test-backend-ops" test -b CUDA0 -o FLASH_ATTN_EXT -p "$MIXED" > "$OUT/tbo-mixed-$m.log" 2>&1
+    echo "mixed pairs, GGML_CUDA_FA_MIXED_TURBO=$m: $(grep -c ': .*OK' "$OUT/tbo-mixed-$m.log") OK," \
+      "$(grep -c 'FAIL' "$OUT/tbo-mixed-$m.log") FAIL, f16-fallback warnings: $(grep -c 'no FlashAttention vector kernel' "$OUT/tbo-mixed-$m.log")"
+  done
+  [ -f $G/f16.gguf ] || "$B/llama-quantize" --allow-requantize "$MODEL" $G/f16.gguf F16 > /dev/null 2>&1
+  for m in 1 0; do  # decode with K turbo3 and V q8_0 on the four boundary layers
+    GGML_CUDA_FA_MIXED_TURBO=$m lacq bench "$MODEL" --backend cuda --source "$SRC" -ngl 99 --ctk turbo3 --ctv turbo3 \
+      --boundary 2 --depth 0,4096 --pp 512 --tg 128 -r 3 --label "turbo3 boundary 2 mixed=$m" --format md \
+      > "$OUT/bench-mixed-$m.md" 2>/dev/null; cat "$OUT/bench-mixed-$m.md"
+  done
+  for v in q4_0 q8_0 turbo3 turbo4 tqs3 tqs4; do  # issue 13: decode at depth 7680, K q8_0
+    lacq bench "$MODEL" --backend cuda --source "$SRC" -ngl 99 --ctk q8_0 --ctv $v --depth 7680 --pp 512 --tg 128 -r 3 \
+      --label "V $v" --format md > "$OUT/bench-v-$v.md" 2>/dev/null; tail -n 2 "$OUT/bench-v-$v.md"
+  done
+  for v in f16 q4_0 q8_0 turbo3 turbo4 tqs2 tqs3 tqs4; do  # PPL on the F16 base (CPU figures: same command, --backend cpu)
+    lacq ppl $G/f16.gguf --backend cuda --source "$SRC" -ngl 99 --ctk q8_0 --ctv $v --chunks 20 --json \
+      > "$OUT/ppl-v-$v.json" 2>/dev/null; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); m=d['metrics']; print('$v', m['ppl'], m.get('ppl_error'))" "$OUT/ppl-v-$v.json"
+  done
+  tar -C "$OUT" -czf "$OUT/kernels-logs.tgz" tbo-SET_ROWS.log tbo-GET_ROWS.log tbo-CPY.log tbo-FLASH_ATTN_EXT.log \
+    tbo-mixed-1.log tbo-mixed-0.log && rm -f "$OUT"/tbo-*.log ;;
+scan-t)
+  [ -f $G/f16.gguf ] || "$(bin)/llama-quantize" --allow-requantize "$MODEL" $G/f16.gguf F16 > /dev/null 2>&1
+  timeout "${2:-540}" python3 -m lacq scan weights "$MODEL" --base $G/f16.gguf --unit tensor --types iq4_nl,q5_0,q6_k,q8_0 \
+    --chunks 4 --jobs 8 -t 2 --backend cuda --source "$SRC" -o "$OUT/scan_weights_tensor_cuda.json" \
+    > "$OUT/scan_weights_tensor_cuda.txt" 2>"$OUT/scan_weights_tensor_cuda.err"
+  echo "rc=$?"; tail -n 3 "$OUT/scan_weights_tensor_cuda.err"; tail -n 1 "$OUT/scan_weights_tensor_cuda.txt" ;;
+verify-t)
+  R=${2:-$OUT/scan_weights_tensor_cuda.json}
+  [ -f $G/f16.gguf ] || "$(bin)/llama-quantize" --allow-requantize "$MODEL" $G/f16.gguf F16 > /dev/null 2>&1
+  python3 bench/gpu/verify_tensor.py --scan "$R" --source "$SRC" --model "$MODEL" --base $G/f16.gguf \
+    --out "$OUT/verify-t" 2>&1 | tail -n 40
+  rm -f "$OUT"/verify-t/*.gguf; tar -C "$OUT" -czf "$OUT/verify-t.tgz" verify-t && rm -rf "$OUT/verify-t" ;;
 esac

@@ -118,6 +118,7 @@ def test_the_source_type_is_excluded_and_said(cpu_build, smollm2, smollm2_f16):
     (["--types", "q4_0,q9_9"], "unknown type 'q9_9'"),
     (["--types", "q4_0,f16"], "f16 cannot be a scan candidate"),
     (["--unit", "layer"], "unknown unit 'layer'"),
+    (["--chunks", "1", "-c", "128"], "1 chunk(s) of 128 tokens score 63 tokens"),
 ])
 def test_bad_scan_input_fails_in_one_line(cpu_build, smollm2, smollm2_f16, args, needle):
     result = CliRunner().invoke(cli, ["scan", "weights", str(smollm2), "--base", str(smollm2_f16), "--chunks", "2",

@@ -281,3 +281,11 @@ def test_bench_scripts_turn_lacq_errors_into_one_line(capsys):
     assert run_script(bad) == 1
     assert capsys.readouterr().err == "error: depth 8192 + 512 tokens is longer than the model supports (8192 tokens)\n"
     assert run_script(interrupted) == 130
+
+
+def test_too_few_scored_tokens_for_kld_statistics_are_refused_up_front():
+    from lacq.measure.kld import check_kld_tokens
+    check_kld_tokens(512, 1)  # 255 scored tokens
+    check_kld_tokens(128, 2)  # 126
+    with pytest.raises(LacqError, match=r"1 chunk\(s\) of 128 tokens score 63 tokens .* from 100 on"):
+        check_kld_tokens(128, 1)

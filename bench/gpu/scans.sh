@@ -84,7 +84,7 @@ kernels)
   MIXED='type_K=turbo2,type_V=(q8_0|f16|turbo3|turbo4),|type_K=turbo3,type_V=(q8_0|f16|turbo2|turbo4),|type_K=turbo4,type_V=(q8_0|f16|turbo2|turbo3),'
   for m in 1 0; do
     GGML_CUDA_FA_MIXED_TURBO=$m "$B/test-backend-ops" test -b CUDA0 -o FLASH_ATTN_EXT -p "$MIXED" > "$OUT/tbo-mixed-$m.log" 2>&1
-    echo "mixed pairs, GGML_CUDA_FA_MIXED_TURBO=$m: $(grep -c ': .*OK' "$OUT/tbo-mixed-$m.log") OK," \
+    echo "mixed pairs, GGML_CUDA_FA_MIXED_TURBO=$m: $(grep -c 'FLASH_ATTN_EXT(.*OK' "$OUT/tbo-mixed-$m.log") OK," \
       "$(grep -c 'FAIL' "$OUT/tbo-mixed-$m.log") FAIL, f16-fallback warnings: $(grep -c 'no FlashAttention vector kernel' "$OUT/tbo-mixed-$m.log")"
   done
   [ -f $G/f16.gguf ] || "$B/llama-quantize" --allow-requantize "$MODEL" $G/f16.gguf F16 > /dev/null 2>&1

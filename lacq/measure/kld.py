@@ -57,6 +57,19 @@ def check_logits_matches(header: kld.LogitsHeader, logits: Path, info: ModelInfo
                         f"{header.n_ctx}, vocabulary {header.n_vocab}) needs {header.expected_bytes:,}: truncated?")
 
 
+MIN_KLD_TOKENS = 100  # llama-perplexity prints no KL-divergence statistics below this many scored tokens
+
+
+def check_kld_tokens(ctx: int, chunks: int) -> None:
+    """llama-perplexity scores the second half of each chunk and prints KLD statistics only over at least
+    MIN_KLD_TOKENS tokens (tools/perplexity/perplexity.cpp): refuse fewer before any work."""
+    scored = chunks * (ctx - 1 - ctx // 2)
+    if scored < MIN_KLD_TOKENS:
+        raise LacqError(f"{chunks} chunk(s) of {ctx} tokens score {scored} tokens (the second half of each chunk); "
+                        f"llama-perplexity gives KL-divergence statistics from {MIN_KLD_TOKENS} on: use more --chunks "
+                        "or a longer -c")
+
+
 def base_logits(build: Build, store: Store, base: Path, base_info: ModelInfo, corpus: Path, *, ctx: int,
                 chunks: int, threads: int | None = None, ngl: int | None = None,
                 progress: Progress | None = None) -> tuple[Path, bool]:
@@ -66,6 +79,7 @@ def base_logits(build: Build, store: Store, base: Path, base_info: ModelInfo, co
     cached = store.cache.artifact(key)
     if cached is not None:
         return cached, True
+    check_kld_tokens(ctx, chunks)
     out = paths.sub("logits") / f"{key[:24]}.logits"
     if base_info.n_vocab is None:
         raise LacqError(f"{base}: cannot tell the vocabulary size, so not the size of its logits file")
@@ -110,6 +124,8 @@ def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: 
         check_context(ctx, i, allow_long_context)
     kv = prepare_kv(build, kv, info)
     check_same_model(base_info, info, base, model)
+    if logits is None:
+        check_kld_tokens(ctx, chunks)
     t0 = time.monotonic()
     if logits is not None:
         if not logits.is_file():

@@ -27,7 +27,7 @@ from lacq.errors import LacqError
 from lacq.fsutil import canonical_hash
 from lacq.llama.build import Build
 from lacq.measure.common import prepare_kv
-from lacq.measure.kld import base_logits, measure_kld
+from lacq.measure.kld import base_logits, check_kld_tokens, measure_kld
 from lacq.model.assemble import assemble
 from lacq.model.info import FLOAT_TYPES, ModelInfo, inspect_model
 from lacq.model.tokenizer import tokenizer_fingerprint
@@ -140,6 +140,7 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
     t0 = time.monotonic()
     info, base_info = inspect_model(model), inspect_model(base)
     check_base(model, info, base, base_info)
+    check_kld_tokens(ctx, chunks)
     cands, excluded = candidate_types(types, info, include_source_type)
     for u in units:
         if u not in UNIT_KINDS:
@@ -271,6 +272,7 @@ def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: lis
     info = inspect_model(model)
     if cache not in ("v", "k", "both"):
         raise ScanError(f"--cache must be v, k or both, got {cache!r}")
+    check_kld_tokens(ctx, chunks)
     cands = sorted(dict.fromkeys(check_kv_type(t.strip(), "--types") for t in types),
                    key=lambda t: kv_type(t).bits_per_value)
     if len(cands) < 2:

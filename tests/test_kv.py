@@ -154,6 +154,11 @@ def test_tqs_types_their_bits_and_their_limits():
     with pytest.raises(RecipeError, match="tqs4 needs a head size that is a multiple of 64.*this model's is 96"):
         KvConfig("q8_0", "tqs4", "on").check_head_size(64, 96)
     KvConfig("q8_0", "tqs2", "on").check_backend("cpu")
-    for backend in ("cuda", "metal"):
-        with pytest.raises(RecipeError, match="V cache type tqs2 cannot run on the .* CPU backend only"):
-            KvConfig("q8_0", "tqs2", "on").check_backend(backend)
+    KvConfig("q8_0", "tqs2", "on").check_backend("cuda")  # patch 0012
+    with pytest.raises(RecipeError, match="V cache type tqs2 cannot run on the .* CPU and CUDA backends only"):
+        KvConfig("q8_0", "tqs2", "on").check_backend("metal")
+    # CUDA flash attention: a tqs V with K q8_0, f16 or the same type; anything else is converted to f16
+    assert KvConfig("q8_0", "tqs3", "on").slow_pairs("cuda", 2) == {}
+    assert KvConfig("tqs4", "tqs4", "on").slow_pairs("cuda", 1) == {}
+    assert KvConfig("turbo3", "tqs3", "on").slow_pairs("cuda", 1) == {("turbo3", "tqs3"): [0]}
+    assert KvConfig("tqs3", "q8_0", "on").slow_pairs("cuda", 1) == {("tqs3", "q8_0"): [0]}

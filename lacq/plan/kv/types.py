@@ -60,7 +60,7 @@ KV_TYPES["turbo3"] = KvType("turbo3", 32, 14)
 KV_TYPES["turbo4"] = KvType("turbo4", 32, 18)
 TURBO = ("turbo2", "turbo3", "turbo4")
 
-# ggml-common.h block_tqs2/3/4 of patch 0008 (core and CPU only): 64 values, fp16 super-scale,
+# ggml-common.h block_tqs2/3/4 of patch 0008 (core and CPU; CUDA in patch 0012, no Metal): 64 values, fp16 super-scale,
 # four 4-bit sub-scales (one per 16 values) and 2-, 3- or 4-bit indices into turbo's codebooks
 # (KV-only types; numpy mirror in tqs_ref.py).
 KV_TYPES["tqs2"] = KvType("tqs2", 64, 20)
@@ -77,8 +77,8 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
     ("q2_0", "cuda"): "the pinned tree's CUDA flash-attention kernels have no q2_0 variant",
     ("q2_0", "metal"): "the pinned tree's Metal flash-attention kernels have no q2_0 variant",
 }
-UNSUPPORTED.update({(t, backend): f"patch 0008 adds {t} to the CPU backend only; its {name} kernels are not written yet"
-                    for t in TQS for backend, name in (("cuda", "CUDA"), ("metal", "Metal"))})
+UNSUPPORTED.update({(t, "metal"): f"patches 0008 and 0012 add {t} to the CPU and CUDA backends only; its Metal kernels "
+                    "are not written" for t in TQS})
 
 
 def backend_problem(name: str, backend: str) -> str | None:
@@ -89,12 +89,14 @@ def backend_problem(name: str, backend: str) -> str | None:
 # extended by patches 0005 and 0009 in ggml/cmake/common.cmake; its configure step prints the list): the stock
 # same-type pairs, and every pair of a turbo type with q8_0, f16 or a turbo type, in either order. Other pairs
 # run, but ggml-cuda converts the layer's whole K and V to f16 at every call (fattn.cu: "converting K and V to
-# f16 instead (slow)").
+# f16 instead (slow)"). A tqs V has kernels with K q8_0, f16 or the same tqs type (patch 0012).
 CUDA_FA_SAME = ("f16", "q4_0", "q8_0", "bf16")
 CUDA_FA_TURBO_PARTNERS = ("q8_0", "f16", *TURBO)
 
 
 def cuda_fa_pair(k: str, v: str) -> bool:
+    if v in TQS or k in TQS:
+        return v in TQS and k in ("q8_0", "f16", v)
     if k in TURBO or v in TURBO:
         return k in CUDA_FA_TURBO_PARTNERS and v in CUDA_FA_TURBO_PARTNERS
     return k == v and k in CUDA_FA_SAME

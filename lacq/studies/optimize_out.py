@@ -126,14 +126,15 @@ def _render_recipe(solution: Solution, scan: Scan, name: str, description: str, 
 
 def weights_recipe_toml(solution: Solution, scan: Scan, name: str, *, description: str | None = None,
                         model: ModelInfo | None = None) -> str:
-    """A lacq weight recipe: `base` = the lowest candidate, one rule per (type, block set) of the other units.
+    """A lacq weight recipe: `base` = the lowest candidate, one rule per (type, block set), the base type's
+    units included.
 
-    Without `model`, units at the base type get no rule, so llama-quantize's own
-    mix for that base ftype still applies to them (tied embeddings to q6_K, the
-    K-quant ftypes' attn_v/ffn_down bumps). With `model`, the recipe is resolved
-    against it, rules pinning those tensors to the base type are added, and the
-    result is checked to give every scanned tensor its chosen type (or the
-    replacement the scan records): anything else raises.
+    Every scanned tensor is named, so llama-quantize's own mix for the base ftype
+    (tied embeddings to q6_K, the K-quant and IQ4_NL ftypes' attn_v/ffn_down bumps)
+    touches none of them: pinning only the tensors that mix would bump shifts its
+    ffn_down/attn_v counters onto the next unpinned ones. With `model`, the recipe
+    is resolved against it and checked to give every scanned tensor its chosen
+    type (or the replacement the scan records): anything else raises.
     """
     units = _units(solution, scan, "weights")
     base = _base_type(solution)
@@ -142,19 +143,13 @@ def weights_recipe_toml(solution: Solution, scan: Scan, name: str, *, descriptio
         raise OptimizeError(f"tensor {upper[0]} has upper-case letters: llama-quantize lowercases patterns, no rule names it")
     description = description or (f"Optimized for {solution.size_mb:.3f} MB: predicted mean KLD {solution.kld:.5f}"
                                   f" ± {solution.kld_error:.5f} ({solution.partition} units, {solution.method}).")
-    rules = _rules(assign, base, solution.types)
-    text = _render_recipe(solution, scan, name, description, base, rules)
+    text = _render_recipe(solution, scan, name, description, base, _rules(assign, None, solution.types))
     if model is None:
         return text
     expected = _expected(units, solution)
     types = resolve_recipe(parse_recipe(tomllib.loads(text), name), model).tensor_types
     if absent := [t for t in expected if t not in types]:
         raise OptimizeError(f"the model has no tensor {absent[0]} ({len(absent)} scanned tensors absent): another model?")
-    pins = {t: base for t, (chosen, written) in expected.items() if chosen == base and types[t] not in (chosen, written)}
-    if pins:
-        rules += _rules(pins, None, solution.types)
-        text = _render_recipe(solution, scan, name, description, base, rules)
-        types = resolve_recipe(parse_recipe(tomllib.loads(text), name), model).tensor_types
     if wrong := [(t, c, types[t]) for t, (c, w) in expected.items() if types[t] not in (c, w)]:
         t, c, got = wrong[0]
         raise OptimizeError(f"the recipe would give {t} type {got}, not the chosen {c} ({len(wrong)} tensors differ): "

@@ -35,7 +35,7 @@ def last_kld() -> dict:
     m = r.metrics
     return {"label": r.label, "bytes": r.model_bytes, "kld": m["kld_mean"], "kld_error": m["kld_mean_error"],
             "kld_p99": m["kld_quantiles"].get("p99"), "ppl": m["ppl_q"], "predicted": m.get("predicted"),
-            "model": r.model}
+            "model": r.model_path}
 
 
 def main() -> None:

@@ -426,13 +426,13 @@ def test_tensor_type_file_gives_stock_llama_quantize_every_type(synth_model):
     assert {t: first_match(t) for t in want} == want and len(rules) == len(want)
 
 
-@pytest.mark.parametrize("cache, k_want", [("v", "q8_0"), ("k", None), ("both", None)])
-def test_kv_policy_round_trips(tmp_path, cache, k_want):
+@pytest.mark.parametrize("cache, other_want", [("v", "q8_0"), ("k", "q8_0"), ("both", None)])
+def test_kv_policy_round_trips(tmp_path, cache, other_want):
     n = 8
     bits = {"turbo2": 2.5, "turbo3": 3.5, "turbo4": 4.5, "q8_0": 8.5}
     err = {"turbo2": 1.0, "turbo3": 0.35, "turbo4": 0.1, "q8_0": 0.0}
     sens = {f"kv.{i}": s for i, s in enumerate((0.3, 0.02, 0.01, 0.05, 0.04, 0.01, 0.02, 0.2))}
-    base = {"cache": cache, "k": "q8_0"} if cache == "v" else {"cache": cache}
+    base = {"cache": cache, "reference": "f16", "other": "q8_0"}  # as `lacq scan kv` writes it
     scan = additive_scan(sens, {u: {t: b * 4096 for t, b in bits.items()} for u in sens}, kind="kv",
                          types=tuple(bits), err=err, fixed=0.0, total_values=n * 4096, base=base)
     s = optimize(scan, 3.4)
@@ -445,7 +445,8 @@ def test_kv_policy_round_trips(tmp_path, cache, k_want):
     assert vs == (want if cache in ("v", "both") else ["q4_0"] * n)
     assert ks == (want if cache in ("k", "both") else ["f16"] * n)
     policy = load_kv_policy(path)
-    assert (policy.k if cache == "v" else None) == k_want
+    # the cache the scan did not vary stays at the type it had during the scan
+    assert {"v": policy.k, "k": policy.v, "both": None}[cache] == other_want
     # runs of neighbouring layers at one type share an entry
     roles = {"v": ("v",), "k": ("k",), "both": ("k", "v")}[cache]
     runs = sum(1 for i in range(n) if want[i] != "turbo2" and (i == 0 or want[i - 1] != want[i]))

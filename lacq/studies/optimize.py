@@ -50,12 +50,14 @@ measurement a prediction uses, summed in quadrature (the paired measurements
 share tokens, so the true error of the differences is smaller; the band is
 loose).
 
-**Search.** The knapsack maximises a separable objective: the ends' additive
+**Search.** The knapsack maximises separable objectives: the ends' additive
 predictions weighted 1 - f (kld_low) and f (kld_high), with f = (budget - cost
 at all-lowest) / (cost at all-highest - cost at all-lowest) fixed from the
-budget (the chosen cost is the budget up to one unit's step). The quoted rule
-above is not separable, so it is quoted, not searched; where the scan is
-additive they agree. `greedy` (convex-hull upgrades by gain per byte) always
+budget, and each end alone (f = 0, f = 1); the chosen cost is the budget up to
+one unit's step. The quoted rule above is not separable, so each objective
+proposes a choice and the one with the least quoted `kld` is returned (`notes`
+say when an end's own objective proposed it); where the scan is additive all
+agree. `greedy_kld` and `dp_kld` are the budget-weighted objective's. `greedy` (convex-hull upgrades by gain per byte) always
 runs under "auto"; the exact DP (`lacq.studies.knapsack.dp`) runs when it fits
 in `max_cells` cells, with a rounded-up discretisation when exact integer costs
 would not fit; the better of the two is returned with the gap between them.
@@ -391,24 +393,40 @@ def _solve(p: _Problem, budget: float, method: str, max_cells: int,
     cap = min(max(cap, lo), hi)
     f = p.frac(cap)
     opts = [p.options(u) for u in p.units]
-    items = [[(u.cost[t], p.value(u, t, f)) for t in ts] for u, ts in zip(p.units, opts)]
     room = cap - scan.fixed_cost
-    picks = []
-    if method in ("auto", "greedy"):
-        picks.append(knapsack.greedy(items, room))
-    dp = knapsack.dp(items, room, max_cells) if method in ("auto", "dp") else None
-    if method == "dp" and dp is None:
-        raise OptimizeError(f"the problem is too large for the DP ({len(items)} units; max_cells {max_cells})")
-    if dp is not None:
-        picks.append(dp)
-    for inc in incumbents:  # a cheaper budget's answer (curve): never let more budget predict worse
-        idx = tuple(opts[i].index(inc[u.id]) if inc.get(u.id) in opts[i] else -1 for i, u in enumerate(p.units))
-        if -1 not in idx and (c := knapsack.evaluate(items, idx))[0] <= room + tol:
-            picks.append(knapsack.Pick(idx, c[0], c[1], "curve"))
-    best = max(picks, key=lambda k: (round(k.value, 12), -k.cost))
+
+    def solve(w: float) -> tuple[knapsack.Items, list[knapsack.Pick], knapsack.Pick | None]:
+        items = [[(u.cost[t], p.value(u, t, w)) for t in ts] for u, ts in zip(p.units, opts)]
+        picks = []
+        if method in ("auto", "greedy"):
+            picks.append(knapsack.greedy(items, room))
+        dp = knapsack.dp(items, room, max_cells) if method in ("auto", "dp") else None
+        if method == "dp" and dp is None:
+            raise OptimizeError(f"the problem is too large for the DP ({len(items)} units; max_cells {max_cells})")
+        if dp is not None:
+            picks.append(dp)
+        return items, picks, dp
+
+    items, picks, dp = solve(f)
     const = p.constant(f)
     greedy_kld = const - picks[0].value if method != "dp" else None
     dp_kld = const - dp.value if dp is not None else None
+    # each end's own objective proposes a choice too: the quoted rule is not separable, so the search takes
+    # whichever proposal it predicts lowest
+    candidates = [(k, "") for k in picks]
+    for w, end in ((0.0, "lowest"), (1.0, "highest")):
+        if w != f and p.weights(w) != p.weights(f):
+            candidates += [(k, f" from the {end} end's objective") for k in solve(w)[1]]
+    for inc in incumbents:  # a cheaper budget's answer (curve): never let more budget predict worse
+        idx = tuple(opts[i].index(inc[u.id]) if inc.get(u.id) in opts[i] else -1 for i, u in enumerate(p.units))
+        if -1 not in idx and (c := knapsack.evaluate(items, idx))[0] <= room + tol:
+            candidates.append((knapsack.Pick(idx, c[0], c[1], "curve"), ""))
+
+    def quoted(k: knapsack.Pick) -> tuple[float, float, float]:
+        pred = p.predict({u.id: opts[i][j] for i, (u, j) in enumerate(zip(p.units, k.choice))})
+        return round(pred.kld, 12), -round(k.value, 12), k.cost
+
+    best, source = min(candidates, key=lambda c: quoted(c[0]))
     choice = {u.id: opts[i][k] for i, (u, k) in enumerate(zip(p.units, best.choice))}
     pred = p.predict(choice)
     cost = scan.fixed_cost + sum(u.cost[choice[u.id]] for u in p.units)
@@ -419,7 +437,7 @@ def _solve(p: _Problem, budget: float, method: str, max_cells: int,
                 clamped.append((u.id, t, "gain", g))
             if p.high is not None and (d := p.damage(u, t)) < 0:
                 clamped.append((u.id, t, "damage", d))
-    notes = []
+    notes = [f"chosen{source}"] if source else []
     if p.low is None:
         notes.append("no complete raise data: predicted from the highest end only")
     if p.high is None:

@@ -37,10 +37,10 @@ undershoots). The reported `kld` follows from that measurement:
   type, n_high those below the highest. Drift comes from interactions between
   changed units, so it grows with units moved, not with bytes or bits.
 
-Both rules keep weights that do not slide with the budget from the smaller end
-to the larger one, which is what made the former rule (linear in cost) rank
-ten verified KV budgets on SmolLM2's CUDA scan at Spearman 0.70 (the larger
-end: 1.00; on its weights scan both 0.99). Nothing bounds the drift in between
+Neither rule slides weight from the smaller end to the larger one as the
+budget grows, which is what made the former rule (linear in cost) rank ten
+verified KV budgets on SmolLM2's CUDA scan at Spearman 0.70 (the larger end:
+1.00; on its weights scan both 0.99; bench/results/kv_optimize_cpu.md). Nothing bounds the drift in between
 a priori; where the drift errors are a sizeable share of U[lowest] -
 U[highest], quote kld_low..kld_high as the range and measure the result
 (`--verify`).
@@ -57,10 +57,11 @@ budget, and each end alone (f = 0, f = 1); the chosen cost is the budget up to
 one unit's step. The quoted rule above is not separable, so each objective
 proposes a choice and the one with the least quoted `kld` is returned (`notes`
 say when an end's own objective proposed it); where the scan is additive all
-agree. `greedy_kld` and `dp_kld` are the budget-weighted objective's. `greedy` (convex-hull upgrades by gain per byte) always
-runs under "auto"; the exact DP (`lacq.studies.knapsack.dp`) runs when it fits
-in `max_cells` cells, with a rounded-up discretisation when exact integer costs
-would not fit; the better of the two is returned with the gap between them.
+agree. Each objective runs `greedy` (convex-hull upgrades by gain per byte)
+under "auto" or "greedy", and the exact DP (`lacq.studies.knapsack.dp`) under
+"auto" or "dp" where it fits in `max_cells` cells, with a rounded-up
+discretisation when exact integer costs would not fit; `greedy_kld`, `dp_kld`
+and `gap` report the budget-weighted objective's two answers.
 """
 
 from __future__ import annotations

@@ -225,13 +225,16 @@ NONADD = Scan(kind="weights", model={"sha256": SHA}, base={}, types=("q4_0", "q8
     cost_unit="bytes")
 
 
-def test_predictions_from_both_ends_and_their_interpolation():
+def test_predictions_from_both_ends_weighted_by_units_moved_where_an_end_over_predicts():
     # only a raised: from the low end 0.10 - 0.04 = 0.06; from the high end 0.01 + (0.012 - 0.01) = 0.012
     s = optimize(NONADD, 300, method="dp")
     assert s.choice == {"a": "q8_0", "b": "q4_0"}
     assert s.kld_low == pytest.approx(0.06) and s.kld_high == pytest.approx(0.012)
+    # the low end predicts all-q8_0 at 0.06 against 0.01 measured, so the ends are weighted by units moved:
+    # one unit above q4_0, one below q8_0
     assert s.frac == pytest.approx(0.5) and s.kld == pytest.approx(0.036)
-    # the ±: from the low end U[q4_0] and raise_a in quadrature, from the high end U[q8_0] and lower_b, mixed by f
+    assert "units moved" in " ".join(s.notes)
+    # the ±: from the low end U[q4_0] and raise_a in quadrature, from the high end U[q8_0] and lower_b, mixed alike
     assert s.kld_error == pytest.approx(0.5 * math.hypot(0.005, 0.001) + 0.5 * math.hypot(0.0005, 0.004))
     # b's raise is noise (negative gain): clamped to zero in the prediction, kept raw in the solution
     assert ("b", "q8_0", "gain", pytest.approx(-0.01)) in s.clamped
@@ -242,8 +245,31 @@ def test_predictions_from_both_ends_and_their_interpolation():
 
 
 @pytest.mark.parametrize("choice, kld", [({"a": "q4_0", "b": "q4_0"}, 0.10), ({"a": "q8_0", "b": "q8_0"}, 0.01)])
-def test_interpolated_prediction_is_exact_at_both_ends(choice, kld):
+def test_quoted_prediction_is_exact_at_both_ends(choice, kld):
     assert predict(NONADD, choice).kld == pytest.approx(kld)
+
+
+def overlapping_kv_scan() -> Scan:
+    """Four KV layers whose gains overlap: each raised alone recovers 0.04 of U[lowest] 0.10, all four 0.09."""
+    units = tuple(Unit(f"kv.{i}", "kv_layer", (), {"turbo2": 100, "q8_0": 300}, raise_={"q8_0": Kld(0.06, 1e-4)},
+                       lower={"turbo2": Kld(0.0125, 1e-4)}, ordinal=i) for i in range(4))
+    return Scan(kind="kv", model={"path": "m.gguf", "sha256": SHA}, base={"cache": "v"}, types=("turbo2", "q8_0"),
+                units=units, uniform={"turbo2": Kld(0.10, 2e-4), "q8_0": Kld(0.01, 2e-4)}, fixed_cost=0, chunks=4,
+                ctx=512, cost_unit="bit-values", total_values=100.0)
+
+
+def test_larger_end_is_quoted_where_both_ends_under_predict_and_keeps_budgets_in_order():
+    # k layers raised: from turbo2 max(0, 0.10 - 0.04k), from q8_0 0.01 + 0.0025 (4 - k); each end under-predicts
+    # the other uniform run (0 < 0.01, 0.02 < 0.10). Interpolating by cost quoted 0.0094 for three layers and
+    # 0.0100 for all four; the larger end never rises with the budget here.
+    scan = overlapping_kv_scan()
+    assert additivity(scan)["q8_0"]["low_error"] < 0 and additivity(scan)["turbo2"]["high_error"] < 0
+    sols = curve(scan, [4.0, 6.0, 8.0, 10.0, 12.0])
+    assert "larger end" in " ".join(sols[0].notes)
+    assert [sum(t == "q8_0" for t in s.choice.values()) for s in sols] == [0, 1, 2, 3, 4]
+    assert [s.kld for s in sols] == pytest.approx([0.10, 0.06, 0.02, 0.0125, 0.01])
+    assert all(a.kld >= b.kld for a, b in itertools.pairwise(sols))
+    assert sols[3].kld == sols[3].kld_high and sols[3].kld_low == 0.0
 
 
 def test_raise_only_scans_predict_from_the_low_end():
@@ -400,13 +426,13 @@ def test_tensor_type_file_gives_stock_llama_quantize_every_type(synth_model):
     assert {t: first_match(t) for t in want} == want and len(rules) == len(want)
 
 
-@pytest.mark.parametrize("cache, k_want", [("v", "q8_0"), ("k", None), ("both", None)])
-def test_kv_policy_round_trips(tmp_path, cache, k_want):
+@pytest.mark.parametrize("cache, other_want", [("v", "q8_0"), ("k", "q8_0"), ("both", None)])
+def test_kv_policy_round_trips(tmp_path, cache, other_want):
     n = 8
     bits = {"turbo2": 2.5, "turbo3": 3.5, "turbo4": 4.5, "q8_0": 8.5}
     err = {"turbo2": 1.0, "turbo3": 0.35, "turbo4": 0.1, "q8_0": 0.0}
     sens = {f"kv.{i}": s for i, s in enumerate((0.3, 0.02, 0.01, 0.05, 0.04, 0.01, 0.02, 0.2))}
-    base = {"cache": cache, "k": "q8_0"} if cache == "v" else {"cache": cache}
+    base = {"cache": cache, "reference": "f16", "other": "q8_0"}  # as `lacq scan kv` writes it
     scan = additive_scan(sens, {u: {t: b * 4096 for t, b in bits.items()} for u in sens}, kind="kv",
                          types=tuple(bits), err=err, fixed=0.0, total_values=n * 4096, base=base)
     s = optimize(scan, 3.4)
@@ -419,7 +445,8 @@ def test_kv_policy_round_trips(tmp_path, cache, k_want):
     assert vs == (want if cache in ("v", "both") else ["q4_0"] * n)
     assert ks == (want if cache in ("k", "both") else ["f16"] * n)
     policy = load_kv_policy(path)
-    assert (policy.k if cache == "v" else None) == k_want
+    # the cache the scan did not vary stays at the type it had during the scan
+    assert {"v": policy.k, "k": policy.v, "both": None}[cache] == other_want
     # runs of neighbouring layers at one type share an entry
     roles = {"v": ("v",), "k": ("k",), "both": ("k", "v")}[cache]
     runs = sum(1 for i in range(n) if want[i] != "turbo2" and (i == 0 or want[i - 1] != want[i]))
@@ -518,3 +545,15 @@ def test_a_recipe_over_an_iq4_nl_base_keeps_llama_quantize_s_ffn_down_bumps_off_
                                info).tensor_types
         want = {t: u.replaced.get(s.choice[u.id], s.choice[u.id]) for u in scan.units for t in u.tensors}
         assert {t: types[t] for t in want} == want
+
+
+def test_search_takes_the_choice_with_the_least_quoted_prediction_on_a_real_scan():
+    # gemma-3-270m's CPU KV scan (bench/results): the budget-weighted objective alone put q8_0 on a few layers at
+    # 3.5 b/v and measured 0.0285 against uniform turbo3's 0.0244; the quoted (larger-end) prediction ranks
+    # uniform turbo3 lower, so the search must return a choice predicted no worse than it
+    from lacq.paths import REPO_ROOT
+    scan = Scan.read(REPO_ROOT / "bench" / "results" / "kv-cpu" / "scan_kv_gemma3_turbo.json")
+    s = optimize(scan, 3.5)
+    assert s.kld <= predict(scan, {u.id: "turbo3" for u in scan.units}).kld + 1e-12
+    assert "highest end's objective" in " ".join(s.notes)
+    assert s.kld == pytest.approx(max(s.kld_low, s.kld_high))

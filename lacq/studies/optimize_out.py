@@ -200,8 +200,9 @@ def kv_policy_toml(solution: Solution, scan: Scan, name: str, *, description: st
 
     Which cache: `scan.base["cache"]` ("v", "k" or "both"). The pin of every layer
     (`0..-1`) first makes the policy mean the solution whatever --ctk/--ctv say;
-    the other cache's type during the scan (`scan.base["k"]` for a V scan,
-    `scan.base["v"]` for a K scan) becomes the policy's default for it.
+    the other cache's type during the scan (`scan.base["other"]`, as `lacq scan kv`
+    writes it; `scan.base["k"]` / `["v"]` where a scan names it so) becomes the
+    policy's default for it, so that the policy runs as the scan measured.
     """
     units = _units(solution, scan, "kv")
     cache = scan.base.get("cache")
@@ -222,7 +223,7 @@ def kv_policy_toml(solution: Solution, scan: Scan, name: str, *, description: st
                                   f"{solution.kld:.5f} ± {solution.kld_error:.5f}.")
     lines = _summary(solution, scan) + [f"name = {_q(name)}", f"description = {_q(description)}"]
     for role in ("k", "v"):
-        default = low if role in roles else scan.base.get(role)
+        default = low if role in roles else (scan.base.get(role) or scan.base.get("other"))
         if default:
             lines.append(f"{role} = {_q(default)}")
     for role in roles:

@@ -115,4 +115,9 @@ verify-t)
   python3 bench/gpu/verify_tensor.py --scan "$R" --source "$SRC" --model "$MODEL" --base $G/f16.gguf \
     --out "$OUT/verify-t" 2>&1 | tail -n 40
   rm -f "$OUT"/verify-t/*.gguf; tar -C "$OUT" -czf "$OUT/verify-t.tgz" verify-t && rm -rf "$OUT/verify-t" ;;
+verify-kv)
+  # KV budgets again after the K-type fix of the policy writer and the new search (bench/gpu/verify.py, KV part)
+  python3 bench/gpu/verify.py --scan-kv bench/results/gpu-2026-11-24/scan_kv_cuda.json --source "$SRC" --model "$MODEL" \
+    --base "$MODEL" --out "$OUT/verify-kv" 2>&1 | tail -n 30
+  tar -C "$OUT" -czf "$OUT/verify-kv.tgz" verify-kv && rm -rf "$OUT/verify-kv" ;;
 esac

@@ -42,8 +42,8 @@ def last_kld(db: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     for a in ("--scan-weights", "--scan-kv", "--source", "--model", "--base", "--out"):
-        ap.add_argument(a, required=True)
-    args = ap.parse_args()
+        ap.add_argument(a, required=a != "--scan-weights")
+    args = ap.parse_args()  # without --scan-weights: the KV budgets and their baselines only
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     db = out / "verify.sqlite"
@@ -51,13 +51,13 @@ def main() -> None:
     os.environ["LACQ_DB"] = str(db)
     common = ["--backend", "cuda", "--source", args.source]
     rows = []
-    for mb in WEIGHT_MB:
+    for mb in WEIGHT_MB if args.scan_weights else ():
         lacq("optimize", "weights", args.scan_weights, "--size-mb", str(mb), "--name", f"opt_{mb}mb".replace(".", "_"),
              "-o", str(out / f"opt_{mb}mb.toml"), "--force", "--verify", *common)
         rows.append({"kind": "optimized weights", "budget": mb, **last_kld(db)})
         print(rows[-1], flush=True)
-    scan = json.loads(Path(args.scan_weights).read_text())
-    for name in MIXES + HAND:
+    scan = json.loads(Path(args.scan_weights).read_text()) if args.scan_weights else None
+    for name in MIXES + HAND if scan else ():
         base = name.lower() if name in MIXES else None
         recipe = out / f"{name}.toml"
         if base:

@@ -17,21 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ggml_ctypes import TypeTraits
+from ggml_ctypes import TypeTraitsCpu, load_ggml_base
 
 from lacq.plan.kv import tqs_ref, turbo_ref
 from lacq.plan.kv.types import kv_type
 
 TYPE_IDS = {"tqs2": 46, "tqs3": 47, "tqs4": 48}
-
-
-class TypeTraitsCpu(ctypes.Structure):
-    _fields_ = [
-        ("from_float", ctypes.c_void_p),
-        ("vec_dot", ctypes.c_void_p),
-        ("vec_dot_type", ctypes.c_int),
-        ("nrows", ctypes.c_int64),
-    ]
 
 
 ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
@@ -41,16 +32,7 @@ ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64
 def ggml(cpu_build):
     """(libggml-base, libggml-cpu) of lacq's CPU build (LACQ_GGML_BASE_LIB overrides)."""
     base_path = Path(os.environ.get("LACQ_GGML_BASE_LIB") or cpu_build.bin_dir / "libggml-base.so")
-    base = ctypes.CDLL(str(base_path), mode=ctypes.RTLD_GLOBAL)
-    base.ggml_get_type_traits.restype = ctypes.POINTER(TypeTraits)
-    base.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    base.ggml_quantize_chunk.restype = ctypes.c_size_t
-    base.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    for name, tid in TYPE_IDS.items():
-        tt = base.ggml_get_type_traits(tid).contents
-        if tt.type_name is None or tt.type_name.decode() != name:
-            pytest.skip(f"{base_path} has no {name} type")
+    base = load_ggml_base(base_path, TYPE_IDS, mode=ctypes.RTLD_GLOBAL)
     cpu = ctypes.CDLL(str(base_path.with_name("libggml-cpu.so")))
     cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(TypeTraitsCpu)
     cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]

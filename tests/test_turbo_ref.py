@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ggml_ctypes import TypeTraits
+from ggml_ctypes import load_ggml_base
 
 from lacq.plan.kv import turbo_ref as turbo_ref
 
@@ -25,18 +25,8 @@ TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float
 @pytest.fixture(scope="module")
 def ggml(cpu_build):
     """libggml-base of lacq's CPU build of the patched tree (LACQ_GGML_BASE_LIB overrides)."""
-    LIB = Path(os.environ.get("LACQ_GGML_BASE_LIB") or cpu_build.bin_dir / "libggml-base.so")
-    lib = ctypes.CDLL(str(LIB))
-    lib.ggml_get_type_traits.restype = ctypes.POINTER(TypeTraits)
-    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    for name, tid in TYPE_IDS.items():
-        tt = lib.ggml_get_type_traits(tid).contents
-        if tt.type_name is None or tt.type_name.decode() != name:
-            pytest.skip(f"{LIB} has no {name} type")
-    return lib
+    return load_ggml_base(Path(os.environ.get("LACQ_GGML_BASE_LIB") or cpu_build.bin_dir / "libggml-base.so"),
+                          TYPE_IDS)
 
 
 def _data(rng, nrows, ncols):

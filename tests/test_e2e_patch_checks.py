@@ -87,20 +87,24 @@ print(json.dumps({"max_abs": float(d.max()), "mean_abs": float(d.mean()),
 '''
 
 
-def _shift_error(build, model, ctk, ctv, policy_k=None):
+def _run_probe(build, probe: str, args: list[str], policy: dict[str, str], why: str) -> dict:
+    """Run a probe script in process on the build's libllama through llama-cpp-python (skipped where that cannot
+    load it), with exactly the LLAMA_KV_TYPES_* variables of `policy`; the JSON object it prints last."""
     if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("needs llama-cpp-python (the niah extra) to drive llama_memory_seq_add")
+        pytest.skip(f"needs llama-cpp-python (the niah extra) to {why}")
     from lacq.llama.elf import private_cxx_runtime
     if private_cxx_runtime(build.bin_dir) is not None:
         pytest.skip("this build carries its own libstdc++; llama-cpp-python cannot load it in process")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_KV_TYPES_")}
-    env["LLAMA_CPP_LIB_PATH"] = str(build.bin_dir)
-    if policy_k:
-        env["LLAMA_KV_TYPES_K"] = policy_k
-    proc = subprocess.run([sys.executable, "-c", SHIFT_PROBE, str(model), str(paths.default_corpus()), ctk, ctv],
-                          env=env, capture_output=True, text=True, timeout=600)
+    env.update(LLAMA_CPP_LIB_PATH=str(build.bin_dir), **policy)
+    proc = subprocess.run([sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _shift_error(build, model, ctk, ctv, policy_k=None):
+    return _run_probe(build, SHIFT_PROBE, [str(model), str(paths.default_corpus()), ctk, ctv],
+                      {"LLAMA_KV_TYPES_K": policy_k} if policy_k else {}, "drive llama_memory_seq_add")
 
 
 def test_kv_shift_of_uniform_caches_matches_replay(cpu_build, smollm2):
@@ -231,17 +235,8 @@ print(json.dumps(report))
 
 def test_per_layer_kv_types_bind_to_the_first_model_not_a_draft(cpu_build, smollm2):
     """Before patch 0010 both models' contexts took the policy (30 per-layer lines each)."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("needs llama-cpp-python (the niah extra) to load two models in one process")
-    from lacq.llama.elf import private_cxx_runtime
-    if private_cxx_runtime(cpu_build.bin_dir) is not None:
-        pytest.skip("this build carries its own libstdc++; llama-cpp-python cannot load it in process")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_KV_TYPES_")}
-    env.update(LLAMA_CPP_LIB_PATH=str(cpu_build.bin_dir), LLAMA_KV_TYPES_V="0..1=q8_0")
-    proc = subprocess.run([sys.executable, "-c", DRAFT_PROBE, str(smollm2)], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = _run_probe(cpu_build, DRAFT_PROBE, [str(smollm2)], {"LLAMA_KV_TYPES_V": "0..1=q8_0"},
+                     "load two models in one process")
     bound = {"made": True, "layers": 30, "ignored": 0}
     assert got == {"target": bound, "draft": {"made": True, "layers": 0, "ignored": 1}, "target again": bound,
                    "draft after the target is freed": bound}, got

@@ -74,12 +74,12 @@ def base_logits(build: Build, store: Store, base: Path, base_info: ModelInfo, co
                 chunks: int, threads: int | None = None, ngl: int | None = None,
                 progress: Progress | None = None) -> tuple[Path, bool]:
     """The base model's logits file for (base, corpus, ctx, chunks, build), made once and cached."""
+    check_kld_tokens(ctx, chunks)
     key = canonical_hash({"kind": "kld-base-logits", "base": store.sha256(base), "corpus": store.sha256(corpus),
                           "ctx": ctx, "chunks": chunks, "build": build.key})
     cached = store.cache.artifact(key)
     if cached is not None:
         return cached, True
-    check_kld_tokens(ctx, chunks)
     out = paths.sub("logits") / f"{key[:24]}.logits"
     if base_info.n_vocab is None:
         raise LacqError(f"{base}: cannot tell the vocabulary size, so not the size of its logits file")
@@ -124,8 +124,6 @@ def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: 
         check_context(ctx, i, allow_long_context)
     kv = prepare_kv(build, kv, info)
     check_same_model(base_info, info, base, model)
-    if logits is None:
-        check_kld_tokens(ctx, chunks)
     t0 = time.monotonic()
     if logits is not None:
         if not logits.is_file():

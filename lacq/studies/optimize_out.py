@@ -53,16 +53,14 @@ def _span(blocks: Iterable[int]) -> str:
     return ",".join(out)
 
 
-def _rules(assign: dict[str, str], skip: str | None, order: tuple[str, ...]) -> list[tuple[str | None, str, str]]:
-    """(layers, tensors, type) rules giving each tensor its type, tensors of type `skip` left out.
+def _rules(assign: dict[str, str], order: tuple[str, ...]) -> list[tuple[str | None, str, str]]:
+    """(layers, tensors, type) rules giving each tensor its type.
 
     Tensors of one type are grouped by group name, and groups with the same
     block set share a rule, so a partition writes few rules; rules never overlap.
     """
     by_type: dict[str, dict[str, set[int | None]]] = {}
     for name, t in assign.items():
-        if t == skip:
-            continue
         m = _TENSOR.match(name)
         by_type.setdefault(t, {}).setdefault(m.group(2), set()).add(int(m.group(1)) if m.group(1) else None)
     rules = []
@@ -143,7 +141,7 @@ def weights_recipe_toml(solution: Solution, scan: Scan, name: str, *, descriptio
         raise OptimizeError(f"tensor {upper[0]} has upper-case letters: llama-quantize lowercases patterns, no rule names it")
     description = description or (f"Optimized for {solution.size_mb:.3f} MB: predicted mean KLD {solution.kld:.5f}"
                                   f" ± {solution.kld_error:.5f} ({solution.partition} units, {solution.method}).")
-    text = _render_recipe(solution, scan, name, description, base, _rules(assign, None, solution.types))
+    text = _render_recipe(solution, scan, name, description, base, _rules(assign, solution.types))
     if model is None:
         return text
     expected = _expected(units, solution)

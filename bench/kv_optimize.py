@@ -2,10 +2,11 @@
 """Optimized KV policies against measured KLD, boundary policies and evenly spaced layers, from one KV scan.
 
     python bench/kv_optimize.py --scan SCAN.json --bits 2.6,2.8,3.0 --dir DIR [--boundary 2] \
-        [--even q8_0,turbo3] [--gap-to turbo3] [--out results.md]
+        [--even q8_0,turbo3] [--gap-to turbo3] [--out results.md] [--refine N [--jobs J]] \
+        [--lacq-args '--backend cuda --source SRC']
 
 For each budget: `lacq optimize kv SCAN --bits B --verify` (the policy run against the model's
-f16-cache logits on the scan's tokens). Baselines on the same tokens: V of the first and last N KV
+f16-cache logits on the scan's tokens), and with --refine the same refined by N measured rounds. Baselines on the same tokens: V of the first and last N KV
 layers at q8_0 over the scan's cheapest type (`lacq kld --boundary N`), and V of k evenly spaced
 KV layers promoted to each --even type over the cheapest, with the smallest k whose bits/value
 reach the budget (so the baseline never gets fewer bits). Uniform runs come from the scan (same
@@ -44,8 +45,8 @@ def even_ordinals(n: int, k: int) -> list[int]:
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    from scipy.stats import spearmanr
-    return float(spearmanr(a, b)[0])
+    from lacq.results.tables import spearman as rho
+    return rho(a, b)
 
 
 def main() -> None:
@@ -58,7 +59,11 @@ def main() -> None:
     ap.add_argument("--even", default="", help="comma-separated types evenly spaced layers are promoted to")
     ap.add_argument("--gap-to", default=None, help="uniform type the gap is measured to (default: the dearest)")
     ap.add_argument("--out", type=Path, default=None, help="markdown file the table is appended to")
+    ap.add_argument("--refine", type=int, default=0, help="also the optimized policy refined by N measured rounds")
+    ap.add_argument("--jobs", type=int, default=1, help="refinement runs at a time")
+    ap.add_argument("--lacq-args", default="", help="extra arguments for every lacq run, e.g. '--backend cuda --source S'")
     args = ap.parse_args()
+    extra = args.lacq_args.split()
     args.dir.mkdir(parents=True, exist_ok=True)
     db = args.dir / "kv_optimize.sqlite"
     os.environ["LACQ_DB"] = str(db)
@@ -78,9 +83,14 @@ def main() -> None:
     for b in [float(x) for x in args.bits.split(",")]:
         name = f"opt_{b}bpv".replace(".", "_")
         lacq("optimize", "kv", str(args.scan), "--bits", str(b), "--name", name, "-o", str(args.dir / f"{name}.toml"),
-             "--force", "--verify")
+             "--force", "--verify", *extra)
         rows.append({"kind": "optimized", "budget": b, **last_kld(db)})
         print(rows[-1], flush=True)
+        if args.refine:
+            lacq("optimize", "kv", str(args.scan), "--bits", str(b), "--name", name + "_r", "-o",
+                 str(args.dir / f"{name}_r.toml"), "--force", "--verify", "--refine", str(args.refine), "--jobs", str(args.jobs), *extra)
+            rows.append({"kind": "refined", "budget": b, **last_kld(db)})
+            print(rows[-1], flush=True)
         for t in [x for x in args.even.split(",") if x]:
             k = next((k for k in range(1, n + 1) if bits_of({o: t for o in even_ordinals(n, k)}) >= b - 1e-9), None)
             if k is None:
@@ -92,13 +102,13 @@ def main() -> None:
                 pol.write_text(f'name = "even_{t}_{k}"\ndescription = "V of {k} evenly spaced KV layers at {t}"\n'
                                f'k = "{other}"\nv = "{low}"\n'
                                + "".join(f'[[v_layers]]\nlayers = "{o}"\ntype = "{t}"\n' for o in ords))
-                lacq("kld", model, "--base", model, *run, "--kv-policy", str(pol), "--label", f"even {k}@{t}")
+                lacq("kld", model, "--base", model, *run, "--kv-policy", str(pol), "--label", f"even {k}@{t}", *extra)
                 done[key] = {"layers": ords, **last_kld(db)}
             rows.append({"kind": f"evenly spaced {t}", "budget": b, **done[key]})
             print(rows[-1], flush=True)
     for nb in args.boundary:
         lacq("kld", model, "--base", model, *run, "--ctk", other, "--ctv", low, "--boundary", str(nb),
-             "--label", f"boundary {nb}")
+             "--label", f"boundary {nb}", *extra)
         rows.append({"kind": f"boundary {nb}", **last_kld(db)})
     (args.dir / "rows.json").write_text(json.dumps(rows, indent=1) + "\n")
 

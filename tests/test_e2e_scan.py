@@ -93,6 +93,33 @@ def test_weight_scan_resumes_and_feeds_the_optimizer(cpu_build, smollm2, smollm2
     assert scan.uniform["q8_0"].kld < r.metrics["kld_mean"] < scan.uniform["q4_0"].kld
 
 
+def test_refine_measures_each_single_unit_move_and_keeps_only_a_measured_gain(cpu_build, smollm2, smollm2_f16,
+                                                                             tmp_path):
+    """`--refine 1`: every unit moved alone from the optimizer's choice is measured (journaled under the refine
+    study), the recipe written is the refined choice, and llama-quantize's file of that recipe measures the KLD
+    the refinement measured on its assembled file (the same bytes), no worse than the optimizer's own choice."""
+    store = open_store()
+    scan = scan_weights(cpu_build, store, smollm2, smollm2_f16, paths.default_corpus(), types=["q4_0", "q8_0"],
+                        units=("group",), chunks=CHUNKS, ctx=CTX)
+    out = scan.write(tmp_path / "scan.json")
+    q80, q40 = (sum(u.cost[t] for u in scan.units) + scan.fixed_cost for t in ("q8_0", "q4_0"))
+    budget_mb = (q40 + (q80 - q40) / 2) / 1e6
+    result = CliRunner().invoke(cli, ["optimize", "weights", str(out), "--size-mb", f"{budget_mb:.2f}", "-o",
+                                      str(tmp_path / "opt.toml"), "--refine", "1", "--verify"])
+    assert result.exit_code == 0, result.output
+    refined = [r for r in open_store().results(kind="kld") if r.study == "refine:" + scan.provenance["study"]]
+    # the start, one variant per unit moved to the other type (some may be the same file), at least one proposal
+    assert len({r.label for r in refined}) >= 1 + len(scan.units) - 2
+    start = next(r for r in refined if r.id == min(x.id for x in refined))
+    line = next(x for x in result.output.splitlines() if x.startswith("refined: measured KLD"))
+    before, after = (float(v) for v in line.split("KLD ")[1].split(" ± ")[0].split(" → "))
+    assert before == pytest.approx(start.metrics["kld_mean"], abs=1e-5) and after <= before
+    (v,) = [r for r in open_store().results(kind="kld") if r.study and r.study.startswith("optimize:")
+            and r.recipe and r.id > start.id]
+    assert v.model_bytes <= budget_mb * 1e6
+    assert v.metrics["kld_mean"] == pytest.approx(after, abs=1e-5)
+
+
 def test_variants_that_are_the_same_file_are_measured_once(cpu_build, smollm2, smollm2_f16):
     """q6_k falls back to q8_0 on SmolLM2's 576-wide rows, so only ffn_down (1536-wide) and nothing else differs
     between the two candidate files: 2 uniform runs and ffn_down's two variants are all that is measured."""

@@ -224,6 +224,31 @@ def _report_solution(s, scan) -> None:
         console.print(f"[yellow]note[/yellow]: {note}")
 
 
+def _refine_options(fn):
+    fn = click.option("-t", "--threads", type=int, default=None, help="Threads per llama.cpp run (refinement).")(fn)
+    fn = click.option("--jobs", "workers", type=int, default=1, show_default=True,
+                      help="Refinement runs at a time.")(fn)
+    return click.option("--refine", "refine_rounds", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Rounds of measured refinement around the answer (each measures every single-unit "
+                             "move on the scan's tokens; see lacq/studies/refine.py).")(fn)
+
+
+def _refine(ctx, build: BuildChoice, scan, s, rounds: int, workers: int, threads: int | None):
+    from lacq.studies.refine import kv_runner, refine, refined_solution, summary, weights_runner
+    tools, store = build.require(), open_results(ctx)
+    runner = weights_runner if scan.kind == "weights" else kv_runner
+    with progress_bar() as progress:
+        step = stage_stepper(progress)
+        measure, key = runner(tools, store, scan, paths.default_corpus(), threads=threads, workers=workers, step=step)
+        r = refine(scan, s, measure, key, rounds=rounds, step=step)
+    for line in summary(r):
+        console.print(line)
+    out = refined_solution(s, scan, r)
+    console.print(f"refined: measured KLD {r.start.kld:.5f} → {r.kld.kld:.5f} ± {r.kld.kld_error:.5f} on the scan's "
+                  f"{scan.chunks}×{scan.ctx} tokens")
+    return out
+
+
 @optimize_group.command(name="weights")
 @click.argument("scan_spec", metavar="SCAN")
 @click.option("--size-mb", type=float, default=None, help="Budget: the whole file's size in MB (1e6 bytes).")
@@ -235,13 +260,14 @@ def _report_solution(s, scan) -> None:
 @click.option("--tensor-type-file", "ttf", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the plain --tensor-type-file for stock llama-quantize.")
 @click.option("--verify", is_flag=True, help="Quantize with the recipe and measure its KLD on the scan's tokens.")
+@_refine_options
 @click.option("--model", "model_spec", default=None, help="Check that the scan was made on this model.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @build_options
 @click.pass_context
 @handle_errors
-def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, model_spec, force,
-                         build: BuildChoice):
+def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, refine_rounds, workers, threads,
+                         model_spec, force, build: BuildChoice):
     """Least predicted KLD within a size budget: one candidate type per scanned unit."""
     from lacq.model.info import inspect_model
     from lacq.studies.optimize import optimize
@@ -255,6 +281,8 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
     budget = size_mb * 1e6 if size_mb is not None else bpw * scan.model["n_elements"] / 8
     s = optimize(scan, budget, types=types.split(",") if types else None)
     _report_solution(s, scan)
+    if refine_rounds:
+        s = _refine(ctx, build, scan, s, refine_rounds, workers, threads)
     name = name or f"opt_{s.size_mb:.1f}mb".replace(".", "_")
     base = Path(scan.base["path"])
     text = weights_recipe_toml(s, scan, name, model=inspect_model(base) if base.exists() else None)
@@ -280,12 +308,14 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="KV policy TOML to write (default: <name>.toml here).")
 @click.option("--verify", is_flag=True, help="Run the policy and measure its KLD on the scan's tokens.")
+@_refine_options
 @click.option("--model", "model_spec", default=None, help="Check that the scan was made on this model.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @build_options
 @click.pass_context
 @handle_errors
-def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, model_spec, force, build: BuildChoice):
+def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_rounds, workers, threads, model_spec, force,
+                    build: BuildChoice):
     """Least predicted KLD within a bits/value budget: one candidate type per KV layer."""
     from lacq.studies.optimize import optimize
     from lacq.studies.optimize_out import kv_policy_toml
@@ -295,6 +325,8 @@ def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, model_spec, 
         raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
     s = optimize(scan, bits, types=types.split(",") if types else None)
     _report_solution(s, scan)
+    if refine_rounds:
+        s = _refine(ctx, build, scan, s, refine_rounds, workers, threads)
     name = name or f"opt_{s.bits_per_value:.2f}bpv".replace(".", "_")
     out = out or Path(f"{name}.toml")
     _write(out, kv_policy_toml(s, scan, name), force)

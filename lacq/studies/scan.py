@@ -127,6 +127,30 @@ def weight_units(info: ModelInfo, unit: str) -> list[tuple[str, str, tuple[str, 
 
 
 # ---------------------------------------------------------------- weights: the scan
+def candidate_files(build: Build, store: Store, base: Path, base_info: ModelInfo, types: list[str], work: Path,
+                    step: Step | None = None) -> dict[str, Path]:
+    """One file per candidate type, every quantizable tensor at that type (llama.cpp's fallbacks apply);
+    cached, so a second scan or a refinement of the same base and build re-uses them."""
+    files: dict[str, Path] = {}
+    for i, t in enumerate(types):
+        if step:
+            step("quantize candidates", i / len(types), t)
+        recipe = parse_recipe({"name": f"scan-{t}", "description": f"every tensor at {t}", "base": t,
+                               "rules": [{"tensors": "*", "type": t}]}, source="<scan>")
+        plan = resolve_recipe(recipe, base_info)
+        files[t] = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{base.stem}.all-{t}.gguf",
+                                      force=True).output
+    if step:
+        step("quantize candidates", 1.0, "done")
+    return files
+
+
+def work_dir(base_sha: str) -> Path:
+    work = paths.sub("work") / "scan" / base_sha[:16]
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 @dataclass(frozen=True)
 class WeightVariant:
     default: str  # type of every tensor not in `tensors`
@@ -146,21 +170,9 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
         if u not in UNIT_KINDS:
             raise ScanError(f"unknown unit {u!r}; use {', '.join(UNIT_KINDS)}")
     base_sha = store.sha256(base)
-    work = paths.sub("work") / "scan" / base_sha[:16]
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(base_sha)
     _check_disk(work, base_info, cands, chunks, ctx)
-    # One file per candidate type: every quantizable tensor at that type (llama.cpp's fallbacks apply).
-    files: dict[str, Path] = {}
-    for i, t in enumerate(cands):
-        if step:
-            step("quantize candidates", i / len(cands), t)
-        recipe = parse_recipe({"name": f"scan-{t}", "description": f"every tensor at {t}", "base": t,
-                               "rules": [{"tensors": "*", "type": t}]}, source="<scan>")
-        plan = resolve_recipe(recipe, base_info)
-        files[t] = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{base.stem}.all-{t}.gguf",
-                                      force=True).output
-    if step:
-        step("quantize candidates", 1.0, "done")
+    files = candidate_files(build, store, base, base_info, cands, work, step)
     cinfo = {t: inspect_model(p) for t, p in files.items()}
     lowest, highest = cands[0], cands[-1]
     study = "scan-weights:" + canonical_hash({"base": base_sha, "types": cands, "chunks": chunks, "ctx": ctx,
@@ -190,7 +202,7 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
     alias = {job.key: unique.setdefault(_signature(job.spec, cinfo), job).key for job in jobs}
     ids = run_jobs(list(unique.values()), run, store, study, workers=workers,
                    progress=(lambda d, n, k: step("variants", d / n, f"{d}/{n} {k}")) if step else None)
-    kld = {key: _kld(store, ids[rep]) for key, rep in alias.items()}
+    kld = {key: stored_kld(store, ids[rep]) for key, rep in alias.items()}
     scanned = []
     for uid, kind, names, block in unit_list:
         cost = {t: float(sum(cinfo[t].tensor(n).n_bytes for n in names)) for t in cands}
@@ -232,7 +244,7 @@ def _signature(v: WeightVariant, cinfo: dict) -> tuple:
     return v.default, changed
 
 
-def _kld(store: Store, result_id: int) -> Kld:
+def stored_kld(store: Store, result_id: int) -> Kld:
     m = store.get(result_id).metrics
     # llama-perplexity prints the running mean after each chunk; chunks score equally many tokens
     running = [c["kld"] for c in m.get("chunks", [])]
@@ -306,7 +318,7 @@ def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: lis
 
     ids = run_jobs(jobs, run, store, study, workers=workers,
                    progress=(lambda d, n, k: step("variants", d / n, f"{d}/{n} {k}")) if step else None)
-    kld = {key: _kld(store, rid) for key, rid in ids.items()}
+    kld = {key: stored_kld(store, rid) for key, rid in ids.items()}
     # Cost: bits × values; each KV layer holds n_head_kv × head size values per token per cache, and an
     # iSWA layer's sliding-window cache holds at most its window of tokens.
     values = layer_values(info, ctx, cache)

@@ -97,7 +97,8 @@ def test_refine_measures_each_single_unit_move_and_keeps_only_a_measured_gain(cp
                                                                              tmp_path):
     """`--refine 1`: every unit moved alone from the optimizer's choice is measured (journaled under the refine
     study), the recipe written is the refined choice, and llama-quantize's file of that recipe measures the KLD
-    the refinement measured on its assembled file (the same bytes), no worse than the optimizer's own choice."""
+    the refinement measured on its assembled file (the same bytes), no worse than the optimizer's own choice.
+    (Judged on the scan's own chunks here, so that both measure the same tokens; the default judges on 20.)"""
     store = open_store()
     scan = scan_weights(cpu_build, store, smollm2, smollm2_f16, paths.default_corpus(), types=["q4_0", "q8_0"],
                         units=("group",), chunks=CHUNKS, ctx=CTX)
@@ -105,12 +106,14 @@ def test_refine_measures_each_single_unit_move_and_keeps_only_a_measured_gain(cp
     q80, q40 = (sum(u.cost[t] for u in scan.units) + scan.fixed_cost for t in ("q8_0", "q4_0"))
     budget_mb = (q40 + (q80 - q40) / 2) / 1e6
     result = CliRunner().invoke(cli, ["optimize", "weights", str(out), "--size-mb", f"{budget_mb:.2f}", "-o",
-                                      str(tmp_path / "opt.toml"), "--refine", "1", "--verify"])
+                                      str(tmp_path / "opt.toml"), "--refine", "1", "--accept-chunks", str(CHUNKS),
+                                      "--verify"])
     assert result.exit_code == 0, result.output
-    refined = [r for r in open_store().results(kind="kld") if r.study == "refine:" + scan.provenance["study"]]
+    refined = [r for r in open_store().results(kind="kld")
+               if r.study == f"refine:{scan.provenance['study']}:{CHUNKS}"]
     # the start, one variant per unit moved to the other type (some may be the same file), at least one proposal
     assert len({r.label for r in refined}) >= 1 + len(scan.units) - 2
-    start = next(r for r in refined if r.id == min(x.id for x in refined))
+    start = min(refined, key=lambda r: r.id)
     line = next(x for x in result.output.splitlines() if x.startswith("refined: measured KLD"))
     before, after = (float(v) for v in line.split("KLD ")[1].split(" ± ")[0].split(" → "))
     assert before == pytest.approx(start.metrics["kld_mean"], abs=1e-5) and after <= before
@@ -118,6 +121,19 @@ def test_refine_measures_each_single_unit_move_and_keeps_only_a_measured_gain(cp
             and r.recipe and r.id > start.id]
     assert v.model_bytes <= budget_mb * 1e6
     assert v.metrics["kld_mean"] == pytest.approx(after, abs=1e-5)
+
+
+def test_refine_needs_the_scan_s_base_here(cpu_build, smollm2, smollm2_f16, tmp_path):
+    scan = scan_weights(cpu_build, open_store(), smollm2, smollm2_f16, paths.default_corpus(), types=["q4_0", "q8_0"],
+                        units=("group",), chunks=CHUNKS, ctx=CTX)
+    d = json.loads(scan.to_json())
+    d["base"]["path"] = str(tmp_path / "elsewhere.f16.gguf")
+    (tmp_path / "scan.json").write_text(json.dumps(d))
+    q40 = sum(u.cost["q4_0"] for u in scan.units) + scan.fixed_cost
+    result = CliRunner().invoke(cli, ["optimize", "weights", str(tmp_path / "scan.json"), "--size-mb",
+                                      f"{q40 * 1.2 / 1e6:.2f}", "-o", str(tmp_path / "opt.toml"), "--refine", "1"])
+    assert result.exit_code == 1 and "refining needs the scan's base" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "opt.toml").exists()
 
 
 def test_variants_that_are_the_same_file_are_measured_once(cpu_build, smollm2, smollm2_f16):

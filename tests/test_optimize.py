@@ -557,3 +557,77 @@ def test_search_takes_the_choice_with_the_least_quoted_prediction_on_a_real_scan
     assert s.kld <= predict(scan, {u.id: "turbo3" for u in scan.units}).kld + 1e-12
     assert "highest end's objective" in " ".join(s.notes)
     assert s.kld == pytest.approx(max(s.kld_low, s.kld_high))
+
+
+# --- measured refinement (studies/refine.py) ----------------------------------------
+
+
+def _interacting_measure(sens: dict[str, float], pair: tuple[str, str], penalty: float, calls: list):
+    """KLD of a choice over W_TYPES: additive, plus `penalty` when both units of `pair` sit at q4_0 together."""
+    def kld(choice: dict[str, str]) -> float:
+        k = 0.001 + sum(s * ERR[choice[u]] for u, s in sens.items())
+        return k + (penalty if all(choice[u] == "q4_0" for u in pair) else 0.0)
+
+    def measure(choices: dict, chunks: int) -> dict:
+        calls.append((len(choices), chunks))
+        return {key: Kld(kld(c), 1e-4) for key, c in choices.items()}
+    return measure, kld
+
+
+def _key(choice: dict[str, str]) -> str:
+    return ",".join(f"{u}={t}" for u, t in sorted(choice.items()))
+
+
+def test_local_moves_count_noise_of_the_wrong_sign_as_zero():
+    from lacq.studies.refine import local_items
+    units = TINY.units[:2]
+    center = {"a": "q5_0", "b": "q5_0"}
+    moves = {("a", "q4_0"): 0.11, ("a", "q8_0"): 0.07, ("b", "q4_0"): 0.09, ("b", "q8_0"): 0.11}
+    items = local_items(units, W_TYPES, center, 0.10, moves)
+    # values are −ΔKLD. a: lowering measured worse (+0.01 KLD), raising better (−0.03): both kept;
+    # b: lowering "better" and raising "worse" are noise of the wrong sign: zero
+    assert [v for _, v in items[0]] == pytest.approx([-0.01, 0.0, 0.03])
+    assert [v for _, v in items[1]] == pytest.approx([0.0, 0.0, 0.0])
+    held = local_items(units, W_TYPES, center, 0.10, moves, allowed={"a"})
+    assert len(held[0]) == 3 and held[1] == [(units[1].cost["q5_0"], 0.0)]
+
+
+def test_refine_judges_on_more_chunks_shrinks_a_step_that_measures_worse_and_keeps_what_measures_better():
+    from lacq.studies.refine import refine, refined_solution
+    sens = {u.id: s for u, s in zip(TINY.units, (0.03, 0.01, 0.05, 0.002))}
+    lo, hi = (TINY.fixed_cost + sum(u.cost[t] for u in TINY.units) for t in ("q4_0", "q8_0"))
+    budget = lo + (hi - lo) / 2
+    s = optimize(TINY, budget)
+    calls: list = []
+    # the scan is additive, so the optimizer's answer is its optimum; interactions the scan never saw make a
+    # pair of units at q4_0 cost more together than apart
+    low = [u for u, t in s.choice.items() if t == "q4_0"]
+    assert len(low) >= 2
+    measure, kld = _interacting_measure(sens, (low[0], low[1]), 0.05, calls)
+    r = refine(TINY, s, measure, _key, rounds=3, accept_chunks=20)
+    assert calls[0] == (1, 20)  # the start, judged on 20 chunks
+    assert any(n > 1 and c == TINY.chunks for n, c in calls)  # the single-unit moves, on the scan's 4
+    assert r.start.kld == pytest.approx(kld(s.choice)) and r.kld.kld < r.start.kld
+    assert r.kld.kld == pytest.approx(kld(r.choice)) and not all(r.choice[u] == "q4_0" for u in low[:2])
+    assert r.cost <= budget + 1e-9 and r.rounds[0].accepted and not r.rounds[-1].accepted
+    out = refined_solution(s, TINY, r)
+    assert out.choice == r.choice and out.kld == r.kld.kld and out.method == "refined" and out.cost == r.cost
+    assert "refined by measurement" in out.notes[-1]
+
+
+def test_refine_never_returns_a_choice_that_measured_worse():
+    from lacq.studies.refine import refine
+    sens = {u.id: s for u, s in zip(TINY.units, (0.03, 0.01, 0.05, 0.002))}
+    budget = TINY.fixed_cost + sum(u.cost["q5_0"] for u in TINY.units)
+    s = optimize(TINY, budget)
+    calls: list = []
+    base_measure, _ = _interacting_measure(sens, ("a", "b"), 0.0, calls)
+
+    def contrary(choices: dict, chunks: int) -> dict:
+        # single-unit moves look like gains; every multi-unit proposal measures far worse
+        got = base_measure(choices, chunks)
+        return {k: v if k == _key(s.choice) else Kld(v.kld + (1.0 if chunks == 20 else -0.01), v.kld_error)
+                for k, v in got.items()}
+    r = refine(TINY, s, contrary, _key, rounds=2, accept_chunks=20)
+    assert r.choice == s.choice and r.kld == r.start and len(r.rounds) == 1 and not r.rounds[0].accepted
+    assert 1 <= len(r.rounds[0].proposals) <= 3

@@ -225,6 +225,9 @@ def _report_solution(s, scan) -> None:
 
 
 def _refine_options(fn):
+    fn = click.option("--accept-chunks", type=int, default=20, show_default=True,
+                      help="Chunks the refinement judges proposals on (more than the scan's, so the moves' noise "
+                           "does not choose what is kept).")(fn)
     fn = click.option("-t", "--threads", type=int, default=None, help="Threads per llama.cpp run (refinement).")(fn)
     fn = click.option("--jobs", "workers", type=int, default=1, show_default=True,
                       help="Refinement runs at a time.")(fn)
@@ -233,19 +236,19 @@ def _refine_options(fn):
                              "move on the scan's tokens; see lacq/studies/refine.py).")(fn)
 
 
-def _refine(ctx, build: BuildChoice, scan, s, rounds: int, workers: int, threads: int | None):
+def _refine(ctx, build: BuildChoice, scan, s, rounds: int, workers: int, threads: int | None, accept: int):
     from lacq.studies.refine import kv_runner, refine, refined_solution, summary, weights_runner
     tools, store = build.require(), open_results(ctx)
     runner = weights_runner if scan.kind == "weights" else kv_runner
     with progress_bar() as progress:
         step = stage_stepper(progress)
         measure, key = runner(tools, store, scan, paths.default_corpus(), threads=threads, workers=workers, step=step)
-        r = refine(scan, s, measure, key, rounds=rounds, step=step)
+        r = refine(scan, s, measure, key, rounds=rounds, accept_chunks=accept, step=step)
     for line in summary(r):
         console.print(line)
     out = refined_solution(s, scan, r)
-    console.print(f"refined: measured KLD {r.start.kld:.5f} → {r.kld.kld:.5f} ± {r.kld.kld_error:.5f} on the scan's "
-                  f"{scan.chunks}×{scan.ctx} tokens")
+    console.print(f"refined: measured KLD {r.start.kld:.5f} → {r.kld.kld:.5f} ± {r.kld.kld_error:.5f} on "
+                  f"{r.chunks}×{scan.ctx} tokens")
     return out
 
 
@@ -266,8 +269,8 @@ def _refine(ctx, build: BuildChoice, scan, s, rounds: int, workers: int, threads
 @build_options
 @click.pass_context
 @handle_errors
-def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, refine_rounds, workers, threads,
-                         model_spec, force, build: BuildChoice):
+def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, refine_rounds, accept_chunks, workers,
+                         threads, model_spec, force, build: BuildChoice):
     """Least predicted KLD within a size budget: one candidate type per scanned unit."""
     from lacq.model.info import inspect_model
     from lacq.studies.optimize import optimize
@@ -282,7 +285,7 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
     s = optimize(scan, budget, types=types.split(",") if types else None)
     _report_solution(s, scan)
     if refine_rounds:
-        s = _refine(ctx, build, scan, s, refine_rounds, workers, threads)
+        s = _refine(ctx, build, scan, s, refine_rounds, workers, threads, accept_chunks)
     name = name or f"opt_{s.size_mb:.1f}mb".replace(".", "_")
     base = Path(scan.base["path"])
     text = weights_recipe_toml(s, scan, name, model=inspect_model(base) if base.exists() else None)
@@ -314,8 +317,8 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
 @build_options
 @click.pass_context
 @handle_errors
-def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_rounds, workers, threads, model_spec, force,
-                    build: BuildChoice):
+def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_rounds, accept_chunks, workers, threads,
+                    model_spec, force, build: BuildChoice):
     """Least predicted KLD within a bits/value budget: one candidate type per KV layer."""
     from lacq.studies.optimize import optimize
     from lacq.studies.optimize_out import kv_policy_toml
@@ -326,7 +329,7 @@ def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_round
     s = optimize(scan, bits, types=types.split(",") if types else None)
     _report_solution(s, scan)
     if refine_rounds:
-        s = _refine(ctx, build, scan, s, refine_rounds, workers, threads)
+        s = _refine(ctx, build, scan, s, refine_rounds, workers, threads, accept_chunks)
     name = name or f"opt_{s.bits_per_value:.2f}bpv".replace(".", "_")
     out = out or Path(f"{name}.toml")
     _write(out, kv_policy_toml(s, scan, name), force)

@@ -106,7 +106,7 @@ def test_refine_measures_each_single_unit_move_and_keeps_only_a_measured_gain(cp
     q80, q40 = (sum(u.cost[t] for u in scan.units) + scan.fixed_cost for t in ("q8_0", "q4_0"))
     budget_mb = (q40 + (q80 - q40) / 2) / 1e6
     result = CliRunner().invoke(cli, ["optimize", "weights", str(out), "--size-mb", f"{budget_mb:.2f}", "-o",
-                                      str(tmp_path / "opt.toml"), "--refine", "1", "--accept-chunks", str(CHUNKS),
+                                      str(tmp_path / "opt.toml"), "--refine", "1", "--judge-chunks", str(CHUNKS),
                                       "--verify"])
     assert result.exit_code == 0, result.output
     refined = [r for r in open_store().results(kind="kld")

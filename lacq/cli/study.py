@@ -225,9 +225,9 @@ def _report_solution(s, scan) -> None:
 
 
 def _refine_options(fn):
-    fn = click.option("--accept-chunks", type=int, default=20, show_default=True,
-                      help="Chunks the refinement judges proposals on (more than the scan's, so the moves' noise "
-                           "does not choose what is kept).")(fn)
+    fn = click.option("--judge-chunks", type=click.IntRange(min=1), default=20, show_default=True,
+                      help="Chunks that --verify and --refine judge proposals on (at least the scan's; more, so that "
+                           "the scan's noise does not choose what is kept).")(fn)
     fn = click.option("-t", "--threads", type=int, default=None, help="Threads per llama.cpp run (refinement).")(fn)
     fn = click.option("--jobs", "workers", type=int, default=1, show_default=True,
                       help="Refinement runs at a time.")(fn)
@@ -236,20 +236,34 @@ def _refine_options(fn):
                              "move on the scan's tokens; see lacq/studies/refine.py).")(fn)
 
 
-def _refine(ctx, build: BuildChoice, scan, s, rounds: int, workers: int, threads: int | None, accept: int):
-    from lacq.studies.refine import kv_runner, refine, refined_solution, summary, weights_runner
+def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, workers: int, threads: int | None,
+              judge: int):
+    """--verify: the search's distinct proposals measured, the best kept; --refine: then measured rounds."""
+    from lacq.studies.refine import kv_runner, pick_measured, refine, refined_solution, summary, weights_runner
+    if not rounds and not (verify and s.alternatives):
+        return s
     tools, store = build.require(), open_results(ctx)
     runner = weights_runner if scan.kind == "weights" else kv_runner
+    table, r = [], None
     with progress_bar() as progress:
         step = stage_stepper(progress)
         measure, key = runner(tools, store, scan, paths.default_corpus(), threads=threads, workers=workers, step=step)
-        r = refine(scan, s, measure, key, rounds=rounds, accept_chunks=accept, step=step)
+        if s.alternatives:
+            s, table = pick_measured(scan, s, measure, key, judge)
+        if rounds:
+            r = refine(scan, s, measure, key, rounds=rounds, judge_chunks=judge, step=step)
+    for what, quoted, k in table:
+        console.print(f"proposal of {what}: quoted {quoted:.5f}, measured {k.kld:.5f} ± {k.kld_error:.5f} "
+                      f"on {max(judge, scan.chunks)}×{scan.ctx} tokens")
+    if table:
+        console.print(f"kept: {s.notes[-1].rsplit('; kept ', 1)[-1]}")
+    if r is None:
+        return s
     for line in summary(r):
         console.print(line)
-    out = refined_solution(s, scan, r)
     console.print(f"refined: measured KLD {r.start.kld:.5f} → {r.kld.kld:.5f} ± {r.kld.kld_error:.5f} on "
                   f"{r.chunks}×{scan.ctx} tokens")
-    return out
+    return refined_solution(s, scan, r)
 
 
 @optimize_group.command(name="weights")
@@ -269,7 +283,7 @@ def _refine(ctx, build: BuildChoice, scan, s, rounds: int, workers: int, threads
 @build_options
 @click.pass_context
 @handle_errors
-def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, refine_rounds, accept_chunks, workers,
+def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, refine_rounds, judge_chunks, workers,
                          threads, model_spec, force, build: BuildChoice):
     """Least predicted KLD within a size budget: one candidate type per scanned unit."""
     from lacq.model.info import inspect_model
@@ -284,8 +298,7 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
     budget = size_mb * 1e6 if size_mb is not None else bpw * scan.model["n_elements"] / 8
     s = optimize(scan, budget, types=types.split(",") if types else None)
     _report_solution(s, scan)
-    if refine_rounds:
-        s = _refine(ctx, build, scan, s, refine_rounds, workers, threads, accept_chunks)
+    s = _measured(ctx, build, scan, s, verify, refine_rounds, workers, threads, judge_chunks)
     name = name or f"opt_{s.size_mb:.1f}mb".replace(".", "_")
     base = Path(scan.base["path"])
     text = weights_recipe_toml(s, scan, name, model=inspect_model(base) if base.exists() else None)
@@ -317,7 +330,7 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
 @build_options
 @click.pass_context
 @handle_errors
-def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_rounds, accept_chunks, workers, threads,
+def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_rounds, judge_chunks, workers, threads,
                     model_spec, force, build: BuildChoice):
     """Least predicted KLD within a bits/value budget: one candidate type per KV layer."""
     from lacq.studies.optimize import optimize
@@ -328,8 +341,7 @@ def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_round
         raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
     s = optimize(scan, bits, types=types.split(",") if types else None)
     _report_solution(s, scan)
-    if refine_rounds:
-        s = _refine(ctx, build, scan, s, refine_rounds, workers, threads, accept_chunks)
+    s = _measured(ctx, build, scan, s, verify, refine_rounds, workers, threads, judge_chunks)
     name = name or f"opt_{s.bits_per_value:.2f}bpv".replace(".", "_")
     out = out or Path(f"{name}.toml")
     _write(out, kv_policy_toml(s, scan, name), force)

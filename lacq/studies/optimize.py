@@ -57,7 +57,10 @@ budget, and each end alone (f = 0, f = 1); the chosen cost is the budget up to
 one unit's step. The quoted rule above is not separable, so each objective
 proposes a choice and the one with the least quoted `kld` is returned (`notes`
 say when an end's own objective proposed it); where the scan is additive all
-agree. Each objective runs `greedy` (convex-hull upgrades by gain per byte)
+agree. The other distinct proposals travel in `Solution.alternatives`:
+their quoted predictions are no better a judge than the ends they come from, so
+`lacq optimize --verify` measures them all and keeps the best measured
+(studies/refine.py). Each objective runs `greedy` (convex-hull upgrades by gain per byte)
 under "auto" or "greedy", and the exact DP (`lacq.studies.knapsack.dp`) under
 "auto" or "dp" where it fits in `max_cells` cells, with a rounded-up
 discretisation when exact integer costs would not fit; `greedy_kld`, `dp_kld`
@@ -141,6 +144,9 @@ class Solution:
     drift: dict[str, dict[str, float | None]] = field(default_factory=dict)  # additivity(): per uniform run
     notes: tuple[str, ...] = ()
     model_sha256: str | None = None
+    # the other objectives' distinct proposals: (choice, quoted kld, which objective), best quoted first;
+    # `lacq optimize --verify` measures them beside the answer and keeps the best measured
+    alternatives: tuple[tuple[dict[str, str], float, str], ...] = ()
 
     @property
     def lowest(self) -> str:
@@ -427,8 +433,17 @@ def _solve(p: _Problem, budget: float, method: str, max_cells: int,
         pred = p.predict({u.id: opts[i][j] for i, (u, j) in enumerate(zip(p.units, k.choice))})
         return round(pred.kld, 12), -round(k.value, 12), k.cost
 
-    best, source = min(candidates, key=lambda c: quoted(c[0]))
+    ranked = sorted(candidates, key=lambda c: quoted(c[0]))
+    best, source = ranked[0]
     choice = {u.id: opts[i][k] for i, (u, k) in enumerate(zip(p.units, best.choice))}
+    alternatives, seen = [], {best.choice}
+    for k, src in ranked[1:]:
+        if k.choice not in seen:
+            seen.add(k.choice)
+            alt = {u.id: opts[i][j] for i, (u, j) in enumerate(zip(p.units, k.choice))}
+            what = "a smaller budget's answer" if k.method == "curve" else \
+                src.strip().removeprefix("from the ") or "the budget-weighted objective"
+            alternatives.append((alt, quoted(k)[0], what))
     pred = p.predict(choice)
     cost = scan.fixed_cost + sum(u.cost[choice[u.id]] for u in p.units)
     clamped = []
@@ -460,7 +475,7 @@ def _solve(p: _Problem, budget: float, method: str, max_cells: int,
         gap=greedy_kld - dp_kld if greedy_kld is not None and dp_kld is not None else None,
         types=p.types, choice=choice, unit_costs={u.id: u.cost[choice[u.id]] for u in p.units},
         held=tuple(u.id for u in p.units if u.id in p.held), clamped=tuple(clamped), drift=_drift(p),
-        notes=tuple(notes), model_sha256=scan.model.get("sha256"))
+        notes=tuple(notes), model_sha256=scan.model.get("sha256"), alternatives=tuple(alternatives))
 
 
 def optimize(scan: Scan, budget: float, *, types: Sequence[str] | None = None, exclude_units: Iterable[str] = (),

@@ -1,6 +1,13 @@
-"""Measured refinement of an optimized choice: single-unit moves measured around it, re-solved, kept when better.
+"""Measured choice and refinement of an optimized answer: proposals and single-unit moves measured, the best kept.
 
-The scan predicts additively around its two ends (every unit at the lowest type,
+**Picking among proposals** (`pick_measured`, `lacq optimize --verify`): the search
+returns its answer and the distinct proposals of its other objectives
+(`Solution.alternatives`); each is measured on `judge_chunks` chunks and the best
+measured is kept. The quoted rule that ranks them is a prediction and can rank
+them wrongly (SmolLM2, q4_0/q8_0 tensor units, the CPU scan at 105.9 MB: the
+budget-weighted proposal measured 0.0930 on 20 chunks, the highest end's 0.0822).
+
+**Refinement** (`refine`, `--refine N`). The scan predicts additively around its two ends (every unit at the lowest type,
 every unit at the highest). An optimum at a budget in between lies far from both,
 where units interact, and the prediction drifts (SmolLM2, q4_0/q8_0 tensor units at
 105.9 MB: quoted 0.072, measured 0.09). Refinement linearises where the answer is:
@@ -12,7 +19,7 @@ where units interact, and the prediction drifts (SmolLM2, q4_0/q8_0 tensor units
   trusted to pay: a move to a dearer type that measures worse, or to a cheaper type
   that measures better, counts as zero change;
 - the proposal is measured and replaces c only when it measures lower than K0. Both
-  are judged on `accept_chunks` chunks (default 20 in the CLI), more than the scan's:
+  are judged on `judge_chunks` chunks (default 20 in the CLI), more than the scan's:
   the knapsack picks the moves whose few-chunk measurements happen to look best, and
   judged on those same tokens the winners' luck looks like a gain (SmolLM2, q4_0/q8_0
   tensor units, CUDA: accepted on the scan's 4 chunks 0.0810 → 0.0764, then 0.0846
@@ -22,7 +29,7 @@ where units interact, and the prediction drifts (SmolLM2, q4_0/q8_0 tensor units
 - rounds repeat around each accepted choice, up to `rounds`, and stop early when a
   round accepts nothing.
 
-Every measurement is a job of the study `refine:<scan study>`, keyed by what the
+Every measurement is a job of the study `refine:<scan study>:<chunks>`, keyed by what the
 variant holds, so a re-run (or Ctrl-C and a re-run) measures nothing twice. The
 pure part (`local_items`, `propose`) takes the measurements as numbers; the
 runners (`weights_runner`, `kv_runner`) turn a choice into a measured KLD.
@@ -134,7 +141,7 @@ def shrink(units: tuple[Unit, ...], center: Choice, proposal: Choice, k0: float,
 
 
 def refine(scan: Scan, solution: Solution, measure: MeasureMany, key: Callable[[Choice], str], *, rounds: int = 2,
-           accept_chunks: int | None = None, step: Step | None = None) -> Refined:
+           judge_chunks: int | None = None, step: Step | None = None) -> Refined:
     """Refine `solution` (see the module docstring); `key` names what a choice's variant holds."""
     if rounds < 1:
         raise OptimizeError(f"--refine takes a number of rounds ≥ 1, got {rounds}")
@@ -142,7 +149,7 @@ def refine(scan: Scan, solution: Solution, measure: MeasureMany, key: Callable[[
     types = solution.types
     room = solution.budget_cost - scan.fixed_cost
     center = dict(solution.choice)
-    judge = max(scan.chunks, accept_chunks or 0)
+    judge = max(scan.chunks, judge_chunks or 0)
     k_center = measure({key(center): center}, judge)[key(center)]
     start, done = k_center, []
     for r in range(1, rounds + 1):
@@ -179,6 +186,31 @@ def refine(scan: Scan, solution: Solution, measure: MeasureMany, key: Callable[[
             break
     cost = scan.fixed_cost + sum(u.cost[center[u.id]] for u in units)
     return Refined(center, k_center, start, cost, tuple(done), judge)
+
+
+def pick_measured(scan: Scan, solution: Solution, measure: MeasureMany, key: Callable[[Choice], str],
+                  chunks: int) -> tuple[Solution, list[tuple[str, float, Kld]]]:
+    """The search's proposals (its answer and `solution.alternatives`) measured on `chunks` chunks; the best
+    measured returned as the solution, with a table of (objective, quoted, measured KLD) per proposal."""
+    chunks = max(scan.chunks, chunks)
+    props = [(dict(solution.choice), solution.kld, "the answer")] + [(dict(c), q, w) for c, q, w in solution.alternatives]
+    got = measure({key(c): c for c, _, _ in props}, chunks)
+    table = [(w, q, got[key(c)]) for c, q, w in props]
+    best = min(range(len(props)), key=lambda i: (round(table[i][2].kld, 9), i))
+    if best == 0:
+        out = solution
+    else:
+        units = partitions(scan)[solution.partition]
+        c = props[best][0]
+        cost = scan.fixed_cost + sum(u.cost[c[u.id]] for u in units)
+        out = replace(solution, choice=c, unit_costs={u.id: u.cost[c[u.id]] for u in units}, cost=cost,
+                      size_mb=cost / 1e6 if scan.kind == "weights" else None,
+                      bits_per_value=cost / scan.total_values if scan.kind == "kv" else None,
+                      kld=props[best][1], kld_low=None, kld_high=None)
+    note = ("proposals measured on " + f"{chunks}×{scan.ctx} tokens: " +
+            "; ".join(f"{w} (quoted {q:.5f}) {k.kld:.5f} ± {k.kld_error:.5f}" for w, q, k in table) +
+            f"; kept {table[best][0]}")
+    return replace(out, notes=out.notes + (note,), alternatives=()), table
 
 
 def refined_solution(solution: Solution, scan: Scan, r: Refined) -> Solution:

@@ -176,6 +176,9 @@ def _completion(build, model, session, env):
     ({"LLAMA_KV_TYPES_K": "0..1=f16"}, {}, "mismatched key type"),
     ({}, {"LLAMA_KV_TYPES_K": "-1=q4_0"}, "mismatched key type"),
     ({"LLAMA_KV_TYPES_V": "0..1=f16"}, {"LLAMA_KV_TYPES_V": "0..1=q4_0"}, "mismatched value type"),
+    # the tqs types against types of the same bits/value: the type, not the size, must match
+    ({"LLAMA_KV_TYPES_V": "0..1=tqs3"}, {"LLAMA_KV_TYPES_V": "0..1=turbo3"}, "mismatched value type"),
+    ({"LLAMA_KV_TYPES_K": "2=tqs4"}, {"LLAMA_KV_TYPES_K": "2=q4_0"}, "mismatched key type"),
 ])
 def test_session_from_another_policy_is_refused(cpu_build, smollm2, tmp_path, saved, restored, needle):
     session = tmp_path / "session.bin"

@@ -4,8 +4,9 @@ Build the CPU tools, get the model, dequantize it to an F16 base, quantize the
 ten hand recipes of the placement study (Q4_0 base, protected tensors Q8_0) and
 llama.cpp's own mixes (Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M: stock llama-quantize
 ftypes), scan the model's blocks and tensor groups (q4_0 vs q8_0), let the
-optimizer place Q8_0 at Q4_K_M's size and at first8_q8's size, and measure
-every file by KL-divergence against the base on the same tokens (PPL beside).
+optimizer place Q8_0 at Q4_K_M's size and at first8_q8's size (where its search
+proposes more than one choice, each is measured on the study's tokens and the best
+kept: studies/refine.pick_measured), and measure every file by KL-divergence against the base on the same tokens (PPL beside).
 Everything is cached or journaled: a rerun measures only what is missing.
 """
 
@@ -29,6 +30,7 @@ from lacq.results.tables import placement_frame
 from lacq.studies.artifact import Scan
 from lacq.studies.optimize import optimize
 from lacq.studies.optimize_out import ParetoPoint, plot_pareto, weights_recipe_toml
+from lacq.studies.refine import pick_measured, weights_runner
 from lacq.studies.scan import scan_weights
 from lacq.studies.sensitivity import plot_scan
 
@@ -86,10 +88,15 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
         if name in sizes:
             sizes[name] = out.output.stat().st_size
         plans[i] = (name, kind, plan, out.output)
+    measure = key = None
     for target, size in sizes.items():
         if size is None:
             continue
         solution = optimize(scan, size)
+        if solution.alternatives:  # the search's proposals measured on the study's tokens, the best kept
+            if measure is None:
+                measure, key = weights_runner(build, store, scan, corpus, threads=threads, step=step)
+            solution, _ = pick_measured(scan, solution, measure, key, chunks)
         name = f"optimized@{target}"
         toml = work / f"{name.replace('@', '_at_')}.toml"
         toml.write_text(weights_recipe_toml(solution, scan, name.replace("@", "_at_"), model=base_info))

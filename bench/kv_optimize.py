@@ -9,7 +9,8 @@ For each budget: `lacq optimize kv SCAN --bits B --verify` (the policy run again
 f16-cache logits on the scan's tokens), and with --refine the same refined by N measured rounds. Baselines on the same tokens: V of the first and last N KV
 layers at q8_0 over the scan's cheapest type (`lacq kld --boundary N`), and V of k evenly spaced
 KV layers promoted to each --even type over the cheapest, with the smallest k whose bits/value
-reach the budget (so the baseline never gets fewer bits). Uniform runs come from the scan (same
+reach the budget (so the baseline never gets fewer bits) and, where that passes the budget, also
+the largest k within it ("within": the same bits the optimizer may spend). Uniform runs come from the scan (same
 build, tokens and settings). "gap" is the share of the KLD (and PPL) gap from uniform cheapest to
 uniform --gap-to recovered. Prints a markdown table, appends it to --out, writes DIR/rows.json.
 Runs one measurement at a time, with lacq's default threads.
@@ -92,20 +93,24 @@ def main() -> None:
             rows.append({"kind": "refined", "budget": b, **last_kld(db)})
             print(rows[-1], flush=True)
         for t in [x for x in args.even.split(",") if x]:
-            k = next((k for k in range(1, n + 1) if bits_of({o: t for o in even_ordinals(n, k)}) >= b - 1e-9), None)
-            if k is None:
-                continue
-            ords = even_ordinals(n, k)
-            key = (t, tuple(ords))
-            if key not in done:
-                pol = args.dir / f"even_{t}_{k}.toml"
-                pol.write_text(f'name = "even_{t}_{k}"\ndescription = "V of {k} evenly spaced KV layers at {t}"\n'
-                               f'k = "{other}"\nv = "{low}"\n'
-                               + "".join(f'[[v_layers]]\nlayers = "{o}"\ntype = "{t}"\n' for o in ords))
-                lacq("kld", model, "--base", model, *run, "--kv-policy", str(pol), "--label", f"even {k}@{t}", *extra)
-                done[key] = {"layers": ords, **last_kld(db)}
-            rows.append({"kind": f"evenly spaced {t}", "budget": b, **done[key]})
-            print(rows[-1], flush=True)
+            bits = {k: bits_of({o: t for o in even_ordinals(n, k)}) for k in range(1, n + 1)}
+            up = next((k for k in bits if bits[k] >= b - 1e-9), None)  # the fewest layers reaching the budget
+            within = max((k for k in bits if bits[k] <= b + 1e-9), default=None)  # the most within it
+            for k, how in ((up, ""), (within, " within")):
+                if k is None or (how and k == up):
+                    continue
+                ords = even_ordinals(n, k)
+                key = (t, tuple(ords))
+                if key not in done:
+                    pol = args.dir / f"even_{t}_{k}.toml"
+                    pol.write_text(f'name = "even_{t}_{k}"\ndescription = "V of {k} evenly spaced KV layers at {t}"\n'
+                                   f'k = "{other}"\nv = "{low}"\n'
+                                   + "".join(f'[[v_layers]]\nlayers = "{o}"\ntype = "{t}"\n' for o in ords))
+                    lacq("kld", model, "--base", model, *run, "--kv-policy", str(pol), "--label", f"even {k}@{t}",
+                         *extra)
+                    done[key] = {"layers": ords, **last_kld(db)}
+                rows.append({"kind": f"evenly spaced {t}{how}", "budget": b, **done[key]})
+                print(rows[-1], flush=True)
     for nb in args.boundary:
         lacq("kld", model, "--base", model, *run, "--ctk", other, "--ctv", low, "--boundary", str(nb),
              "--label", f"boundary {nb}", *extra)

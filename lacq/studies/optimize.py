@@ -442,7 +442,7 @@ def _solve(p: _Problem, budget: float, method: str, max_cells: int,
             seen.add(k.choice)
             alt = {u.id: opts[i][j] for i, (u, j) in enumerate(zip(p.units, k.choice))}
             what = "a smaller budget's answer" if k.method == "curve" else \
-                src.strip().removeprefix("from the ") or "the budget-weighted objective"
+                f"{src.strip().removeprefix('from the ') or 'the budget-weighted objective'} ({k.method})"
             alternatives.append((alt, quoted(k)[0], what))
     pred = p.predict(choice)
     cost = scan.fixed_cost + sum(u.cost[choice[u.id]] for u in p.units)

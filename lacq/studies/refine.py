@@ -193,7 +193,8 @@ def pick_measured(scan: Scan, solution: Solution, measure: MeasureMany, key: Cal
     """The search's proposals (its answer and `solution.alternatives`) measured on `chunks` chunks; the best
     measured returned as the solution, with a table of (objective, quoted, measured KLD) per proposal."""
     chunks = max(scan.chunks, chunks)
-    props = [(dict(solution.choice), solution.kld, "the answer")] + [(dict(c), q, w) for c, q, w in solution.alternatives]
+    props = [(dict(solution.choice), solution.kld, f"the search's answer ({solution.method})")]
+    props += [(dict(c), q, w) for c, q, w in solution.alternatives]
     got = measure({key(c): c for c, _, _ in props}, chunks)
     table = [(w, q, got[key(c)]) for c, q, w in props]
     best = min(range(len(props)), key=lambda i: (round(table[i][2].kld, 9), i))

@@ -8,17 +8,9 @@
 # tensor scan over q4_0/q8_0, the optimizer at first8_q8's 105.9 MB with and without --refine, both files at
 # 20 chunks), kv-smol (SmolLM2's turbo KV scan, timed, then bench/kv_optimize.py at 3.3 b/v), kv-gemma
 # (gemma's turbo KV scan, timed), kv-gemma-opt BUDGETS (bench/kv_optimize.py on it, refined rows beside).
-set -uo pipefail
-export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1
-export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-G=/tmp/g
-SRC=$G/llama.cpp
-MODEL=$G/model.gguf
+. "$(dirname "$0")/env.sh"
 GEMMA=$G/gemma/model.gguf
 CUDA="--backend cuda --source $SRC"
-lacq() { python3 -m lacq "$@"; }
 
 case "$1" in
 setup)

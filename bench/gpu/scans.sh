@@ -15,15 +15,7 @@
 # policy before/after, the tqs V types against q4_0: decode at depth 7680 and PPL on the F16 base), scan-t (the
 # tensor-granularity weight scan over iq4_nl/q5_0/q6_k/q8_0), verify-t (optimized recipes at the stock mixes'
 # sizes, measured at 20 chunks beside those mixes).
-set -uo pipefail
-export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1
-export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-G=/tmp/g
-SRC=$G/llama.cpp
-MODEL=$G/model.gguf
-lacq() { python3 -m lacq "$@"; }
+. "$(dirname "$0")/env.sh"
 bin() { lacq build --backend cuda --source "$SRC" --target test-backend-ops --target test-kv-bytes --print-path; }
 
 case "$1" in

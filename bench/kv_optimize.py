@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="markdown file the table is appended to")
     ap.add_argument("--refine", type=int, default=0, help="also the optimized policy refined by N measured rounds")
     ap.add_argument("--jobs", type=int, default=1, help="refinement runs at a time")
-    ap.add_argument("--lacq-args", default="", help="extra arguments for every lacq run, e.g. '--backend cuda --source S'")
+    ap.add_argument("--lacq-args", default="",
+                    help="extra arguments for every lacq run, e.g. '--backend cuda --source S'")
     args = ap.parse_args()
     extra = args.lacq_args.split()
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,8 @@ def main() -> None:
         print(rows[-1], flush=True)
         if args.refine:
             lacq("optimize", "kv", str(args.scan), "--bits", str(b), "--name", name + "_r", "-o",
-                 str(args.dir / f"{name}_r.toml"), "--force", "--verify", "--refine", str(args.refine), "--jobs", str(args.jobs), *extra)
+                 str(args.dir / f"{name}_r.toml"), "--force", "--verify", "--refine", str(args.refine), "--jobs",
+                 str(args.jobs), *extra)
             rows.append({"kind": "refined", "budget": b, **last_kld(db)})
             print(rows[-1], flush=True)
         for t in [x for x in args.even.split(",") if x]:

@@ -283,8 +283,8 @@ def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, worke
 @build_options
 @click.pass_context
 @handle_errors
-def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, refine_rounds, judge_chunks, workers,
-                         threads, model_spec, force, build: BuildChoice):
+def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, refine_rounds, judge_chunks,
+                         workers, threads, model_spec, force, build: BuildChoice):
     """Least predicted KLD within a size budget: one candidate type per scanned unit."""
     from lacq.model.info import inspect_model
     from lacq.studies.optimize import optimize

@@ -1,13 +1,12 @@
 """The layer-placement study (`lacq demo`): hand placements against llama.cpp's mixes and optimized recipes.
 
-Build the CPU tools, get the model, dequantize it to an F16 base, quantize the
-ten hand recipes of the placement study (Q4_0 base, protected tensors Q8_0) and
-llama.cpp's own mixes (Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M: stock llama-quantize
-ftypes), scan the model's blocks and tensor groups (q4_0 vs q8_0), let the
-optimizer place Q8_0 at Q4_K_M's size and at first8_q8's size (where its search
-proposes more than one choice, each is measured on the study's tokens and the best
-kept: studies/refine.pick_measured), and measure every file by KL-divergence against the base on the same tokens (PPL beside).
-Everything is cached or journaled: a rerun measures only what is missing.
+Build the CPU tools, get the model, dequantize it to an F16 base, quantize the ten hand recipes of
+the placement study (Q4_0 base, protected tensors Q8_0) and llama.cpp's own mixes (Q3_K_M, Q4_K_S,
+Q4_K_M, Q5_K_M: stock llama-quantize ftypes), scan the model's blocks and tensor groups (q4_0 vs
+q8_0), let the optimizer place Q8_0 at Q4_K_M's size and at first8_q8's size (where its search
+proposes more than one choice, each is measured on the study's tokens and the best kept:
+studies/refine.pick_measured), and measure every file by KL-divergence against the base on the same
+tokens (PPL beside). Everything is cached or journaled: a rerun measures only what is missing.
 """
 
 from __future__ import annotations

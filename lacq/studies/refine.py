@@ -7,8 +7,8 @@ measured is kept. The quoted rule that ranks them is a prediction and can rank
 them wrongly (SmolLM2, q4_0/q8_0 tensor units, the CPU scan at 105.9 MB: the
 budget-weighted proposal measured 0.0930 on 20 chunks, the highest end's 0.0822).
 
-**Refinement** (`refine`, `--refine N`). The scan predicts additively around its two ends (every unit at the lowest type,
-every unit at the highest). An optimum at a budget in between lies far from both,
+**Refinement** (`refine`, `--refine N`). The scan predicts additively around its two
+ends (every unit at the lowest type, every unit at the highest). An optimum at a budget in between lies far from both,
 where units interact, and the prediction drifts (SmolLM2, q4_0/q8_0 tensor units at
 105.9 MB: quoted 0.072, measured 0.09). Refinement linearises where the answer is:
 
@@ -83,7 +83,8 @@ class Refined:
     chunks: int  # the chunks proposals were judged on (the scan's context)
 
     def to_dict(self) -> dict:
-        return {"chunks": self.chunks, "kld": self.kld.kld, "kld_error": self.kld.kld_error, "start_kld": self.start.kld,
+        return {"chunks": self.chunks, "kld": self.kld.kld, "kld_error": self.kld.kld_error,
+                "start_kld": self.start.kld,
                 "start_kld_error": self.start.kld_error, "cost": self.cost,
                 "rounds": [r.__dict__ | {"proposals": list(r.proposals)} for r in self.rounds]}
 
@@ -163,7 +164,8 @@ def refine(scan: Scan, solution: Solution, measure: MeasureMany, key: Callable[[
         if step:
             step(f"refine round {r}", 0.0, f"{len(set(keys.values()))} single-unit moves")
         got = measure({keys[m]: variants[m] for m in variants}, scan.chunks)
-        k_moves = got[key(center)].kld if key(center) in got else measure({key(center): center}, scan.chunks)[key(center)].kld
+        here = got if key(center) in got else measure({key(center): center}, scan.chunks)
+        k_moves = here[key(center)].kld  # the center on the moves' tokens: their reference
         moves = {m: got[k].kld for m, k in keys.items()}
         proposals, allowed, accepted = [], None, False
         for _ in range(SHRINKS + 1):

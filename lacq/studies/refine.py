@@ -170,6 +170,7 @@ def refine(scan: Scan, solution: Solution, measure: MeasureMany, key: Callable[[
         proposals, allowed, accepted = [], None, False
         for _ in range(SHRINKS + 1):
             proposal, predicted = propose(units, types, center, k_moves, moves, room, allowed)
+            predicted = k_center.kld + (predicted - k_moves)  # the predicted change, on the judge's tokens
             n_moved = sum(proposal[u.id] != center[u.id] for u in units)
             if n_moved == 0:
                 break

@@ -228,9 +228,9 @@ def _refine_options(fn):
     fn = click.option("--judge-chunks", type=click.IntRange(min=1), default=20, show_default=True,
                       help="Chunks that --verify and --refine judge proposals on (at least the scan's; more, so that "
                            "the scan's noise does not choose what is kept).")(fn)
-    fn = click.option("-t", "--threads", type=int, default=None, help="Threads per llama.cpp run (refinement).")(fn)
+    fn = click.option("-t", "--threads", type=int, default=None, help="Threads per llama.cpp run (--verify's proposals, --refine).")(fn)
     fn = click.option("--jobs", "workers", type=int, default=1, show_default=True,
-                      help="Refinement runs at a time.")(fn)
+                      help="Measurements at a time (--verify's proposals, --refine).")(fn)
     return click.option("--refine", "refine_rounds", type=click.IntRange(min=0), default=0, show_default=True,
                         help="Rounds of measured refinement around the answer (each measures every single-unit "
                              "move on the scan's tokens; see lacq/studies/refine.py).")(fn)
@@ -276,7 +276,8 @@ def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, worke
               help="Recipe TOML to write (default: <name>.toml here).")
 @click.option("--tensor-type-file", "ttf", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the plain --tensor-type-file for stock llama-quantize.")
-@click.option("--verify", is_flag=True, help="Quantize with the recipe and measure its KLD on the scan's tokens.")
+@click.option("--verify", is_flag=True, help="Measure the search's distinct proposals (the best measured is kept), then quantize with the "
+                   "recipe and measure its KLD on the scan's tokens.")
 @_refine_options
 @click.option("--model", "model_spec", default=None, help="Check that the scan was made on this model.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
@@ -323,7 +324,8 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
 @click.option("--name", default=None, help="Policy name (default: opt_<bits>bpv).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="KV policy TOML to write (default: <name>.toml here).")
-@click.option("--verify", is_flag=True, help="Run the policy and measure its KLD on the scan's tokens.")
+@click.option("--verify", is_flag=True, help="Measure the search's distinct proposals (the best measured is kept), then run the policy "
+                   "and measure its KLD on the scan's tokens.")
 @_refine_options
 @click.option("--model", "model_spec", default=None, help="Check that the scan was made on this model.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")

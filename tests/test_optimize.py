@@ -656,3 +656,18 @@ def test_verify_measures_every_distinct_proposal_and_keeps_the_best_measured():
     assert "kept " + s.alternatives[-1][2] in out.notes[-1]
     same, _ = pick_measured(scan, s, lambda ch, n: {k: Kld(0.08, 1e-3) for k in ch}, _key, 20)
     assert same.choice == s.choice  # ties keep the search's answer
+
+
+@pytest.mark.parametrize("cache, other", [("v", "q8_0"), ("k", "f16"), ("both", None)])
+def test_refine_runs_a_kv_choice_as_the_scan_ran_its_variants(cache, other):
+    from lacq.plan.kv.config import Override
+    from lacq.studies.refine import kv_config
+    sens = {f"kv.{i}": 0.01 for i in range(5)}
+    costs = {u: {"q4_0": 4.5, "q5_0": 5.5, "q8_0": 8.5} for u in sens}
+    base = {"cache": cache, **({"other": other} if other else {})}
+    scan = additive_scan(sens, costs, kind="kv", base=base, total_values=5.0)
+    cfg = kv_config(scan, {"kv.0": "q8_0", "kv.1": "q4_0", "kv.2": "q4_0", "kv.3": "q5_0", "kv.4": "q4_0"})
+    over = (Override(0, 0, "q8_0"), Override(3, 3, "q5_0"))  # the most common type is the default
+    assert (cfg.k, cfg.v) == {"v": ("q8_0", "q4_0"), "k": ("q4_0", "f16"), "both": ("q4_0", "q4_0")}[cache]
+    assert cfg.v_overrides == (over if cache in ("v", "both") else ())
+    assert cfg.k_overrides == (over if cache in ("k", "both") else ())

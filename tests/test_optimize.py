@@ -650,12 +650,13 @@ def test_verify_measures_every_distinct_proposal_and_keeps_the_best_measured():
     def measure(choices: dict, chunks: int) -> dict:  # the last proposal measures best
         seen.append((len(choices), chunks))
         return {k: Kld(0.08 if c == target else 0.09, 1e-3) for k, c in choices.items()}
-    out, table = pick_measured(scan, s, measure, _key, 20)
+    out, table, kept = pick_measured(scan, s, measure, _key, 20)
     assert seen == [(1 + len(s.alternatives), 20)] and len(table) == 1 + len(s.alternatives)
     assert out.choice == target and out.cost <= 105.9e6 and not out.alternatives
+    assert kept == len(s.alternatives) and table[kept][2].kld == 0.08
     assert "kept " + s.alternatives[-1][2] in out.notes[-1]
-    same, _ = pick_measured(scan, s, lambda ch, n: {k: Kld(0.08, 1e-3) for k in ch}, _key, 20)
-    assert same.choice == s.choice  # ties keep the search's answer
+    same, _, first = pick_measured(scan, s, lambda ch, n: {k: Kld(0.08, 1e-3) for k in ch}, _key, 20)
+    assert same.choice == s.choice and first == 0  # ties keep the search's answer
 
 
 @pytest.mark.parametrize("cache, other", [("v", "q8_0"), ("k", "f16"), ("both", None)])
@@ -671,3 +672,16 @@ def test_refine_runs_a_kv_choice_as_the_scan_ran_its_variants(cache, other):
     assert (cfg.k, cfg.v) == {"v": ("q8_0", "q4_0"), "k": ("q4_0", "f16"), "both": ("q4_0", "q4_0")}[cache]
     assert cfg.v_overrides == (over if cache in ("v", "both") else ())
     assert cfg.k_overrides == (over if cache in ("k", "both") else ())
+
+
+@pytest.mark.parametrize("cache", ["v", "k", "both"])
+def test_a_kv_scan_variant_sets_one_layer_over_its_default_and_a_uniform_run_none(cache):
+    from lacq.plan.kv.config import Override
+    from lacq.studies.scan import kv_variant_config
+    one = kv_variant_config(cache, "q8_0", "turbo2", {3: "turbo4"})
+    uniform = kv_variant_config(cache, "q8_0", "turbo2", {})
+    scanned = {"v": ("v",), "k": ("k",), "both": ("k", "v")}[cache]
+    for cfg, over in ((one, (Override(3, 3, "turbo4"),)), (uniform, ())):
+        for role in ("k", "v"):
+            assert getattr(cfg, role) == ("turbo2" if role in scanned else "q8_0")
+            assert getattr(cfg, f"{role}_overrides") == (over if role in scanned else ())

@@ -228,7 +228,8 @@ def _refine_options(fn):
     fn = click.option("--judge-chunks", type=click.IntRange(min=1), default=20, show_default=True,
                       help="Chunks that --verify and --refine judge proposals on (at least the scan's; more, so that "
                            "the scan's noise does not choose what is kept).")(fn)
-    fn = click.option("-t", "--threads", type=int, default=None, help="Threads per llama.cpp run (--verify's proposals, --refine).")(fn)
+    fn = click.option("-t", "--threads", type=int, default=None,
+                      help="Threads per llama.cpp run (--verify's proposals, --refine).")(fn)
     fn = click.option("--jobs", "workers", type=int, default=1, show_default=True,
                       help="Measurements at a time (--verify's proposals, --refine).")(fn)
     return click.option("--refine", "refine_rounds", type=click.IntRange(min=0), default=0, show_default=True,
@@ -244,19 +245,19 @@ def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, worke
         return s
     tools, store = build.require(), open_results(ctx)
     runner = weights_runner if scan.kind == "weights" else kv_runner
-    table, r = [], None
+    table, kept, r = [], None, None
     with progress_bar() as progress:
         step = stage_stepper(progress)
         measure, key = runner(tools, store, scan, paths.default_corpus(), threads=threads, workers=workers, step=step)
         if s.alternatives:
-            s, table = pick_measured(scan, s, measure, key, judge)
+            s, table, kept = pick_measured(scan, s, measure, key, judge)
         if rounds:
             r = refine(scan, s, measure, key, rounds=rounds, judge_chunks=judge, step=step)
     for what, quoted, k in table:
         console.print(f"proposal of {what}: quoted {quoted:.5f}, measured {k.kld:.5f} ± {k.kld_error:.5f} "
                       f"on {max(judge, scan.chunks)}×{scan.ctx} tokens")
     if table:
-        console.print(f"kept: {s.notes[-1].rsplit('; kept ', 1)[-1]}")
+        console.print(f"kept: {table[kept][0]}")
     if r is None:
         return s
     for line in summary(r):
@@ -276,7 +277,8 @@ def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, worke
               help="Recipe TOML to write (default: <name>.toml here).")
 @click.option("--tensor-type-file", "ttf", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the plain --tensor-type-file for stock llama-quantize.")
-@click.option("--verify", is_flag=True, help="Measure the search's distinct proposals (the best measured is kept), then quantize with the "
+@click.option("--verify", is_flag=True,
+              help="Measure the search's distinct proposals (the best measured is kept), then quantize with the "
                    "recipe and measure its KLD on the scan's tokens.")
 @_refine_options
 @click.option("--model", "model_spec", default=None, help="Check that the scan was made on this model.")
@@ -324,7 +326,8 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
 @click.option("--name", default=None, help="Policy name (default: opt_<bits>bpv).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="KV policy TOML to write (default: <name>.toml here).")
-@click.option("--verify", is_flag=True, help="Measure the search's distinct proposals (the best measured is kept), then run the policy "
+@click.option("--verify", is_flag=True,
+              help="Measure the search's distinct proposals (the best measured is kept), then run the policy "
                    "and measure its KLD on the scan's tokens.")
 @_refine_options
 @click.option("--model", "model_spec", default=None, help="Check that the scan was made on this model.")

@@ -95,7 +95,7 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
         if solution.alternatives:  # the search's proposals measured on the study's tokens, the best kept
             if measure is None:
                 measure, key = weights_runner(build, store, scan, corpus, threads=threads, step=step)
-            solution, _ = pick_measured(scan, solution, measure, key, chunks)
+            solution, _, _ = pick_measured(scan, solution, measure, key, chunks)
         name = f"optimized@{target}"
         toml = work / f"{name.replace('@', '_at_')}.toml"
         toml.write_text(weights_recipe_toml(solution, scan, name.replace("@", "_at_"), model=base_info))

@@ -37,7 +37,6 @@ runners (`weights_runner`, `kv_runner`) turn a choice into a measured KLD.
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,15 +45,14 @@ from typing import Callable
 from lacq.fsutil import canonical_hash
 from lacq.llama.build import Build
 from lacq.measure.kld import measure_kld
-from lacq.model.assemble import assemble
 from lacq.model.info import inspect_model
-from lacq.plan.kv.config import KvConfig, Override
+from lacq.plan.kv.config import KvConfig
 from lacq.results.store import Store
 from lacq.studies import knapsack
 from lacq.studies.artifact import Kld, Scan, Unit
 from lacq.studies.executor import Job, run_jobs
 from lacq.studies.optimize import OptimizeError, Solution, partitions
-from lacq.studies.scan import candidate_files, stored_kld, work_dir
+from lacq.studies.scan import candidate_files, kv_variant_config, measure_assembled, stored_kld, work_dir
 
 SHRINKS = 2
 
@@ -192,54 +190,52 @@ def refine(scan: Scan, solution: Solution, measure: MeasureMany, key: Callable[[
 
 
 def pick_measured(scan: Scan, solution: Solution, measure: MeasureMany, key: Callable[[Choice], str],
-                  chunks: int) -> tuple[Solution, list[tuple[str, float, Kld]]]:
-    """The search's proposals (its answer and `solution.alternatives`) measured on `chunks` chunks; the best
-    measured returned as the solution, with a table of (objective, quoted, measured KLD) per proposal."""
+                  chunks: int) -> tuple[Solution, list[tuple[str, float, Kld]], int]:
+    """The search's proposals (its answer and `solution.alternatives`) measured on `chunks` chunks: the best
+    measured as the solution, a table of (objective, quoted, measured KLD) per proposal, and the kept row."""
     chunks = max(scan.chunks, chunks)
     props = [(dict(solution.choice), solution.kld, f"the search's answer ({solution.method})")]
     props += [(dict(c), q, w) for c, q, w in solution.alternatives]
     got = measure({key(c): c for c, _, _ in props}, chunks)
     table = [(w, q, got[key(c)]) for c, q, w in props]
     best = min(range(len(props)), key=lambda i: (round(table[i][2].kld, 9), i))
-    if best == 0:
-        out = solution
-    else:
-        units = partitions(scan)[solution.partition]
-        c = props[best][0]
-        cost = scan.fixed_cost + sum(u.cost[c[u.id]] for u in units)
-        out = replace(solution, choice=c, unit_costs={u.id: u.cost[c[u.id]] for u in units}, cost=cost,
-                      size_mb=cost / 1e6 if scan.kind == "weights" else None,
-                      bits_per_value=cost / scan.total_values if scan.kind == "kv" else None,
-                      kld=props[best][1], kld_low=None, kld_high=None)
+    out = solution if best == 0 else _with_choice(solution, scan, props[best][0], kld=props[best][1], kld_low=None,
+                                                  kld_high=None)
     note = ("proposals measured on " + f"{chunks}×{scan.ctx} tokens: " +
             "; ".join(f"{w} (quoted {q:.5f}) {k.kld:.5f} ± {k.kld_error:.5f}" for w, q, k in table) +
             f"; kept {table[best][0]}")
-    return replace(out, notes=out.notes + (note,), alternatives=()), table
+    return replace(out, notes=out.notes + (note,), alternatives=()), table, best
+
+
+def _with_choice(solution: Solution, scan: Scan, choice: Choice, **changes) -> Solution:
+    """`solution` with another choice of the same partition: its costs follow, `changes` set the rest."""
+    units = partitions(scan)[solution.partition]
+    cost = scan.fixed_cost + sum(u.cost[choice[u.id]] for u in units)
+    return replace(solution, choice=dict(choice), unit_costs={u.id: u.cost[choice[u.id]] for u in units}, cost=cost,
+                   size_mb=cost / 1e6 if scan.kind == "weights" else None,
+                   bits_per_value=cost / scan.total_values if scan.kind == "kv" else None, **changes)
 
 
 def refined_solution(solution: Solution, scan: Scan, r: Refined) -> Solution:
     """The solution with the refined choice; its kld is the measured one (on the chunks proposals were judged on)."""
-    units = partitions(scan)[solution.partition]
     n = sum(len(x.proposals) for x in r.rounds)
     note = (f"refined by measurement: {len(r.rounds)} round(s), {n} proposal(s) measured; KLD {r.start.kld:.5f} → "
             f"{r.kld.kld:.5f} ± {r.kld.kld_error:.5f} measured on {r.chunks}×{scan.ctx} tokens "
             f"(the scan's prediction was {solution.kld:.5f})")
-    return replace(solution, choice=dict(r.choice), unit_costs={u.id: u.cost[r.choice[u.id]] for u in units},
-                   cost=r.cost, size_mb=r.cost / 1e6 if scan.kind == "weights" else None,
-                   bits_per_value=r.cost / scan.total_values if scan.kind == "kv" else None,
-                   kld=r.kld.kld, kld_low=None, kld_high=None, kld_error=r.kld.kld_error, method="refined",
-                   notes=solution.notes + (note,))
+    return _with_choice(solution, scan, r.choice, kld=r.kld.kld, kld_low=None, kld_high=None,
+                        kld_error=r.kld.kld_error, method="refined", notes=solution.notes + (note,))
 
 
 # --- runners ----------------------------------------------------------------------------
 
 
-def _measure_many(store: Store, study: str, run: Callable[[Job, Store, int], int], workers: int,
+def _measure_many(store: Store, scan: Scan, run: Callable[[Job, Store, int, str], int], workers: int,
                   step: Step | None) -> MeasureMany:
+    """Journaled measurement of choices: one study per chunk count, `refine:<scan study>:<chunks>`."""
     def measure(choices: dict[str, Choice], chunks: int) -> dict[str, Kld]:
+        study = f"{_study(scan)}:{chunks}"
         jobs = [Job(k, k) for k in choices]
-        ids = run_jobs(jobs, lambda job, st: run(Job(job.key, choices[job.key]), st, chunks), store,
-                       f"{study}:{chunks}",
+        ids = run_jobs(jobs, lambda job, st: run(Job(job.key, choices[job.key]), st, chunks, study), store, study,
                        workers=workers,
                        progress=(lambda d, n, k: step("refine", d / n, f"{d}/{n}")) if step and len(jobs) > 1 else None)
         return {k: stored_kld(store, ids[k]) for k in choices}
@@ -267,29 +263,22 @@ def weights_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, thre
         # what the file holds: each tensor's written type (llama.cpp's replacements make some moves no-ops)
         return "w:" + canonical_hash(sorted((n, cinfo[t].tensor(n).type) for n, t in tensors(choice).items()))[:20]
 
-    def run(job: Job, st: Store, chunks: int) -> int:
+    def run(job: Job, st: Store, chunks: int, study: str) -> int:
         plan = tensors(job.spec)
         default = Counter(plan.values()).most_common(1)[0][0]
-        with tempfile.TemporaryDirectory(dir=work) as tmp:
-            path = assemble(files[default], {t: files[t] for t in set(plan.values())},
-                            {n: t for n, t in plan.items() if t != default}, Path(tmp) / "variant.gguf")
-            return measure_kld(build, st, path, inspect_model(path), base, base_info, KvConfig(), corpus,
-                               ctx=scan.ctx, chunks=chunks, threads=threads, label=job.key,
-                               study=f"{_study(scan)}:{chunks}").result_id
+        return measure_assembled(build, st, files, cinfo, default, {n: t for n, t in plan.items() if t != default},
+                                 base, base_info, corpus, work, ctx=scan.ctx, chunks=chunks, threads=threads,
+                                 label=job.key, study=study)
 
-    return _measure_many(store, _study(scan), run, workers, step), key
+    return _measure_many(store, scan, run, workers, step), key
 
 
 def kv_config(scan: Scan, choice: Choice) -> KvConfig:
     """The KV configuration that runs `choice` (kv.N -> type) as the scan ran its variants."""
-    cache, other = scan.base.get("cache"), scan.base.get("other") or "q8_0"
     by_id = {u.id: u for u in scan.units}
     default = Counter(choice.values()).most_common(1)[0][0]
-    over = tuple(Override(by_id[uid].ordinal, by_id[uid].ordinal, t) for uid, t in sorted(
-        choice.items(), key=lambda x: by_id[x[0]].ordinal) if t != default)
-    k = default if cache in ("k", "both") else other
-    v = default if cache in ("v", "both") else other
-    return KvConfig(k, v, "auto", over if cache in ("k", "both") else (), over if cache in ("v", "both") else ())
+    return kv_variant_config(scan.base.get("cache"), scan.base.get("other") or "q8_0", default,
+                             {by_id[uid].ordinal: t for uid, t in choice.items() if t != default})
 
 
 def kv_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, threads: int | None = None,
@@ -304,11 +293,11 @@ def kv_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, threads: 
     def key(choice: Choice) -> str:
         return "kv:" + ",".join(choice[uid] for uid in sorted(choice, key=lambda x: by_id[x].ordinal))
 
-    def run(job: Job, st: Store, chunks: int) -> int:
+    def run(job: Job, st: Store, chunks: int, study: str) -> int:
         return measure_kld(build, st, model, info, model, info, kv_config(scan, job.spec), corpus, ctx=scan.ctx,
-                           chunks=chunks, threads=threads, label=job.key, study=f"{_study(scan)}:{chunks}").result_id
+                           chunks=chunks, threads=threads, label=job.key, study=study).result_id
 
-    return _measure_many(store, _study(scan), run, workers, step), key
+    return _measure_many(store, scan, run, workers, step), key
 
 
 def _study(scan: Scan) -> str:

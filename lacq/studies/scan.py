@@ -188,13 +188,8 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
 
     def run(job: Job, st: Store) -> int:
         v: WeightVariant = job.spec
-        with tempfile.TemporaryDirectory(dir=work) as tmp:
-            path = files[v.default] if not v.tensors else assemble(
-                files[v.default], {v.type: files[v.type]}, {n: v.type for n in v.tensors}, Path(tmp) / "variant.gguf")
-            out = measure_kld(build, st, path, cinfo[v.default] if not v.tensors else inspect_model(path), base,
-                              base_info, KvConfig(), corpus, ctx=ctx, chunks=chunks, threads=threads, label=job.key,
-                              study=study)
-            return out.result_id
+        return measure_assembled(build, st, files, cinfo, v.default, {n: v.type for n in v.tensors}, base, base_info,
+                                 corpus, work, ctx=ctx, chunks=chunks, threads=threads, label=job.key, study=study)
 
     # Variants whose files are byte for byte the same (a type llama.cpp replaces by another candidate, e.g. q6_k
     # by q8_0 on 576-wide rows; a unit already at the default's type) are measured once.
@@ -233,6 +228,19 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
                 chunks=chunks, ctx=ctx, cost_unit="bytes", excluded_types=excluded, notes=tuple(dict.fromkeys(notes)),
                 provenance={"study": study, "build": build.provenance(), "corpus_sha256": store.sha256(corpus),
                             "seconds": round(time.monotonic() - t0, 1), "files": {t: str(p) for t, p in files.items()}})
+
+
+def measure_assembled(build: Build, store: Store, files: dict[str, Path], cinfo: dict[str, ModelInfo], default: str,
+                      tensors: dict[str, str], base: Path, base_info: ModelInfo, corpus: Path, work: Path, *,
+                      ctx: int, chunks: int, threads: int | None, label: str, study: str) -> int:
+    """KLD against the base of the candidate file of type `default` with `tensors` (name -> type) copied in from
+    the other candidate files (model/assemble.py); the result id."""
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        path = files[default] if not tensors else assemble(
+            files[default], {t: files[t] for t in set(tensors.values())}, tensors, Path(tmp) / "variant.gguf")
+        return measure_kld(build, store, path, cinfo[default] if not tensors else inspect_model(path), base,
+                           base_info, KvConfig(), corpus, ctx=ctx, chunks=chunks, threads=threads, label=label,
+                           study=study).result_id
 
 
 def _signature(v: WeightVariant, cinfo: dict) -> tuple:
@@ -295,10 +303,7 @@ def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: lis
     lowest, highest = cands[0], cands[-1]
 
     def config(v: KvVariant) -> KvConfig:
-        over = () if v.ordinal is None else (Override(v.ordinal, v.ordinal, v.type),)
-        k = v.default if cache in ("k", "both") else other
-        vv = v.default if cache in ("v", "both") else other
-        return KvConfig(k, vv, "auto", over if cache in ("k", "both") else (), over if cache in ("v", "both") else ())
+        return kv_variant_config(cache, other, v.default, {} if v.ordinal is None else {v.ordinal: v.type})
 
     for t in cands:  # every type on this backend and head size, before any work
         prepare_kv(build, config(KvVariant(t, 0, highest)), info)
@@ -335,6 +340,15 @@ def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: lis
                        f"{'V' if cache == 'k' else 'K'} at {other}" if cache != "both" else "K and V scanned together",),
                 provenance={"study": study, "build": build.provenance(), "corpus_sha256": store.sha256(corpus),
                             "seconds": round(time.monotonic() - t0, 1)})
+
+
+def kv_variant_config(cache: str, other: str, default: str, layers: dict[int, str]) -> KvConfig:
+    """The scanned cache(s) at `default` with `layers` (KV-layer ordinal -> type) overriding it; the other
+    cache at `other`. How a KV scan runs its variants (and a refinement its choices)."""
+    over = tuple(Override(o, o, t) for o, t in sorted(layers.items()))
+    k = default if cache in ("k", "both") else other
+    v = default if cache in ("v", "both") else other
+    return KvConfig(k, v, "auto", over if cache in ("k", "both") else (), over if cache in ("v", "both") else ())
 
 
 def layer_values(info: ModelInfo, ctx: int, cache: str) -> list[float]:

@@ -215,3 +215,19 @@ def test_optimize_refuses_a_scan_of_another_model_and_budgets_out_of_reach(smoll
     assert r.exit_code == 1 and "not a lacq scan" in r.output
     with pytest.raises(LacqError):
         Scan.read(tmp_path / "missing.json")
+
+
+def test_kv_scan_measures_each_layer_raised_and_lowered_by_ordinal(cpu_build, smollm2):
+    from lacq.studies.scan import scan_kv
+    store = open_store()
+    scan = scan_kv(cpu_build, store, smollm2, paths.default_corpus(), types=["q8_0", "turbo2"], chunks=CHUNKS, ctx=CTX)
+    assert scan.types == ("turbo2", "q8_0") and len(scan.units) == 30
+    assert [u.ordinal for u in scan.units] == list(range(30))
+    assert scan.uniform["turbo2"].kld > scan.uniform["q8_0"].kld
+    labels = {r.label for r in store.results(kind="kld", study=scan.provenance["study"])}
+    assert len(labels) == 2 + 2 * 30 and "kv.7 raise q8_0" in labels and "kv.7 lower turbo2" in labels
+    # one layer at q8_0 over turbo2 is mostly better than none, one at turbo2 under q8_0 mostly worse (2 × 63
+    # scored tokens: single layers move the KLD by less than its noise for a few of them)
+    raised = sum(u.raise_["q8_0"].kld < scan.uniform["turbo2"].kld for u in scan.units)
+    lowered = sum(u.lower["turbo2"].kld > scan.uniform["q8_0"].kld for u in scan.units)
+    assert raised >= 20 and lowered >= 20, (raised, lowered)

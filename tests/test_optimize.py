@@ -643,7 +643,8 @@ def test_verify_measures_every_distinct_proposal_and_keeps_the_best_measured():
     s = optimize(scan, 105.9e6)
     assert s.alternatives and all(c != s.choice for c, _, _ in s.alternatives)
     assert len({tuple(sorted(c.items())) for c, _, _ in s.alternatives}) == len(s.alternatives)
-    assert [q for _, q, _ in s.alternatives] == sorted(q for _, q, _ in s.alternatives) and s.kld <= s.alternatives[0][1]
+    quoted = [q for _, q, _ in s.alternatives]
+    assert quoted == sorted(quoted) and s.kld <= quoted[0]
     target = s.alternatives[-1][0]
     seen = []
 

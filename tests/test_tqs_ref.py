@@ -1,7 +1,7 @@
-"""lacq.plan.kv.tqs_ref against the patched libggml's tqs quantizers, bit for bit.
+"""lacq.plan.kv.tqs_ref and tql_ref against the patched libggml's tqs and tql quantizers, bit for bit.
 
 Three C paths must write the bytes the numpy reference writes: ggml_quantize_chunk
-(the reference quantize_row_tqsN_ref of libggml-base), the CPU backend's from_float
+(the reference quantize_row_tqsN_ref / tqlN_ref of libggml-base), the CPU backend's from_float
 (its AVX-512 quantizer where the machine has one; SET_ROWS and CPY use it) and, for
 dequantization, both to_float and the CPU backend's SIMD dequantizer that flash
 attention reads V rows with. Uses the libraries of lacq's CPU build of the patched
@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 from ggml_ctypes import TypeTraitsCpu, load_ggml_base
 
-from lacq.plan.kv import tqs_ref, turbo_ref
+from lacq.plan.kv import tql_ref, tqs_ref, turbo_ref
 from lacq.plan.kv.types import kv_type
 
-TYPE_IDS = {"tqs2": 46, "tqs3": 47, "tqs4": 48}
+TYPE_IDS = {"tqs2": 46, "tqs3": 47, "tqs4": 48, "tql2": 49, "tql3": 50}
+REFS = {name: tql_ref if name.startswith("tql") else tqs_ref for name in TYPE_IDS}
 
 
 ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
@@ -52,6 +53,7 @@ def _data(rng, nrows, ncols):
     x[4, :] = rng.uniform(-1, 1, ncols).astype(np.float32) * np.float32(40.0)
     x[5, :64] *= np.repeat(np.float32([1e-3, 1.0, 30.0, 0.2]), 16)  # sub-blocks of very different scale
     x[6, :] = np.float32(1e-8) * rng.standard_normal(ncols).astype(np.float32)  # d rounds to 0 or subnormal
+    x[7, :64] *= np.repeat(np.float32([1.0, 0.8, 0.6, 0.45, 0.3, 1e-3, 2.0, 0.9]), 8)  # eighths of other scales
     return x
 
 
@@ -63,17 +65,18 @@ def _ptr(a):
 @pytest.mark.e2e
 def test_quantize_matches_ggml(ggml, name):
     base, cpu = ggml
-    bits = tqs_ref.TYPE_BITS[name]
+    ref_mod = REFS[name]
+    bits = ref_mod.TYPE_BITS[name]
     tid = TYPE_IDS[name]
     tt = base.ggml_get_type_traits(tid).contents
     assert tt.blck_size == 64 == kv_type(name).block_size
-    assert tt.type_size == tqs_ref.BLOCK_BYTES[bits] == kv_type(name).type_size
+    assert tt.type_size == ref_mod.BLOCK_BYTES[bits] == kv_type(name).type_size
     assert tt.is_quantized
 
     rng = np.random.default_rng(4321 + bits)
     nrows, ncols = 96, 256
     x = _data(rng, nrows, ncols)
-    ref = tqs_ref.quantize(x, bits)
+    ref = ref_mod.quantize(x, bits)
 
     out = ctypes.create_string_buffer(len(ref))
     n = base.ggml_quantize_chunk(tid, _ptr(x), out, 0, nrows, ncols, None)
@@ -84,7 +87,7 @@ def test_quantize_matches_ggml(ggml, name):
     ROW_FN(cpu.ggml_get_type_traits_cpu(tid).contents.from_float)(_ptr(x), fast, nrows * ncols)
     assert fast.raw == ref, "CPU backend quantizer (SET_ROWS/CPY) differs"
 
-    want = tqs_ref.dequantize(ref, bits)
+    want = ref_mod.dequantize(ref, bits)
     for fn in (tt.to_float, cpu.ggml_cpu_tqs_to_float(tid)):
         if fn is None:                                    # no SIMD dequantizer on this CPU
             continue
@@ -112,3 +115,28 @@ def test_sub_scales_are_4_bit_multiples_of_the_fp16_super_scale():
     d, u, idx = tqs_ref.quantize_fields(x, 3)
     assert u.max() == 15 and u.min() >= 1 and idx.max() < 8
     assert np.all(u.max(axis=1) == 15)                    # the largest sub-scale uses the full range
+
+
+def test_tql_reference_mse_on_gaussian_beats_tqs_at_2_and_3_bits():
+    x = np.random.default_rng(0).standard_normal((1000, 64)).astype(np.float32)
+    for bits, mse in {2: 0.0820, 3: 0.0193}.items():      # bench/kvformats/results/tql.md
+        rel = float(((x - tql_ref.roundtrip(x, bits)) ** 2).sum() / (x ** 2).sum())
+        rel_tqs = float(((x - tqs_ref.roundtrip(x, bits)) ** 2).sum() / (x ** 2).sum())
+        assert abs(rel - mse) < 0.05 * mse, (bits, rel)
+        assert rel < 0.93 * rel_tqs, (bits, rel, rel_tqs)
+        assert tql_ref.bits_per_value(bits) == tqs_ref.bits_per_value(bits) == bits + 0.5
+
+
+def test_tql_exponents_follow_each_eighth_s_scale():
+    v = np.random.default_rng(2).standard_normal((50, 1, 8)).astype(np.float32)
+    k = np.array([0, 1, 2, 3, 3, 2, 1, 0])
+    x = (v * (2.0 ** (-0.35 * k))[None, :, None]).astype(np.float32).reshape(50, 64)
+    d, e, idx = tql_ref.quantize_fields(x, 2)
+    assert idx.max() < 4
+    np.testing.assert_array_equal(e, np.broadcast_to(k, e.shape))  # one pattern at 2^(-0.35 k): exponent k
+    x[:, 40:48] *= np.float32(0.01)                                  # far below the smallest level
+    assert np.all(tql_ref.quantize_fields(x, 3)[1][:, 5] == 3)
+    zero = np.zeros((1, 64), dtype=np.float32)
+    d0, e0, i0 = tql_ref.quantize_fields(zero, 3)
+    assert d0[0] == 0 and not e0.any() and not i0.any()
+    assert not tql_ref.roundtrip(zero, 3).any()

@@ -91,7 +91,7 @@ class KvConfig:
         return ({self.k} | {o.type for o in self.k_overrides}, {self.v} | {o.type for o in self.v_overrides})
 
     def needs_flash_attention(self) -> list[str]:
-        """Types that need flash attention: any quantized V, and turbo/tqs K (their
+        """Types that need flash attention: any quantized V, and turbo/tqs/tql K (their
         kernels exist only in the flash-attention path)."""
         ktypes, vtypes = self.all_types()
         return sorted({t for t in vtypes if kv_type(t).quantized} | {t for t in ktypes if t in ROTATED})
@@ -118,7 +118,7 @@ class KvConfig:
                     raise RecipeError(f"K {k} with V {v} cannot run on the {backend} backend: {why}")
 
     def check_head_size(self, head_dim_k: int | None, head_dim_v: int | None) -> None:
-        """turbo and tqs types rely on the cache's Hadamard rotation, which needs head sizes that
+        """turbo, tqs and tql types rely on the cache's Hadamard rotation, which needs head sizes that
         are multiples of 64 (patches 0004/0008 refuse the rest; lacq says so before loading the model)."""
         ks, vs = self.all_types()
         for role, types, dim in (("K", ks, head_dim_k), ("V", vs, head_dim_v)):

@@ -106,12 +106,9 @@ def quantize_fields(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, n
     return d, u, idx
 
 
-def pack(d: np.ndarray, u: np.ndarray, idx: np.ndarray, bits: int) -> bytes:
-    nb = len(d)
-    out = np.zeros((nb, BLOCK_BYTES[bits]), dtype=np.uint8)
-    out[:, 0:2] = np.asarray(d, dtype=np.float16).view(np.uint8).reshape(nb, 2)
-    out[:, 2] = u[:, 0] | (u[:, 1] << 4)
-    out[:, 3] = u[:, 2] | (u[:, 3] << 4)
+def pack_indices(out: np.ndarray, idx: np.ndarray, bits: int) -> None:
+    """Indices (nb, 64) -> bytes 4.. of each block row of out (nb, BLOCK_BYTES[bits])."""
+    nb = len(out)
     i = idx.astype(np.uint8)
     if bits == 4:
         out[:, 4:36] = i[:, 0:32] | (i[:, 32:64] << 4)
@@ -121,6 +118,26 @@ def pack(d: np.ndarray, u: np.ndarray, idx: np.ndarray, bits: int) -> bytes:
         if bits == 3:
             hi = ((i >> 2) & 1).reshape(nb, 8, 8)
             out[:, 20:28] = (hi << np.arange(8, dtype=np.uint8)).sum(axis=2).astype(np.uint8)
+
+
+def unpack_indices(raw: np.ndarray, bits: int) -> np.ndarray:
+    """Block rows (nb, BLOCK_BYTES[bits]) -> indices (nb, 64)."""
+    j = np.arange(QK)
+    if bits == 4:
+        return (raw[:, 4 + j % 32] >> (4 * (j // 32))) & 15
+    idx = (raw[:, 4 + j % 16] >> (2 * (j // 16))) & 3
+    if bits == 3:
+        idx = idx | (((raw[:, 20 + j // 8] >> (j % 8)) & 1) << 2)
+    return idx
+
+
+def pack(d: np.ndarray, u: np.ndarray, idx: np.ndarray, bits: int) -> bytes:
+    nb = len(d)
+    out = np.zeros((nb, BLOCK_BYTES[bits]), dtype=np.uint8)
+    out[:, 0:2] = np.asarray(d, dtype=np.float16).view(np.uint8).reshape(nb, 2)
+    out[:, 2] = u[:, 0] | (u[:, 1] << 4)
+    out[:, 3] = u[:, 2] | (u[:, 3] << 4)
+    pack_indices(out, idx, bits)
     return out.tobytes()
 
 
@@ -132,15 +149,9 @@ def dequantize(data: bytes, bits: int) -> np.ndarray:
     raw = np.frombuffer(data, dtype=np.uint8).reshape(-1, BLOCK_BYTES[bits])
     nb = len(raw)
     d = raw[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(nb)
-    j = np.arange(QK)
-    sub = j // SUB
+    sub = np.arange(QK) // SUB
     u = (raw[:, 2 + sub // 2] >> (4 * (sub % 2))) & 15                      # (nb, 64)
-    if bits == 4:
-        idx = (raw[:, 4 + j % 32] >> (4 * (j // 32))) & 15
-    else:
-        idx = (raw[:, 4 + j % 16] >> (2 * (j // 16))) & 3
-        if bits == 3:
-            idx = idx | (((raw[:, 20 + j // 8] >> (j % 8)) & 1) << 2)
+    idx = unpack_indices(raw, bits)
     cent, _ = _codebook(bits)
     scale = (d[:, None] * u.astype(np.float32)).astype(np.float32)
     return (cent[idx] * scale).astype(np.float32).reshape(-1)

@@ -67,8 +67,16 @@ KV_TYPES["tqs2"] = KvType("tqs2", 64, 20)
 KV_TYPES["tqs3"] = KvType("tqs3", 64, 28)
 KV_TYPES["tqs4"] = KvType("tqs4", 64, 36)
 TQS = ("tqs2", "tqs3", "tqs4")
+
+# ggml-common.h block_tql2/3 of patch 0013 (core and CPU; CUDA in patch 0014, no Metal): tqs2/tqs3's block with a
+# 2-bit scale exponent per 8 values instead of a 4-bit sub-scale per 16 (numpy mirror in tql_ref.py).
+KV_TYPES["tql2"] = KvType("tql2", 64, 20)
+KV_TYPES["tql3"] = KvType("tql3", 64, 28)
+TQL = ("tql2", "tql3")
+# tqs and tql share their CUDA flash-attention pairing and their missing Metal kernels
+SUBSCALED = TQS + TQL
 # KV types whose codebook assumes rotated rows: head size a multiple of 64, flash attention
-ROTATED = TURBO + TQS
+ROTATED = TURBO + SUBSCALED
 
 
 # KV types a backend of the pinned tree cannot run in flash attention (which a
@@ -79,6 +87,8 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
 }
 UNSUPPORTED.update({(t, "metal"): f"patches 0008 and 0012 add {t} to the CPU and CUDA backends only; its Metal kernels "
                     "are not written" for t in TQS})
+UNSUPPORTED.update({(t, "metal"): f"patches 0013 and 0014 add {t} to the CPU and CUDA backends only; its Metal kernels "
+                    "are not written" for t in TQL})
 
 
 def backend_problem(name: str, backend: str) -> str | None:
@@ -89,14 +99,14 @@ def backend_problem(name: str, backend: str) -> str | None:
 # extended by patches 0005 and 0009 in ggml/cmake/common.cmake; its configure step prints the list): the stock
 # same-type pairs, and every pair of a turbo type with q8_0, f16 or a turbo type, in either order. Other pairs
 # run, but ggml-cuda converts the layer's whole K and V to f16 at every call (fattn.cu: "converting K and V to
-# f16 instead (slow)"). A tqs V has kernels with K q8_0, f16 or the same tqs type (patch 0012).
+# f16 instead (slow)"). A tqs or tql V has kernels with K q8_0, f16 or the same type (patches 0012, 0014).
 CUDA_FA_SAME = ("f16", "q4_0", "q8_0", "bf16")
 CUDA_FA_TURBO_PARTNERS = ("q8_0", "f16", *TURBO)
 
 
 def cuda_fa_pair(k: str, v: str) -> bool:
-    if v in TQS or k in TQS:
-        return v in TQS and k in ("q8_0", "f16", v)
+    if v in SUBSCALED or k in SUBSCALED:
+        return v in SUBSCALED and k in ("q8_0", "f16", v)
     if k in TURBO or v in TURBO:
         return k in CUDA_FA_TURBO_PARTNERS and v in CUDA_FA_TURBO_PARTNERS
     return k == v and k in CUDA_FA_SAME

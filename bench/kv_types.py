@@ -2,8 +2,8 @@
 """KV-cache V types by KLD against the same model's f16-cache run, with PPL and CPU time.
 
     python bench/kv_types.py [--models smollm2:8,gemma3-270m:4] [--k q8_0]
-                             [--vtypes f16,q8_0,q5_0,q4_0,turbo4,tqs4,turbo3,tqs3,turbo2,tqs2]
-                             [--time-vtypes f16,q4_0,turbo3,tqs4,tqs3,tqs2] [--time-reps 3]
+                             [--vtypes f16,q8_0,q5_0,q4_0,turbo4,tqs4,turbo3,tqs3,tql3,turbo2,tqs2,tql2]
+                             [--time-vtypes f16,q4_0,turbo3,tqs4,tqs3,tqs2,tql3,tql2] [--time-reps 3]
 
 For each model (NAME:CHUNKS, a named model or a path) every V type runs `lacq kld MODEL --base
 MODEL --ctk K --ctv V --fa on`: the base logits come from llama-perplexity with its default f16
@@ -33,8 +33,8 @@ from lacq.model.resolve import resolve_model
 from lacq.plan.kv.types import kv_type
 from lacq.results.store import open_store
 
-VTYPES = "f16,q8_0,q5_0,q4_0,turbo4,tqs4,turbo3,tqs3,turbo2,tqs2"
-TIME_VTYPES = "f16,q4_0,turbo3,tqs4,tqs3,tqs2"
+VTYPES = "f16,q8_0,q5_0,q4_0,turbo4,tqs4,turbo3,tqs3,tql3,turbo2,tqs2,tql2"
+TIME_VTYPES = "f16,q4_0,turbo3,tqs4,tqs3,tqs2,tql3,tql2"
 
 
 def kld_rows(b, store, name: str, chunks: int, k: str, vtypes: list[str], ctx: int, threads) -> list[dict]:

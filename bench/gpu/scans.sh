@@ -15,6 +15,8 @@
 # policy before/after, the tqs V types against q4_0: decode at depth 7680 and PPL on the F16 base), scan-t (the
 # tensor-granularity weight scan over iq4_nl/q5_0/q6_k/q8_0), verify-t (optimized recipes at the stock mixes'
 # sizes, measured at 20 chunks beside those mixes).
+# Third session (patches 0013-0014, issue 13): tql (test-backend-ops on the tql cases of the four ops, test-kv-bytes
+# on CUDA0, decode at depth 7680 with a tql/tqs/q4_0 V, PPL of the F16 base with a tql V; run after model).
 . "$(dirname "$0")/env.sh"
 bin() { lacq build --backend cuda --source "$SRC" --target test-backend-ops --target test-kv-bytes --print-path; }
 
@@ -95,6 +97,24 @@ kernels)
   done
   tar -C "$OUT" -czf "$OUT/kernels-logs.tgz" tbo-SET_ROWS.log tbo-GET_ROWS.log tbo-CPY.log tbo-FLASH_ATTN_EXT.log \
     tbo-mixed-1.log tbo-mixed-0.log && rm -f "$OUT"/tbo-*.log ;;
+tql)
+  B=$(bin)
+  for op in SET_ROWS GET_ROWS CPY FLASH_ATTN_EXT; do
+    "$B/test-backend-ops" test -b CUDA0 -o "$op" -p tql > "$OUT/tbo-tql-$op.log" 2>&1
+    echo "$op (tql): $(python3 .ci/backend_ops_summary.py --backend CUDA0 "$OUT/tbo-tql-$op.log" 2>&1 | tail -n 1)"
+  done
+  "$B/test-kv-bytes" -b CUDA0 > "$OUT/kv-bytes-cuda.txt" 2>&1; echo "test-kv-bytes rc=$?: $(tail -n 2 "$OUT/kv-bytes-cuda.txt")"
+  [ -f $G/f16.gguf ] || "$B/llama-quantize" --allow-requantize "$MODEL" $G/f16.gguf F16 > /dev/null 2>&1
+  for v in tql2 tql3 q4_0 tqs2 tqs3; do  # PPL on the F16 base (CPU figures: same command, --backend cpu)
+    lacq ppl $G/f16.gguf --backend cuda --source "$SRC" -ngl 99 --ctk q8_0 --ctv $v --chunks 20 --json \
+      > "$OUT/ppl-v-$v.json" 2>/dev/null; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); m=d['metrics']; print('$v', m['ppl'], m.get('ppl_error'))" "$OUT/ppl-v-$v.json"
+  done
+  for v in q4_0 tql2 tql3 tqs2 tqs3; do  # decode at depth 7680, K q8_0
+    lacq bench "$MODEL" --backend cuda --source "$SRC" -ngl 99 --ctk q8_0 --ctv $v --depth 7680 --pp 512 --tg 128 -r 3 \
+      --label "V $v" --format md > "$OUT/bench-v-$v.md" 2>/dev/null; tail -n 2 "$OUT/bench-v-$v.md"
+  done
+  tar -C "$OUT" -czf "$OUT/tql-logs.tgz" tbo-tql-SET_ROWS.log tbo-tql-GET_ROWS.log tbo-tql-CPY.log \
+    tbo-tql-FLASH_ATTN_EXT.log && rm -f "$OUT"/tbo-tql-*.log ;;
 scan-t)
   [ -f $G/f16.gguf ] || "$(bin)/llama-quantize" --allow-requantize "$MODEL" $G/f16.gguf F16 > /dev/null 2>&1
   timeout "${2:-540}" python3 -m lacq scan weights "$MODEL" --base $G/f16.gguf --unit tensor --types iq4_nl,q5_0,q6_k,q8_0 \

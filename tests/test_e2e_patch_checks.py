@@ -179,6 +179,8 @@ def _completion(build, model, session, env):
     # the tqs types against types of the same bits/value: the type, not the size, must match
     ({"LLAMA_KV_TYPES_V": "0..1=tqs3"}, {"LLAMA_KV_TYPES_V": "0..1=turbo3"}, "mismatched value type"),
     ({"LLAMA_KV_TYPES_K": "2=tqs4"}, {"LLAMA_KV_TYPES_K": "2=q4_0"}, "mismatched key type"),
+    # tql3 has tqs3's block size and layout: only the type tells the two caches apart
+    ({"LLAMA_KV_TYPES_V": "0..1=tql3"}, {"LLAMA_KV_TYPES_V": "0..1=tqs3"}, "mismatched value type"),
 ])
 def test_session_from_another_policy_is_refused(cpu_build, smollm2, tmp_path, saved, restored, needle):
     session = tmp_path / "session.bin"

@@ -32,6 +32,8 @@ from lacq.model.info import inspect_model
 from lacq.model.resolve import resolve_model
 from lacq.plan.kv.types import kv_type
 from lacq.results.store import open_store
+from lacq.studies.scan import stored_kld
+from lacq.studies.sensitivity import diff_error
 
 VTYPES = "f16,q8_0,q5_0,q4_0,turbo4,tqs4,turbo3,tqs3,tql3,turbo2,tqs2,tql2"
 TIME_VTYPES = "f16,q4_0,turbo3,tqs4,tqs3,tqs2,tql3,tql2"
@@ -51,23 +53,33 @@ def kld_rows(b, store, name: str, chunks: int, k: str, vtypes: list[str], ctx: i
         rows.append({"model": model.name, "v": v, "bpv": kv_type(v).bits_per_value, "kld": r.kld_mean,
                      "kld_err": r.kld_mean_error, "p99": r.kld_quantiles.get("p99"), "top": r.same_top_p_pct,
                      "ppl": r.ppl_q, "ppl_err": r.ppl_q_error, "ppl_base": r.ppl_base,
-                     "seconds": store.get(out.result_id).wall_seconds})
+                     "seconds": store.get(out.result_id).wall_seconds, "per": stored_kld(store, out.result_id)})
         print(f"{model.name} {label}: KLD {r.kld_mean:.5f} PPL {r.ppl_q:.4f}", file=sys.stderr, flush=True)
     return rows
+
+
+def paired(r: dict, rows: list[dict]) -> str:
+    """A tql row's KLD less the tqs row of the same bits on the same tokens, with the paired ± over chunks."""
+    if not r["v"].startswith("tql"):
+        return ""
+    other = next((o for o in rows if o["model"] == r["model"] and o["v"] == "tqs" + r["v"][3:]), None)
+    if other is None:
+        return ""
+    return f"{r['kld'] - other['kld']:+.5f} ± {diff_error(r['per'], other['per']):.5f}"
 
 
 def kld_table(rows: list[dict]) -> list[str]:
     q4 = {r["model"]: r["kld"] for r in rows if r["v"] == "q4_0"}
     t2 = {r["model"]: r["kld"] for r in rows if r["v"] == "turbo2"}
     lines = ["| model | V type | V bits/value | mean KLD | ± | KLD p99 | same top % | × q4_0 KLD | × turbo2 KLD "
-             "| PPL | ± | PPL f16 base | run s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| tql − tqs, paired | PPL | ± | PPL f16 base | run s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratio = f"{r['kld'] / q4[r['model']]:.2f}" if r["model"] in q4 else ""
         ratio2 = f"{r['kld'] / t2[r['model']]:.2f}" if r["model"] in t2 and r["bpv"] <= 2.5 else ""
         lines.append(f"| {r['model']} | {r['v']} | {r['bpv']:g} | {r['kld']:.5f} | {r['kld_err']:.5f} "
-                     f"| {r['p99']:.4f} | {r['top']:.2f} | {ratio} | {ratio2} | {r['ppl']:.4f} | {r['ppl_err']:.4f} "
-                     f"| {r['ppl_base']:.4f} | {r['seconds']:.1f} |")
+                     f"| {r['p99']:.4f} | {r['top']:.2f} | {ratio} | {ratio2} | {paired(r, rows)} | {r['ppl']:.4f} "
+                     f"| {r['ppl_err']:.4f} | {r['ppl_base']:.4f} | {r['seconds']:.1f} |")
     return lines
 
 

@@ -113,9 +113,10 @@ def is_swa(hp: Hparams, il: int) -> bool:
     return hp.swa_pattern > 0 and hp.n_swa > 0 and il % hp.swa_pattern < hp.swa_pattern - 1
 
 
-def forward(hp: Hparams, w: Weights, tokens: np.ndarray, capture: bool = True):
+def forward(hp: Hparams, w: Weights, tokens: np.ndarray, capture: bool = True, v_hook=None):
     """One sequence from position 0. Returns (logits (T, vocab), K list, V list); K/V per layer
-    are (T, n_head_kv, head_dim) float32."""
+    are (T, n_head_kv, head_dim) float32. v_hook(v, layer) -> v replaces each layer's V before
+    attention (a simulated V cache type)."""
     T = len(tokens)
     pos = np.arange(T)
     emb = w["token_embd.weight"]
@@ -144,6 +145,8 @@ def forward(hp: Hparams, w: Weights, tokens: np.ndarray, capture: bool = True):
         if capture:
             ks.append(k.copy())
             vs.append(v.copy())
+        if v_hook is not None:
+            v = v_hook(v, il)
         mask = causal
         if gemma and is_swa(hp, il):
             mask = causal & (qpos - kpos < hp.n_swa)

@@ -165,14 +165,14 @@ def test_tqs_types_their_bits_and_their_limits():
 
 
 def test_tql_types_their_bits_and_their_limits():
-    for name, bpv, size in (("tql2", 2.5, 20), ("tql3", 3.5, 28)):
+    for name, bpv, size in (("tql2", 2.5, 20), ("tql3", 3.5, 28), ("tql4", 4.5, 36)):
         t = kv_type(name)
         assert (t.block_size, t.type_size, t.bits_per_value, t.quantized) == (64, size, bpv, True)
     assert KvConfig("tql2", "f16", "auto").with_fa_resolved().flash_attn == "on"
     with pytest.raises(RecipeError, match="tql3 needs a head size that is a multiple of 64.*this model's is 96"):
         KvConfig("q8_0", "tql3", "on").check_head_size(64, 96)
     KvConfig("q8_0", "tql2", "on").check_backend("cuda")  # patch 0014
-    with pytest.raises(RecipeError, match="V cache type tql2 cannot run on the metal backend: patches 0013 and 0014"):
+    with pytest.raises(RecipeError, match="V cache type tql2 cannot run on the metal backend: patches 0013-0016"):
         KvConfig("q8_0", "tql2", "on").check_backend("metal")
     assert KvConfig("q8_0", "tql3", "on").slow_pairs("cuda", 2) == {}
     assert KvConfig("tql2", "tql2", "on").slow_pairs("cuda", 1) == {}

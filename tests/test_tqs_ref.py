@@ -22,7 +22,7 @@ from ggml_ctypes import TypeTraitsCpu, load_ggml_base
 from lacq.plan.kv import tql_ref, tqs_ref, turbo_ref
 from lacq.plan.kv.types import kv_type
 
-TYPE_IDS = {"tqs2": 46, "tqs3": 47, "tqs4": 48, "tql2": 49, "tql3": 50}
+TYPE_IDS = {"tqs2": 46, "tqs3": 47, "tqs4": 48, "tql2": 49, "tql3": 50, "tql4": 51}
 REFS = {name: tql_ref if name.startswith("tql") else tqs_ref for name in TYPE_IDS}
 
 
@@ -125,6 +125,24 @@ def test_tql_reference_mse_on_gaussian_beats_tqs_at_2_and_3_bits():
         assert abs(rel - mse) < 0.05 * mse, (bits, rel)
         assert rel < 0.93 * rel_tqs, (bits, rel, rel_tqs)
         assert tql_ref.bits_per_value(bits) == tqs_ref.bits_per_value(bits) == bits + 0.5
+
+
+def test_tql4_chooses_exponents_by_error_and_beats_tqs4():
+    x = np.random.default_rng(3).standard_normal((1000, 64)).astype(np.float32)
+    rel = float(((x - tql_ref.roundtrip(x, 4)) ** 2).sum() / (x ** 2).sum())
+    rel_tqs = float(((x - tqs_ref.roundtrip(x, 4)) ** 2).sum() / (x ** 2).sum())
+    assert abs(rel - 0.00458) < 0.05 * 0.00458 and rel < 0.93 * rel_tqs, (rel, rel_tqs)
+    assert tql_ref.bits_per_value(4) == 4.5
+    d, e, idx = tql_ref.quantize_fields4(x[:50])
+    dec = tql_ref.dequantize(tql_ref.pack(d, e, idx, 4), 4).reshape(50, 8, 8).astype(np.float64)
+    xs = x[:50].reshape(50, 8, 8).astype(np.float64)
+    err = ((xs - dec) ** 2).sum(-1)
+    # no other exponent of a sub-block (at the kept super-scale) has a smaller error
+    cent = np.array(tql_ref._codebook(4)[0], np.float64)
+    for k, lv in enumerate(tql_ref.LEVELS4):
+        s = (d.astype(np.float32) * lv).astype(np.float64)[:, None, None]
+        alt = cent[np.abs(xs[..., None] / s[..., None] - cent).argmin(-1)] * s
+        assert np.all(err <= ((xs - alt) ** 2).sum(-1) * (1 + 1e-5) + 1e-12), k  # float rounding of the decode
 
 
 def test_tql_exponents_follow_each_eighth_s_scale():

@@ -11,8 +11,9 @@ of each chunk (llama-perplexity's tokens), with the standard error over tokens, 
 the paired difference to the first format on the same tokens.
 
 Besides the shipped types, candidates that exist only here (numpy; no kernels):
-  tql4   tql's layout with 4-bit indices (exponent by comparison, step 0.25)
-  tql4d  the same bytes, exponents chosen by direct error over 3 super-scales (0.9, 1.0, 1.1 x max)
+  tql4c  tql's layout with 4-bit indices, exponent by tql2/3's comparison rule (step 0.25)
+  tql4d  the same bytes, exponents chosen by direct error over 3 super-scales (0.9, 1.0, 1.1 x max):
+         the search patch 0015's tql4 ships (`tql4` here runs its numpy reference, tql_ref)
   tql2d  tql2's bytes with tql4d's search
 """
 
@@ -80,7 +81,8 @@ FORMATS = {
     "q4_0": Q.q4_0,
     "turbo4": Q.turbo(4),
     "tqs4": lambda x: tqs_ref.roundtrip(x, 4),
-    "tql4": lambda x: sub_exponent(x, 4, 0.25, direct=False),
+    "tql4c": lambda x: sub_exponent(x, 4, 0.25, direct=False),
+    "tql4": lambda x: tql_ref.roundtrip(x, 4),
     "tql4d": lambda x: sub_exponent(x, 4, 0.25, direct=True),
     "turbo3": Q.turbo(3),
     "tqs3": lambda x: tqs_ref.roundtrip(x, 3),
@@ -90,7 +92,7 @@ FORMATS = {
     "tql2": lambda x: tql_ref.roundtrip(x, 2),
     "tql2d": lambda x: sub_exponent(x, 2, 0.35, direct=True),
 }
-BITS = {"f16": 16, "q8_0": 8.5, "q4_0": 4.5, "turbo4": 4.5, "tqs4": 4.5, "tql4": 4.5, "tql4d": 4.5,
+BITS = {"f16": 16, "q8_0": 8.5, "q4_0": 4.5, "turbo4": 4.5, "tqs4": 4.5, "tql4c": 4.5, "tql4": 4.5, "tql4d": 4.5,
         "turbo3": 3.5, "tqs3": 3.5, "tql3": 3.5, "turbo2": 2.5, "tqs2": 2.5, "tql2": 2.5, "tql2d": 2.5}
 
 

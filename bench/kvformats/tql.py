@@ -1,4 +1,4 @@
-"""tql2/tql3 (patch 0013) against tqs, turbo and q4_0 on real rotated K/V rows and on Gaussian blocks.
+"""tql2/tql3/tql4 (patches 0013, 0015) against tqs, turbo and q4_0 on real rotated K/V rows and on Gaussian blocks.
 
     OPENBLAS_NUM_THREADS=1 python3 bench/kvformats/tql.py \
         /work/kvf-data/rows_smollm2.npz /work/kvf-data/rows_gemma3.npz --out bench/kvformats/results/tql.md
@@ -26,6 +26,7 @@ FORMATS = {
     "q4_0": (Q.q4_0, 4.5),
     "turbo4": (Q.turbo(4), 4.5),
     "tqs4": (lambda x: tqs_ref.roundtrip(x, 4), 4.5),
+    "tql4": (lambda x: tql_ref.roundtrip(x, 4), 4.5),
     "turbo3": (Q.turbo(3), 3.5),
     "tqs3": (lambda x: tqs_ref.roundtrip(x, 3), 3.5),
     "tql3": (lambda x: tql_ref.roundtrip(x, 3), 3.5),

@@ -1,4 +1,4 @@
-"""Numpy reference of lacq's tql2/tql3 KV-cache quantizer (patch 0013).
+"""Numpy reference of lacq's tql2/tql3 (patch 0013) and tql4 (patch 0015) KV-cache quantizers.
 
 tql is tqs's block (64 values, fp16 super-scale d, turbo's Gaussian Lloyd-Max
 codebooks, the same index packing and sizes: 20 / 28 bytes, 2.5 / 3.5
@@ -7,7 +7,9 @@ per 8 values instead of a 4-bit linear sub-scale per 16, and the sub-block's
 scale is d * L[e_i] with L[e] = 2^(-0.35 e) (1, 0.785, 0.616, 0.483). Finer
 scale placement buys more than finer scale values at 2 and 3 bits: on real
 rotated rows the relative MSE is 13% / 9% below tqs2 / tqs3
-(bench/kvformats/README.md). At 4 bits it is worse than tqs4, so there is no tql4.
+(bench/kvformats/README.md). At 4 bits that rule is worse than tqs4; tql4 (tqs4's block, 36 bytes,
+4.5 bits/value, L4[e] = 2^(-0.25 e)) chooses the exponents by squared error instead: see
+quantize_fields4.
 
 Quantizer, per sub-block of 8 values: rms = sqrt(sum x^2 / 8); for 3 candidate
 scales s = rms*m (m = 0.7, 0.9, 1.1) every value takes the index of the nearest
@@ -38,8 +40,11 @@ SCALE_MULTS = [0.7, 0.9, 1.1]
 EXP_STEP = 0.35
 LEVELS = np.array([1.0, 0.784584105014801, 0.6155722141265869, 0.48296815156936646], dtype=np.float32)
 THRESHOLDS = np.array([0.8857675194740295, 0.6949591040611267, 0.5452538728713989], dtype=np.float32)
-BLOCK_BYTES = {2: 20, 3: 28}
-TYPE_BITS = {"tql2": 2, "tql3": 3}
+# tql4: exponent step 0.25, exponents chosen by squared error at 3 super-scales (see quantize_fields4)
+LEVELS4 = np.array([1.0, 0.8408964, 0.70710677, 0.59460354], dtype=np.float32)
+SUPER_MULTS4 = np.array([0.9, 1.0, 1.1], dtype=np.float32)
+BLOCK_BYTES = {2: 20, 3: 28, 4: 36}
+TYPE_BITS = {"tql2": 2, "tql3": 3, "tql4": 4}
 
 
 def bits_per_value(bits: int) -> float:
@@ -92,6 +97,55 @@ def quantize_fields(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, n
     return d, e, idx
 
 
+def _pairwise8(p: np.ndarray) -> np.ndarray:
+    """(..., 8) float64 -> (...): p[j] + p[j+4], then + 2, + 1."""
+    for h in (4, 2, 1):
+        p = p[..., :h] + p[..., h:2 * h]
+    return p[..., 0]
+
+
+def quantize_fields4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tql4: the sub-block scales s_i as for tql2/3 (4-bit codebook); then for each super-scale
+    d = fp16(max s_i * g), g = 0.9, 1.0, 1.1 in that order, and each sub-block, the exponent e in 0..3
+    with the least squared error at the scale d*LEVELS4[e] (the first on ties); the super-scale with the
+    least total error (the first on ties) is kept. Error terms: r = float(x - s*c) (double arithmetic, the
+    product exact), squared exactly in double, summed pairwise; so FMA contraction changes nothing."""
+    bits = 4
+    xb = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK)
+    nb = len(xb)
+    xs = xb.reshape(nb, QK // SUB, SUB)
+    s = sub_scales(xs.reshape(-1, SUB), bits).reshape(nb, QK // SUB)
+    smax = s.max(axis=1)
+    cent, mids = _codebook(bits)
+    best = np.full(nb, np.inf)
+    d_out = np.zeros(nb, dtype=np.float16)
+    e_out = np.zeros((nb, QK // SUB), dtype=np.uint8)
+    i_out = np.zeros((nb, QK), dtype=np.uint8)
+    xd = xs.astype(np.float64)
+    for g in SUPER_MULTS4:
+        dh = (smax * g).astype(np.float32).astype(np.float16)
+        df = dh.astype(np.float32)
+        errs, idxs = [], []
+        for lv in LEVELS4:
+            se = (df * lv).astype(np.float32)                                  # (nb,)
+            idx = _count_below(xs.reshape(-1, SUB), np.repeat(se, QK // SUB), mids).reshape(nb, QK // SUB, SUB)
+            r = (xd - se.astype(np.float64)[:, None, None] * cent[idx].astype(np.float64)).astype(np.float32)
+            rd = r.astype(np.float64)
+            errs.append(_pairwise8(rd * rd))                                   # (nb, 8)
+            idxs.append(idx)
+        errs = np.stack(errs)                                                  # (4, nb, 8)
+        e = errs.argmin(axis=0)                                                # first minimum
+        emin = np.take_along_axis(errs, e[None], 0)[0]
+        tot = _pairwise8(emin)
+        take = (df > 0) & (tot < best)
+        best = np.where(take, tot, best)
+        d_out[take] = dh[take]
+        e_out[take] = e[take]
+        chosen = np.take_along_axis(np.stack(idxs), e[None, :, :, None], 0)[0].reshape(nb, QK)
+        i_out[take] = chosen[take]
+    return d_out, e_out, i_out
+
+
 def pack(d: np.ndarray, e: np.ndarray, idx: np.ndarray, bits: int) -> bytes:
     nb = len(d)
     out = np.zeros((nb, BLOCK_BYTES[bits]), dtype=np.uint8)
@@ -104,7 +158,8 @@ def pack(d: np.ndarray, e: np.ndarray, idx: np.ndarray, bits: int) -> bytes:
 
 
 def quantize(x: np.ndarray, bits: int) -> bytes:
-    return pack(*quantize_fields(x, bits), bits)
+    fields = quantize_fields4(x) if bits == 4 else quantize_fields(x, bits)
+    return pack(*fields, bits)
 
 
 def dequantize(data: bytes, bits: int) -> np.ndarray:
@@ -115,7 +170,7 @@ def dequantize(data: bytes, bits: int) -> np.ndarray:
     e = (raw[:, 2 + sub // 4] >> (2 * (sub % 4))) & 3                       # (nb, 64)
     idx = unpack_indices(raw, bits)
     cent, _ = _codebook(bits)
-    scale = (d[:, None] * LEVELS[e]).astype(np.float32)
+    scale = (d[:, None] * (LEVELS4 if bits == 4 else LEVELS)[e]).astype(np.float32)
     return (cent[idx] * scale).astype(np.float32).reshape(-1)
 
 

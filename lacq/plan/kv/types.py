@@ -69,10 +69,12 @@ KV_TYPES["tqs4"] = KvType("tqs4", 64, 36)
 TQS = ("tqs2", "tqs3", "tqs4")
 
 # ggml-common.h block_tql2/3 of patch 0013 (core and CPU; CUDA in patch 0014, no Metal): tqs2/tqs3's block with a
-# 2-bit scale exponent per 8 values instead of a 4-bit sub-scale per 16 (numpy mirror in tql_ref.py).
+# 2-bit scale exponent per 8 values instead of a 4-bit sub-scale per 16; block_tql4 of patch 0015 (CUDA in 0016):
+# tqs4's block, exponents chosen by squared error (numpy mirror of all three in tql_ref.py).
 KV_TYPES["tql2"] = KvType("tql2", 64, 20)
 KV_TYPES["tql3"] = KvType("tql3", 64, 28)
-TQL = ("tql2", "tql3")
+KV_TYPES["tql4"] = KvType("tql4", 64, 36)
+TQL = ("tql2", "tql3", "tql4")
 # tqs and tql share their CUDA flash-attention pairing and their missing Metal kernels
 SUBSCALED = TQS + TQL
 # KV types whose codebook assumes rotated rows: head size a multiple of 64, flash attention
@@ -87,7 +89,7 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
 }
 UNSUPPORTED.update({(t, "metal"): f"patches 0008 and 0012 add {t} to the CPU and CUDA backends only; its Metal kernels "
                     "are not written" for t in TQS})
-UNSUPPORTED.update({(t, "metal"): f"patches 0013 and 0014 add {t} to the CPU and CUDA backends only; its Metal kernels "
+UNSUPPORTED.update({(t, "metal"): f"patches 0013-0016 add {t} to the CPU and CUDA backends only; its Metal kernels "
                     "are not written" for t in TQL})
 
 

@@ -16,7 +16,8 @@
 # tensor-granularity weight scan over iq4_nl/q5_0/q6_k/q8_0), verify-t (optimized recipes at the stock mixes'
 # sizes, measured at 20 chunks beside those mixes).
 # Third session (patches 0013-0014, issue 13): tql (test-backend-ops on the tql cases of the four ops, test-kv-bytes
-# on CUDA0, decode at depth 7680 with a tql/tqs/q4_0 V, PPL of the F16 base with a tql V; run after model).
+# on CUDA0, decode at depth 7680 with a tql/tqs/q4_0 V, PPL of the F16 base with a tql V; run after model;
+# TQL_V="q4_0 tqs4 tql4" picks the V types of the PPL and decode runs).
 . "$(dirname "$0")/env.sh"
 bin() { lacq build --backend cuda --source "$SRC" --target test-backend-ops --target test-kv-bytes --print-path; }
 
@@ -105,16 +106,16 @@ tql)
   done
   "$B/test-kv-bytes" -b CUDA0 > "$OUT/kv-bytes-cuda.txt" 2>&1; echo "test-kv-bytes rc=$?: $(tail -n 2 "$OUT/kv-bytes-cuda.txt")"
   [ -f $G/f16.gguf ] || "$B/llama-quantize" --allow-requantize "$MODEL" $G/f16.gguf F16 > /dev/null 2>&1
-  for v in tql2 tql3 q4_0 tqs2 tqs3; do  # PPL on the F16 base (CPU figures: same command, --backend cpu)
+  for v in ${TQL_V:-tql2 tql3 q4_0 tqs2 tqs3}; do  # PPL on the F16 base (CPU figures: same command, --backend cpu)
     lacq ppl $G/f16.gguf --backend cuda --source "$SRC" -ngl 99 --ctk q8_0 --ctv $v --chunks 20 --json \
       > "$OUT/ppl-v-$v.json" 2>/dev/null; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); m=d['metrics']; print('$v', m['ppl'], m.get('ppl_error'))" "$OUT/ppl-v-$v.json"
   done
-  for v in q4_0 tql2 tql3 tqs2 tqs3; do  # decode at depth 7680, K q8_0
+  for v in ${TQL_V:-q4_0 tql2 tql3 tqs2 tqs3}; do  # decode at depth 7680, K q8_0
     lacq bench "$MODEL" --backend cuda --source "$SRC" -ngl 99 --ctk q8_0 --ctv $v --depth 7680 --pp 512 --tg 128 -r 3 \
       --label "V $v" --format md > "$OUT/bench-v-$v.md" 2>/dev/null; tail -n 2 "$OUT/bench-v-$v.md"
   done
-  tar -C "$OUT" -czf "$OUT/tql-logs.tgz" tbo-tql-SET_ROWS.log tbo-tql-GET_ROWS.log tbo-tql-CPY.log \
-    tbo-tql-FLASH_ATTN_EXT.log && rm -f "$OUT"/tbo-tql-*.log ;;
+  (cd "$OUT" && tar -czf tql-run.tgz tbo-tql-*.log ppl-v-*.json bench-v-*.md kv-bytes-cuda.txt \
+    && rm -f tbo-tql-*.log ppl-v-*.json bench-v-*.md) ;;  # $OUT returns at most 8 files
 scan-t)
   [ -f $G/f16.gguf ] || "$(bin)/llama-quantize" --allow-requantize "$MODEL" $G/f16.gguf F16 > /dev/null 2>&1
   timeout "${2:-540}" python3 -m lacq scan weights "$MODEL" --base $G/f16.gguf --unit tensor --types iq4_nl,q5_0,q6_k,q8_0 \

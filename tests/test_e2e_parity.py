@@ -60,10 +60,10 @@ def test_backend_ops_counts_set_rows_on_the_cpu_build_and_refuses_a_wrong_device
 
 
 def test_kv_bytes_on_the_cpu_build_equal_the_reference_quantizer(e2e_home, tmp_path):
-    """Patch 0011: the CPU's (vectorized) SET_ROWS and CPY write the scalar reference's bytes for all eight types."""
+    """Patch 0011: the CPU's (vectorized) SET_ROWS and CPY write the scalar reference's bytes for all nine types."""
     tools = build(BuildSpec(backend="cpu", extra_targets=backend_ops.CHECK_TARGETS))
     r = kv_bytes.run(tools.tool(kv_bytes.TARGET), "CPU", tmp_path / "kv_bytes.log")
-    assert r["types"] == ["tql2", "tql3", "tqs2", "tqs3", "tqs4", "turbo2", "turbo3", "turbo4"]
-    assert (r["cases"], r["unsupported"], r["differ"]) == (24, 0, 0) and r["blocks"] > 0, r
+    assert r["types"] == ["tql2", "tql3", "tql4", "tqs2", "tqs3", "tqs4", "turbo2", "turbo3", "turbo4"]
+    assert (r["cases"], r["unsupported"], r["differ"]) == (27, 0, 0) and r["blocks"] > 0, r
     with pytest.raises(ToolError, match="compared nothing"):
         kv_bytes.run(tools.tool(kv_bytes.TARGET), "MTL0", tmp_path / "wrong.log")

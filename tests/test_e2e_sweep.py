@@ -66,8 +66,11 @@ def test_ctrl_c_then_the_same_command_runs_only_the_missing_runs(cpu_build, smol
     sweep = _sweep(tmp_path, "resume4")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "lacq", "sweep", str(sweep), "--jobs", "1"]
+    # a terminal's SIGINT disposition, whatever pytest inherited (a shell that starts it with `&` ignores SIGINT,
+    # and lacq keeps an ignored SIGINT ignored, as test_e2e._start explains)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and not _stored("resume4"):
         time.sleep(0.5)

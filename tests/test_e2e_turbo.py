@@ -46,13 +46,13 @@ def test_boundary_v2_turbo_policy(cpu_build, smollm2):
     assert m["v_bits_per_value"] == pytest.approx((26 * 2.5 + 4 * 8.5) / 30, abs=1e-3)
 
 
-@pytest.mark.parametrize("v", ["tqs2", "tqs3", "tqs4", "tql2", "tql3"])
+@pytest.mark.parametrize("v", ["tqs2", "tqs3", "tqs4", "tql2", "tql3", "tql4"])
 def test_tqs_v_allocates_its_bits(cpu_build, smollm2, v):
     r = lacq("ppl", smollm2, "--chunks", "2", "--ctk", "q8_0", "--ctv", v)
     assert r.exit_code == 0, r.output
     m = open_store().results(kind="ppl")[-1].metrics
     assert (m["k_type"], m["v_type"]) == ("q8_0", v)
-    bits = {"tqs2": 2.5, "tqs3": 3.5, "tqs4": 4.5, "tql2": 2.5, "tql3": 3.5}[v]
+    bits = {"tqs2": 2.5, "tqs3": 3.5, "tqs4": 4.5, "tql2": 2.5, "tql3": 3.5, "tql4": 4.5}[v]
     assert m["v_mib"] / m["k_mib"] == pytest.approx(bits / 8.5, rel=0.01)  # bytes really allocated
     assert 10 < m["ppl"] < 60
 
@@ -78,4 +78,5 @@ def test_head_size_not_multiple_of_64_is_refused(cpu_build, tmp_path, e2e_home, 
                            str(paths.default_corpus()), "-c", "128", "--chunks", "1", "-fa", "on",
                            "-ctv", v], capture_output=True, text=True, env=dict(os.environ))
     assert proc.returncode != 0
-    assert "turbo, tqs and tql KV types need a head size that is a multiple of 64; this model has 32" in proc.stdout + proc.stderr
+    assert ("turbo, tqs and tql KV types need a head size that is a multiple of 64; this model has 32"
+            in proc.stdout + proc.stderr)

@@ -141,7 +141,8 @@ def main(argv=None):
     ref = np.concatenate(per[names[0]])
     lines = [f"#### V formats by KLD in the numpy forward pass, {Path(a.model).name}, {a.chunks} x {a.ctx} "
              f"(second halves: {len(ref)} tokens), K float",
-             "", f"`python3 bench/kvformats/kld_sim.py {Path(a.model).name} --chunks {a.chunks} --formats {a.formats}`", "",
+             "", f"`python3 bench/kvformats/kld_sim.py {Path(a.model).name} --chunks {a.chunks} "
+             f"--formats {a.formats}`", "",
              f"| format | bits/value | mean KLD | ± | × {names[0]} | paired Δ vs {names[0]} | ± |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for n in names:

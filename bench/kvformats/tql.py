@@ -59,7 +59,8 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     g = np.random.default_rng(1).standard_normal((8192, 64)).astype(np.float32)
     models = [per_model(p, a.values) for p in a.rows]
-    head = "| format | bits/value | " + " | ".join(f"{m}: mean | worst | / bound" for m, _ in models) + " | Gaussian | / bound |"
+    head = ("| format | bits/value | " + " | ".join(f"{m}: mean | worst | / bound" for m, _ in models)
+            + " | Gaussian | / bound |")
     lines = [head, "|" + " --- |" * (3 + 3 * len(models) + 1)]
     for name, (fn, bpv) in FORMATS.items():
         bound = 4.0 ** -(bpv - 0.5)

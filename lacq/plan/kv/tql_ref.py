@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lacq.plan.kv.tqs_ref import QK, _codebook, _count_below, unpack_indices, pack_indices
+from lacq.plan.kv.tqs_ref import QK, _codebook, _count_below, ls_sub_scales, pack_indices, pairwise_sum, unpack_indices
 
 SUB = 8
 SCALE_MULTS = [0.7, 0.9, 1.1]
@@ -51,31 +51,9 @@ def bits_per_value(bits: int) -> float:
     return BLOCK_BYTES[bits] * 8 / QK
 
 
-def _sum8(p: np.ndarray) -> np.ndarray:
-    """(n, 8) float64 -> (n,): p[j] + p[j+4], then + 2, + 1 (the C order)."""
-    for h in (4, 2, 1):
-        p = p[:, :h] + p[:, h:2 * h]
-    return p[:, 0]
-
-
 def sub_scales(xs: np.ndarray, bits: int) -> np.ndarray:
     """xs (n, 8) float32 -> least-squares scale of the best of the 3 candidates (float32)."""
-    cent, mids = _codebook(bits)
-    xs = np.ascontiguousarray(xs, dtype=np.float32)
-    xd = xs.astype(np.float64)
-    rms = np.sqrt(_sum8(xd * xd) / SUB).astype(np.float32)
-    best = np.full(len(xs), -1.0)
-    bs = np.zeros(len(xs), dtype=np.float32)
-    for m in SCALE_MULTS:
-        idx = _count_below(xs, rms * np.float32(m), mids)
-        c = cent[idx].astype(np.float64)
-        sxc, scc = _sum8(xd * c), _sum8(c * c)
-        score = sxc * sxc / scc
-        better = score > best
-        best = np.where(better, score, best)
-        bs = np.where(better, (sxc / scc).astype(np.float32), bs)
-    bs[~(rms > 0)] = 0.0
-    return bs
+    return ls_sub_scales(xs, bits, SCALE_MULTS)
 
 
 def quantize_fields(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -95,13 +73,6 @@ def quantize_fields(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, n
     idx[~ok] = 0
     d[~ok] = 0
     return d, e, idx
-
-
-def _pairwise8(p: np.ndarray) -> np.ndarray:
-    """(..., 8) float64 -> (...): p[j] + p[j+4], then + 2, + 1."""
-    for h in (4, 2, 1):
-        p = p[..., :h] + p[..., h:2 * h]
-    return p[..., 0]
 
 
 def quantize_fields4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -131,12 +102,12 @@ def quantize_fields4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
             idx = _count_below(xs.reshape(-1, SUB), np.repeat(se, QK // SUB), mids).reshape(nb, QK // SUB, SUB)
             r = (xd - se.astype(np.float64)[:, None, None] * cent[idx].astype(np.float64)).astype(np.float32)
             rd = r.astype(np.float64)
-            errs.append(_pairwise8(rd * rd))                                   # (nb, 8)
+            errs.append(pairwise_sum(rd * rd))                                   # (nb, 8)
             idxs.append(idx)
         errs = np.stack(errs)                                                  # (4, nb, 8)
         e = errs.argmin(axis=0)                                                # first minimum
         emin = np.take_along_axis(errs, e[None], 0)[0]
-        tot = _pairwise8(emin)
+        tot = pairwise_sum(emin)
         take = (df > 0) & (tot < best)
         best = np.where(take, tot, best)
         d_out[take] = dh[take]

@@ -59,31 +59,41 @@ def _count_below(x: np.ndarray, s: np.ndarray, mids: np.ndarray) -> np.ndarray:
     return (x[:, :, None] > thr[:, None, :]).sum(axis=2).astype(np.uint8)
 
 
-def _sum16(p: np.ndarray) -> np.ndarray:
-    """(n, 16) float64 -> (n,): p[j] + p[j+8], then + 4, + 2, + 1 (the C order)."""
-    for h in (8, 4, 2, 1):
-        p = p[:, :h] + p[:, h:2 * h]
-    return p[:, 0]
+def pairwise_sum(p: np.ndarray) -> np.ndarray:
+    """(..., n) float64, n a power of two -> (...): p[j] + p[j+n/2], then the halves again down to one
+    (the C order: what one SIMD register or a group of lanes computes)."""
+    h = p.shape[-1] // 2
+    while h:
+        p = p[..., :h] + p[..., h:2 * h]
+        h //= 2
+    return p[..., 0]
 
 
-def sub_scales(xs: np.ndarray, bits: int) -> np.ndarray:
-    """xs (n, 16) float32 -> least-squares scale of the best of the 7 candidates (float32)."""
+def ls_sub_scales(xs: np.ndarray, bits: int, mults) -> np.ndarray:
+    """xs (n, sub) float32 -> the least-squares scale of the best of the candidate scales rms*m (float32):
+    for each m in order every value takes the nearest centroid of x/(rms*m), and the candidate with the largest
+    <x,c>^2/<c,c> (the first on ties) gives <x,c>/<c,c>; 0 for an all-zero sub-block. tqs and tql share it."""
     cent, mids = _codebook(bits)
     xs = np.ascontiguousarray(xs, dtype=np.float32)
     xd = xs.astype(np.float64)
-    rms = np.sqrt(_sum16(xd * xd) / SUB).astype(np.float32)
+    rms = np.sqrt(pairwise_sum(xd * xd) / xs.shape[1]).astype(np.float32)
     best = np.full(len(xs), -1.0)
     bs = np.zeros(len(xs), dtype=np.float32)
-    for m in SCALE_MULTS:
+    for m in mults:
         idx = _count_below(xs, rms * np.float32(m), mids)
         c = cent[idx].astype(np.float64)
-        sxc, scc = _sum16(xd * c), _sum16(c * c)
+        sxc, scc = pairwise_sum(xd * c), pairwise_sum(c * c)
         score = sxc * sxc / scc
         better = score > best
         best = np.where(better, score, best)
         bs = np.where(better, (sxc / scc).astype(np.float32), bs)
     bs[~(rms > 0)] = 0.0
     return bs
+
+
+def sub_scales(xs: np.ndarray, bits: int) -> np.ndarray:
+    """xs (n, 16) float32 -> least-squares scale of the best of the 7 candidates (float32)."""
+    return ls_sub_scales(xs, bits, SCALE_MULTS)
 
 
 def quantize_fields(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

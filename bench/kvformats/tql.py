@@ -18,22 +18,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import quants as Q  # noqa: E402
+import kld_sim  # noqa: E402
+from quants import rel_mse  # noqa: E402
 
-from lacq.plan.kv import tql_ref, tqs_ref  # noqa: E402
-
-FORMATS = {
-    "q4_0": (Q.q4_0, 4.5),
-    "turbo4": (Q.turbo(4), 4.5),
-    "tqs4": (lambda x: tqs_ref.roundtrip(x, 4), 4.5),
-    "tql4": (lambda x: tql_ref.roundtrip(x, 4), 4.5),
-    "turbo3": (Q.turbo(3), 3.5),
-    "tqs3": (lambda x: tqs_ref.roundtrip(x, 3), 3.5),
-    "tql3": (lambda x: tql_ref.roundtrip(x, 3), 3.5),
-    "turbo2": (Q.turbo(2), 2.5),
-    "tqs2": (lambda x: tqs_ref.roundtrip(x, 2), 2.5),
-    "tql2": (lambda x: tql_ref.roundtrip(x, 2), 2.5),
-}
+NAMES = ("q4_0", "turbo4", "tqs4", "tql4", "turbo3", "tqs3", "tql3", "turbo2", "tqs2", "tql2")
+FORMATS = {name: (kld_sim.FORMATS[name], kld_sim.BITS[name]) for name in NAMES}  # one registry of the formats
 
 
 def per_model(path: str, n_values: int) -> tuple[str, dict[str, list[float]]]:
@@ -47,7 +36,7 @@ def per_model(path: str, n_values: int) -> tuple[str, dict[str, list[float]]]:
             n = max(1, n_values // full.shape[1])
             x = full[rng.choice(len(full), min(n, len(full)), replace=False)].astype(np.float32)
             for name, (fn, _bpv) in FORMATS.items():
-                errs[name].append(Q.rel_mse(x, fn(x)))
+                errs[name].append(rel_mse(x, fn(x)))
     return meta["model"], errs
 
 
@@ -68,7 +57,7 @@ def main(argv=None) -> None:
         for _m, errs in models:
             e = np.array(errs[name])
             row += f" {e.mean():.4g} | {e.max():.4g} | {e.mean() / bound:.2f} |"
-        ge = Q.rel_mse(g, fn(g))
+        ge = rel_mse(g, fn(g))
         row += f" {ge:.4g} | {ge / bound:.2f} |"
         lines.append(row)
     text = "\n".join(lines) + "\n"

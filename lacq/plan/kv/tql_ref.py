@@ -38,10 +38,12 @@ from lacq.plan.kv.tqs_ref import QK, _codebook, _count_below, ls_sub_scales, pac
 SUB = 8
 SCALE_MULTS = [0.7, 0.9, 1.1]
 EXP_STEP = 0.35
-LEVELS = np.array([1.0, 0.784584105014801, 0.6155722141265869, 0.48296815156936646], dtype=np.float32)
-THRESHOLDS = np.array([0.8857675194740295, 0.6949591040611267, 0.5452538728713989], dtype=np.float32)
+# the float32 roundings of the powers of two are the C tables' literals (tql_levels, tql_thresholds, tql4_levels)
+LEVELS = (2.0 ** (-EXP_STEP * np.arange(4))).astype(np.float32)
+THRESHOLDS = (2.0 ** (-EXP_STEP * (np.arange(3) + 0.5))).astype(np.float32)   # geometric midpoints of LEVELS
 # tql4: exponent step 0.25, exponents chosen by squared error at 3 super-scales (see quantize_fields4)
-LEVELS4 = np.array([1.0, 0.8408964, 0.70710677, 0.59460354], dtype=np.float32)
+EXP_STEP4 = 0.25
+LEVELS4 = (2.0 ** (-EXP_STEP4 * np.arange(4))).astype(np.float32)
 SUPER_MULTS4 = np.array([0.9, 1.0, 1.1], dtype=np.float32)
 BLOCK_BYTES = {2: 20, 3: 28, 4: 36}
 TYPE_BITS = {"tql2": 2, "tql3": 3, "tql4": 4}

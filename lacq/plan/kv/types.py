@@ -87,10 +87,9 @@ UNSUPPORTED: dict[tuple[str, str], str] = {
     ("q2_0", "cuda"): "the pinned tree's CUDA flash-attention kernels have no q2_0 variant",
     ("q2_0", "metal"): "the pinned tree's Metal flash-attention kernels have no q2_0 variant",
 }
-UNSUPPORTED.update({(t, "metal"): f"patches 0008 and 0012 add {t} to the CPU and CUDA backends only; its Metal kernels "
-                    "are not written" for t in TQS})
-UNSUPPORTED.update({(t, "metal"): f"patches 0013-0016 add {t} to the CPU and CUDA backends only; its Metal kernels "
-                    "are not written" for t in TQL})
+UNSUPPORTED.update({(t, "metal"): f"patches {patches} add {t} to the CPU and CUDA backends only; its Metal kernels "
+                    "are not written" for family, patches in ((TQS, "0008 and 0012"), (TQL, "0013-0016"))
+                    for t in family})
 
 
 def backend_problem(name: str, backend: str) -> str | None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +36,40 @@ def terminate_running() -> None:
         procs = list(_running)
     for proc in procs:
         stop_group(proc)
+
+
+# Tying a tool's life to the process that runs it (Linux): PR_SET_PDEATHSIG asks the kernel to
+# SIGKILL the tool when its parent dies, however it dies (SIGKILL, out of memory), which no handler
+# in lacq can do. The kernel means the parent *thread*: the thread that forks the tool. That is
+# safe here because the thread that starts a tool (run_tool, run_captured) blocks until the tool
+# exits, so it cannot end first unless the whole process does. Elsewhere (macOS) the tool is
+# stopped on every exit lacq handles (exceptions, Ctrl-C, SIGTERM/SIGHUP), not on SIGKILL.
+_PR_SET_PDEATHSIG = 1
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> None:
+    """Have the kernel send `sig` to this process when its parent thread exits (Linux; a no-op
+    elsewhere). `parent`: the pid the caller expects as parent; if it is gone already (it died
+    before this call), the signal is raised at once, since the kernel would never send it."""
+    if _prctl is None:
+        return
+    _prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
+def _tool_preexec():
+    """The `preexec_fn` of a tool: die with the thread that starts it. It runs in the forked child
+    before exec and calls only prctl and getppid (nothing that could wait on a lock held by another
+    of the parent's threads); None where there is no prctl (then subprocess may also use vfork)."""
+    if _prctl is None:
+        return None
+    parent = os.getpid()
+    return lambda: die_with_parent(signal.SIGKILL, parent)
 
 
 def strip_prefix(line: str) -> str:
@@ -101,17 +137,23 @@ def stop_group(proc: subprocess.Popen) -> None:
 def run_captured(argv: list[str], *, env: Mapping[str, str]) -> tuple[str, str, int]:
     """Run argv with stdin closed and return (stdout, stderr, exit status), for tools whose
     stdout and stderr are read apart (llama-completion). Like `run_tool`, the tool gets its own
-    session, and Ctrl-C, SIGTERM or SIGHUP of lacq stops its process group before unwinding."""
+    session, Ctrl-C, SIGTERM or SIGHUP of lacq stops its process group before unwinding, and it
+    dies with the process that runs it."""
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                env=dict(env), start_new_session=True)
+                                env=dict(env), start_new_session=True, preexec_fn=_tool_preexec())
     except OSError as exc:
         raise ToolError(f"could not start {Path(argv[0]).name}: {exc}") from None
+    with _running_lock:
+        _running.add(proc)
     try:
         out, err = proc.communicate()
     except BaseException:
         stop_group(proc)
         raise
+    finally:
+        with _running_lock:
+            _running.discard(proc)
     return out.decode("utf-8", "replace"), err.decode("utf-8", "replace"), proc.returncode
 
 
@@ -121,7 +163,8 @@ def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None, log_path:
 
     A non-zero exit raises ToolError with the last lines of the log. Ctrl-C
     stops the child before KeyboardInterrupt propagates, so callers' cleanup
-    (temporary outputs) runs with no orphan still writing.
+    (temporary outputs) runs with no orphan still writing; a process killed
+    outright takes the tool with it (`die_with_parent`).
     """
     name = what or Path(argv[0]).name
     full_env = dict(os.environ)
@@ -133,7 +176,8 @@ def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None, log_path:
     logf = open(log_path, "w") if log_path else None
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", env=full_env, start_new_session=True)
+                                errors="replace", env=full_env, start_new_session=True,
+                                preexec_fn=_tool_preexec())
     except OSError as exc:
         if logf:
             logf.close()

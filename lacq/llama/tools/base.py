@@ -141,7 +141,8 @@ def run_captured(argv: list[str], *, env: Mapping[str, str]) -> tuple[str, str, 
     dies with the process that runs it."""
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                env=dict(env), start_new_session=True, preexec_fn=_tool_preexec())
+                                env=dict(env), start_new_session=True,
+                                preexec_fn=_tool_preexec())  # noqa: PLW1509 (see _tool_preexec)
     except OSError as exc:
         raise ToolError(f"could not start {Path(argv[0]).name}: {exc}") from None
     with _running_lock:
@@ -177,7 +178,7 @@ def run_tool(argv: list[str], *, env: Mapping[str, str] | None = None, log_path:
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace", env=full_env, start_new_session=True,
-                                preexec_fn=_tool_preexec())
+                                preexec_fn=_tool_preexec())  # noqa: PLW1509 (see _tool_preexec)
     except OSError as exc:
         if logf:
             logf.close()

@@ -19,30 +19,81 @@ from lacq.fsutil import file_sha256
 Migration = Callable[[sqlite3.Connection], None]
 
 
+# Seconds a connection waits for another process's write lock before giving up: a sweep's driver,
+# a measurement and a report may share one database, and migrations of a new one queue behind each other.
+BUSY_TIMEOUT_S = 60.0
+
+
 def connect(path: Path, migrations: list[Migration], what: str) -> sqlite3.Connection:
-    """Open a lacq SQLite database and apply the migrations it has not seen, in order.
+    """Open a lacq SQLite database (WAL journal) and apply the migrations it has not seen, in order.
 
     `_migrations` records each applied migration by its position in the list and its name.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path)
+        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
         db.row_factory = sqlite3.Row
-        db.execute("CREATE TABLE IF NOT EXISTS _migrations (n INTEGER PRIMARY KEY, applied REAL)")
-        columns = {r[1] for r in db.execute("PRAGMA table_info(_migrations)")}
-        if "name" not in columns:  # databases made before migrations had names
-            db.execute("ALTER TABLE _migrations ADD COLUMN name TEXT")
-        done = {r[0] for r in db.execute("SELECT n FROM _migrations")}
-        for n, migration in enumerate(migrations):
-            if n in done:
-                continue
-            with db:
-                migration(db)
-                db.execute("INSERT INTO _migrations (n, applied, name) VALUES (?, ?, ?)",
-                           (n, time.time(), migration.__name__))
+        # WAL: readers never block the writer nor it them, so processes filing results at once only queue
+        # for the short write itself.
+        db.execute("PRAGMA journal_mode=WAL")
+        if not _all_applied(db, migrations):
+            _migrate(db, migrations)
         return db
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"cannot use {what} {path}: {exc}") from None
+
+
+def _all_applied(db: sqlite3.Connection, migrations: list[Migration]) -> bool:
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'").fetchone():
+        return False
+    return {r[0] for r in db.execute("SELECT n FROM _migrations")} >= set(range(len(migrations)))
+
+
+def _migrate(db: sqlite3.Connection, migrations: list[Migration]) -> None:
+    """Apply the missing migrations in one IMMEDIATE transaction: two processes opening a new database at
+    once take turns, and the second finds the first's migrations recorded instead of applying them again."""
+    db.isolation_level = None  # explicit BEGIN/COMMIT; restored for the callers' implicit transactions
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS _migrations (n INTEGER PRIMARY KEY, applied REAL)")
+            columns = {r[1] for r in db.execute("PRAGMA table_info(_migrations)")}
+            if "name" not in columns:  # databases made before migrations had names
+                db.execute("ALTER TABLE _migrations ADD COLUMN name TEXT")
+            done = {r[0] for r in db.execute("SELECT n FROM _migrations")}
+            for n, migration in enumerate(migrations):
+                if n in done:
+                    continue
+                migration(_InTransaction(db))
+                db.execute("INSERT INTO _migrations (n, applied, name) VALUES (?, ?, ?)",
+                           (n, time.time(), migration.__name__))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    finally:
+        db.isolation_level = ""
+
+
+class _InTransaction:
+    """The connection as a migration sees it: `executescript` would COMMIT the open transaction first
+    (and release the lock), so scripts run here statement by statement inside it."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+    def executescript(self, script: str) -> None:
+        statement, parts = "", script.split(";")
+        for i, part in enumerate(parts):
+            statement += part + (";" if i < len(parts) - 1 else "")
+            if sqlite3.complete_statement(statement):  # not a ';' inside a string or a comment
+                self._db.execute(statement)
+                statement = ""
+        if statement.strip():
+            self._db.execute(statement)
 
 
 def m001_cache(db: sqlite3.Connection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from lacq.cache import Cache, Migration, connect
 from lacq.errors import StoreError
+
+log = logging.getLogger(__name__)
 
 
 def m001_results(db: sqlite3.Connection) -> None:
@@ -47,8 +50,22 @@ def m002_machine(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE results ADD COLUMN machine TEXT")
 
 
+def m003_sweep_run(db: sqlite3.Connection) -> None:
+    # A sweep run's key (metrics.sweep_run) as a column, unique per study, so that of two sweeps of one
+    # file filing the same run, the second finds the first's row instead of adding another. Rows filed
+    # before keep their key in metrics; of duplicates already there only the first gets the column.
+    db.execute("ALTER TABLE results ADD COLUMN sweep_run TEXT")
+    db.execute("""
+    UPDATE results SET sweep_run = json_extract(metrics, '$.sweep_run')
+    WHERE study IS NOT NULL AND json_valid(metrics) AND json_type(metrics, '$.sweep_run') = 'text'
+      AND id = (SELECT min(o.id) FROM results o WHERE o.study = results.study AND json_valid(o.metrics)
+                AND json_extract(o.metrics, '$.sweep_run') = json_extract(results.metrics, '$.sweep_run'))
+    """)
+    db.execute("CREATE UNIQUE INDEX results_sweep_run ON results (study, sweep_run) WHERE sweep_run IS NOT NULL")
+
+
 # Append-only: never edit a migration that has shipped; add a new one.
-MIGRATIONS: list[Migration] = [m001_results, m002_machine]
+MIGRATIONS: list[Migration] = [m001_results, m002_machine, m003_sweep_run]
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,7 @@ class Result:
     host: str | None
     metrics: dict
     machine: dict | None = None  # {"cpu": model name, "ggml_cpu": [features], "arch": ...}
+    sweep_run: str | None = None  # the run's key, for a sweep's result (unique per study)
 
 
 _JSON_COLUMNS = ("kv", "build", "command", "env", "metrics", "machine")
@@ -122,16 +140,28 @@ class Store:
 
     def add_copy(self, result: Result, *, study: str | None, label: str, metrics: dict) -> int:
         """File a result measured elsewhere (a sweep worker's own database, maybe on another node)
-        with its provenance as recorded there; the model need not exist here."""
+        with its provenance as recorded there; the model need not exist here.
+
+        A sweep run (`metrics["sweep_run"]`, with a study) is filed once: if the study holds that run
+        already (another sweep of the same file filed it first), nothing is added and its id is returned.
+        """
         row = {k: getattr(result, k) for k in Result.__dataclass_fields__ if k != "id"}
-        row.update(study=study, label=label, metrics=metrics, created=time.time())
+        sweep_run = metrics.get("sweep_run") if study is not None else None
+        row.update(study=study, label=label, metrics=metrics, created=time.time(),
+                   sweep_run=sweep_run if isinstance(sweep_run, str) else None)
         for c in _JSON_COLUMNS:
             row[c] = json.dumps(row[c]) if row[c] is not None else None
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self.db:
-            cur = self.db.execute(f"INSERT INTO results ({cols}) VALUES ({marks})", tuple(row.values()))
-        return int(cur.lastrowid)
+            cur = self.db.execute(f"INSERT INTO results ({cols}) VALUES ({marks}) ON CONFLICT (study, sweep_run) "
+                                  "WHERE sweep_run IS NOT NULL DO NOTHING", tuple(row.values()))
+            if cur.rowcount:
+                return int(cur.lastrowid)
+            first = self.db.execute("SELECT id FROM results WHERE study = ? AND sweep_run = ?",
+                                    (study, row["sweep_run"])).fetchone()
+        log.info("sweep run %s of %s was filed already (#%d); this copy dropped", row["sweep_run"], study, first[0])
+        return int(first[0])
 
     def get(self, result_id: int) -> Result:
         row = self.db.execute("SELECT * FROM results WHERE id = ?", (result_id,)).fetchone()

@@ -1,0 +1,116 @@
+"""The results database under several processes at once: migrations of a new database race safely, no
+result is lost or filed twice, and a sweep run is filed once per study."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sqlite3
+import time
+
+import pytest
+
+from lacq.cache import connect
+from lacq.errors import StoreError
+from lacq.results.store import MIGRATIONS, Result, Store
+
+PROCESSES = 8
+PER_PROCESS = 50  # results each process files of its own
+SHARED_RUNS = 10  # sweep runs every process tries to file
+
+
+def _filer(db_path: str, model: str, proc: int, start_at: float, out) -> None:
+    """One process: open the (new) database as soon as all are ready, file its own results and the
+    shared sweep runs, report what it filed."""
+    time.sleep(max(0.0, start_at - time.time()))  # all open the new database at the same moment
+    store = Store(db_path)
+    own = [store.add(kind="ppl", label=f"p{proc} r{i}", model=model, build={"build_key": "k"}, command=["x"],
+                     metrics={"ppl": float(i)}, study="load") for i in range(PER_PROCESS)]
+    template = store.get(own[0])
+    shared = [store.add_copy(template, study="load", label=f"run {k}", metrics={"ppl": 1.0, "sweep_run": f"key{k}"})
+              for k in range(SHARED_RUNS)]
+    store.close()
+    out.put((proc, own, shared))
+
+
+def test_eight_processes_file_into_one_new_database(tmp_path):
+    db_path = tmp_path / "new.sqlite"
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 100)
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 3.0  # after every spawned interpreter has imported lacq
+    procs = [ctx.Process(target=_filer, args=(str(db_path), str(model), p, start_at, out)) for p in range(PROCESSES)]
+    for p in procs:
+        p.start()
+    reports = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    wall = time.time() - start_at
+    assert [p.exitcode for p in procs] == [0] * PROCESSES
+
+    store = Store(db_path)
+    rows = store.results(study="load")
+    own = [r for r in rows if r.sweep_run is None]
+    assert sorted(r.label for r in own) == sorted(f"p{p} r{i}" for p in range(PROCESSES) for i in range(PER_PROCESS))
+    assert sorted(r.id for r in own) == sorted(i for _, ids, _ in reports for i in ids)  # ids as reported
+    runs = {r.sweep_run: r.id for r in rows if r.sweep_run is not None}
+    assert len(runs) == SHARED_RUNS == len([r for r in rows if r.sweep_run is not None])  # each filed once
+    for _, _, shared in reports:  # every process was told the id of the one row of each run
+        assert shared == [runs[f"key{k}"] for k in range(SHARED_RUNS)]
+    applied = [tuple(r) for r in store.db.execute("SELECT n, name FROM _migrations ORDER BY n")]
+    assert applied == [(n, m.__name__) for n, m in enumerate(MIGRATIONS)]
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+    print(f"\n{PROCESSES} processes, {len(rows)} rows ({PROCESSES * (PER_PROCESS + SHARED_RUNS)} filings), "
+          f"{wall:.2f} s wall from the common start")
+
+
+def _result_template(store: Store, tmp_path) -> Result:
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"x" * 10)
+    return store.get(store.add(kind="ppl", label="w", model=model, build={}, command=[], metrics={"ppl": 1.0}))
+
+
+def test_a_sweep_run_is_filed_once_per_study(tmp_path):
+    first, second = Store(tmp_path / "r.sqlite"), Store(tmp_path / "r.sqlite")
+    template = _result_template(first, tmp_path)
+    a = first.add_copy(template, study="s", label="run", metrics={"ppl": 2.0, "sweep_run": "k1"})
+    b = second.add_copy(template, study="s", label="run", metrics={"ppl": 3.0, "sweep_run": "k1"})
+    assert a == b and second.get(b).metrics["ppl"] == 2.0  # the second finds the first's row
+    other = second.add_copy(template, study="t", label="run", metrics={"ppl": 3.0, "sweep_run": "k1"})
+    assert other != a  # another study may hold the same run
+    assert [r.sweep_run for r in first.results(study="s")] == ["k1"]
+
+
+def test_sweep_run_migration_keeps_the_first_of_old_duplicates(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old = connect(path, MIGRATIONS[:2], "results database")  # a database of the previous schema
+    row = ("ppl", 0.0, "run", "s", "/m", "0" * 64, 1, "{}", "[]")
+    with old:
+        for ppl in (1.0, 2.0):
+            old.execute("INSERT INTO results (kind, created, label, study, model_path, model_sha256, model_bytes, "
+                        "build, command, metrics) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*row, f'{{"ppl": {ppl}, "sweep_run": "k1"}}'))
+    old.close()
+    store = Store(path)
+    first, dup = store.results(study="s")
+    assert (first.sweep_run, dup.sweep_run) == ("k1", None)  # both kept; the first holds the key
+    template = store.get(first.id)
+    assert store.add_copy(template, study="s", label="run", metrics={"ppl": 9.0, "sweep_run": "k1"}) == first.id
+
+
+def test_a_failed_migration_applies_nothing(tmp_path):
+    def m0(db):
+        db.executescript("CREATE TABLE a (x TEXT DEFAULT 'p;q'); -- a comment; with semicolons\nCREATE TABLE b (y);")
+
+    def m1(db):
+        db.execute("CREATE TABLE c (z)")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    path = tmp_path / "d.sqlite"
+    connect(path, [m0], "test database").close()
+    with pytest.raises(StoreError, match="disk I/O error"):
+        connect(path, [m0, m1], "test database")
+    db = sqlite3.connect(path)
+    assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {"_migrations", "a", "b"}
+    assert [r[0] for r in db.execute("SELECT n FROM _migrations")] == [0]

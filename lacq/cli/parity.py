@@ -8,20 +8,32 @@ import sys
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from lacq.cli import cli
-from lacq.cli.common import console, err_console, handle_errors, open_results, progress_bar, stage_stepper
+from lacq.cli.common import (
+    BuildChoice,
+    build_options,
+    console,
+    err_console,
+    handle_errors,
+    open_results,
+    progress_bar,
+    stage_stepper,
+)
 from lacq.errors import LacqError
-from lacq.llama.build import BACKENDS, BuildSpec
+from lacq.llama.build import BuildSpec
 from lacq.llama.build import build as run_build
 from lacq.llama.tools.backend_ops import CHECK_TARGETS
 
+# `lacq compare`'s exit status when the documents disagree or compared nothing, apart from bad
+# input (1, or click's 2 for usage), so that CI can tell a parity failure from a broken step.
+EXIT_DISAGREE = 3
+
 
 @cli.command(name="parity")
-@click.option("--backend", type=click.Choice(BACKENDS), default="cpu", show_default=True)
-@click.option("--source", default=None, metavar="PATH|git+URL@REF",
-              help="llama.cpp source (default: the pinned llama-cpp-python 0.3.36 tree); a local tree needs no network.")
+@build_options
 @click.option("--model", "model_spec", default=None, help="GGUF path or hf://OWNER/REPO/FILE (default: SmolLM2-135M).")
 @click.option("--base-logits", type=click.Path(path_type=Path), default=None,
               help="The reference: f16-cache base logits of the model, made on the CPU (the path a CPU parity "
@@ -35,7 +47,7 @@ from lacq.llama.tools.backend_ops import CHECK_TARGETS
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @click.pass_context
 @handle_errors
-def parity_cmd(ctx, backend, source, model_spec, base_logits, out, chunks, no_backend_ops, threads, ngl, force):
+def parity_cmd(ctx, build: BuildChoice, model_spec, base_logits, out, chunks, no_backend_ops, threads, ngl, force):
     """The backend parity suite on one backend: PPL, KLD and same-top-p of a fixed set of KV
     configurations against one f16 reference made on the CPU, plus test-backend-ops counts for
     SET_ROWS, GET_ROWS, CPY and FLASH_ATTN_EXT; one JSON document for `lacq compare`."""
@@ -52,6 +64,7 @@ def parity_cmd(ctx, backend, source, model_spec, base_logits, out, chunks, no_ba
         raise LacqError("--chunks comes from the --base-logits file; give one or the other")
     if chunks is not None and chunks < 1:
         raise LacqError(f"--chunks must be at least 1, got {chunks}")
+    backend, source = build.backend, build.source
     if ngl is None and backend != "cpu":
         ngl = 99
     store = open_results(ctx)
@@ -59,14 +72,14 @@ def parity_cmd(ctx, backend, source, model_spec, base_logits, out, chunks, no_ba
         step = stage_stepper(progress)
 
         targets = () if no_backend_ops else CHECK_TARGETS
-        build = run_build(BuildSpec(backend=backend, extra_targets=targets), source,
+        built = run_build(BuildSpec(backend=backend, extra_targets=targets), source,
                           progress=lambda f, d: step(f"build {backend}", f, d))
         reference = None
         if base_logits is None:
-            reference = build if backend == "cpu" and not targets else run_build(
+            reference = built if backend == "cpu" and not targets else run_build(
                 BuildSpec(backend="cpu"), source, progress=lambda f, d: step("build cpu (reference)", f, d))
         model = resolve_model(model_spec)
-        doc = run_parity(build, store, model, paths.default_corpus(), chunks=chunks or DEFAULT_CHUNKS,
+        doc = run_parity(built, store, model, paths.default_corpus(), chunks=chunks or DEFAULT_CHUNKS,
                          logits=base_logits, reference_build=reference, threads=threads, ngl=ngl,
                          backend_ops_run=not no_backend_ops, argv=["lacq", *sys.argv[1:]], step=step)
     text = json.dumps(doc, indent=1) + "\n"
@@ -110,12 +123,16 @@ Each SOURCE is a JSON file from `lacq parity`, or `db:STUDY` (a study in the res
 its parity document, or its KLD/PPL rows by label). The first is the baseline; every other one is
 compared with it, configuration by configuration.
 
-Exit status 1 when any configuration run on both sides differs beyond tolerance, when the
-test-backend-ops counts of turbo cases that ran or passed differ (whole-op counts are shown but not
-gated: backends support different stock types by design), when a case or a configuration failed,
-or when the documents used different base logits. A configuration one backend cannot run is shown,
-not counted as a difference. Documents of different suite versions, models or token sets are
-refused.
+Exit status 3 when the documents disagree: a configuration run on both sides differs beyond
+tolerance, the test-backend-ops counts of turbo cases that ran or passed differ (whole-op counts are
+shown but not gated: backends support different stock types by design), a case or a configuration
+failed, the documents used different base logits, or measured different models, contexts or chunk
+counts (a stored study's come from its rows). Also 3 when the comparison is partial: a
+configuration ran on one side only (unsupported or absent on the other), or test-backend-ops ran on
+one side only; --allow-partial accepts those as notes (Metal cannot run every configuration by
+design). A document that shares no measured configuration with the first compared nothing: exit 3
+even with --allow-partial. Exit 1 for bad input (a missing file, not a parity document, different
+suite versions, a bad tolerance), 2 for a usage error, 0 when everything compared agrees.
 
 Tolerances: a number is absolute, a percentage relative, both (comma-separated) pass when either
 holds. Defaults: PPL 0.5% relative (CPU and CUDA differed by at most 0.31% on the README's 40-chunk
@@ -129,9 +146,11 @@ KLD near zero, as with an f16 cache, has no useful relative scale; not yet calib
 @click.option("--tolerance-kld", default="0.002,5%", show_default=True, help="Allowed mean-KLD difference.")
 @click.option("--format", "fmt", type=click.Choice(["table", "md"]), default="table", show_default=True,
               help="md: a markdown table (for a CI job summary).")
+@click.option("--allow-partial", is_flag=True,
+              help="Accept configurations or test-backend-ops run on one side only (shown as notes).")
 @click.pass_context
 @handle_errors
-def compare_cmd(ctx, sources, tolerance_ppl, tolerance_kld, fmt):
+def compare_cmd(ctx, sources, tolerance_ppl, tolerance_kld, fmt, allow_partial):
     from lacq.studies.compare import compare, load_document, parse_tolerance
     tol_ppl = parse_tolerance(tolerance_ppl, "--tolerance-ppl")
     tol_kld = parse_tolerance(tolerance_kld, "--tolerance-kld")
@@ -139,7 +158,7 @@ def compare_cmd(ctx, sources, tolerance_ppl, tolerance_kld, fmt):
         raise LacqError("give at least two documents to compare")
     store = None if all(Path(s).is_file() for s in sources) else open_results(ctx)
     docs = [load_document(s, store) for s in sources]
-    result = compare(docs, tol_ppl, tol_kld)
+    result = compare(docs, tol_ppl, tol_kld, allow_partial=allow_partial)
     header, lines = _compare_rows(result)
     ops_header, ops_lines = _ops_rows(result)
     if fmt == "md":
@@ -168,11 +187,11 @@ def compare_cmd(ctx, sources, tolerance_ppl, tolerance_kld, fmt):
             console.print(ops)
         console.print(f"tolerances: PPL {tol_ppl.describe()}, KLD {tol_kld.describe()}")
         for n in result.notes:
-            console.print(f"note: {n}")
+            console.print(f"note: {escape(n)}", soft_wrap=True)
         for p in result.problems:
-            console.print(f"[red]differs[/red]: {p}")
+            console.print(f"[red]problem[/red]: {escape(p)}", soft_wrap=True)
     if result.problems:
-        sys.exit(1)
+        sys.exit(EXIT_DISAGREE)
 
 
 def _num(value, fmt: str) -> str:

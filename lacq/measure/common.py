@@ -14,6 +14,7 @@ from typing import Callable
 from lacq.errors import LacqError, RecipeError
 from lacq.llama.build import Build
 from lacq.llama.tools.base import system_info
+from lacq.llama.tools.devices import tool_devices
 from lacq.model.info import ModelInfo
 from lacq.plan.kv.config import KvConfig
 from lacq.results.store import Store
@@ -67,12 +68,14 @@ def cpu_model() -> str:
 
 
 def machine_record(tool_output: str | None) -> dict:
-    """Where a result was measured: the CPU model, and the ggml CPU features the tool reported.
+    """Where a result was measured: the CPU model, the ggml CPU features the tool reported, and the
+    GPUs the tool said it used (it sees only those CUDA_VISIBLE_DEVICES leaves it).
     A native build (GGML_NATIVE, the default) compiles for the CPU it is built on, and ggml picks
     kernels by these features: the same commit gives slightly different numbers on another CPU."""
     info = system_info(tool_output) if tool_output else None
     return {"cpu": cpu_model(), "arch": platform.machine(),
-            "ggml_cpu": info.get("CPU") if info else None}
+            "ggml_cpu": info.get("CPU") if info else None,
+            "devices": tool_devices(tool_output) if tool_output else []}
 
 
 def kv_record(kv: KvConfig, info: ModelInfo | None) -> dict:

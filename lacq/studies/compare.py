@@ -69,7 +69,7 @@ def load_document(spec: str, store: Store | None) -> dict:
             raise LacqError(f"{spec} is not a `lacq parity` document (no suite {SUITE!r} with configs)")
         doc.setdefault("_source", str(path))
         return doc
-    study = spec[3:] if spec.startswith("db:") else spec
+    study = spec.removeprefix("db:")
     if store is not None:
         rows = store.results(study=study)
         if rows:
@@ -82,27 +82,48 @@ def load_document(spec: str, store: Store | None) -> dict:
 
 def study_document(study: str, rows: list) -> dict:
     """A stored study as a document: its parity result where it has one, else its KLD and PPL rows
-    (one configuration per label)."""
+    (one configuration per label, each with what its rows measured: model, context, chunks, corpus)."""
     parity = [r for r in rows if r.kind == "parity"]
     if parity:
         doc = dict(parity[-1].metrics)
         doc["_source"] = f"db:{study}"
         return doc
     configs: dict[str, dict] = {}
+    used: dict[str, list] = {}  # label -> the rows its values come from
     for label, r in latest_by_label(rows, "ppl").items():
         configs[label] = {"name": label, "status": "ok", "ppl": r.metrics.get("ppl"),
                           "ppl_error": r.metrics.get("ppl_error")}
+        used[label] = [r]
     for label, r in latest_by_label(rows, "kld").items():
         row = configs.setdefault(label, {"name": label, "status": "ok"})
         row.update(kld=r.metrics.get("kld_mean"), kld_error=r.metrics.get("kld_mean_error"),
                    same_top_p_pct=r.metrics.get("same_top_p_pct"))
         row.setdefault("ppl", r.metrics.get("ppl_q"))
+        used.setdefault(label, []).append(r)
     if not configs:
         raise LacqError(f"study {study!r} has no PPL or KLD results to compare")
+    for label, row in configs.items():
+        row["measured"] = _measured(used[label])
+    doc_measured = _measured([r for rs in used.values() for r in rs])
     last = rows[-1]
     return {"suite": STUDY_SUITE, "suite_version": None, "study": study, "backend": last.build.get("backend"),
             "device": None, "build_key": last.build.get("build_key"), "configs": list(configs.values()),
-            "backend_ops": {"status": "not run"}, "_source": f"db:{study}"}
+            "model": {"sha256": doc_measured["model"]}, "ctx": doc_measured["ctx"],
+            "chunks": doc_measured["chunks"], "backend_ops": {"status": "not run"}, "_source": f"db:{study}"}
+
+
+_MEASURED = {"model": "model_sha256", "ctx": "ctx", "chunks": "chunks", "corpus": "corpus_sha256"}
+_PLURAL = {"model": "models", "ctx": "contexts", "chunks": "chunk counts", "corpus": "corpora"}
+
+
+def _measured(rows: list) -> dict:
+    """What result rows measured, from their provenance: one value per key, or the sorted distinct
+    values where the rows differ."""
+    out = {}
+    for key, column in _MEASURED.items():
+        values = sorted({getattr(r, column) for r in rows}, key=str)
+        out[key] = values[0] if len(values) == 1 else values
+    return out
 
 
 @dataclass
@@ -121,30 +142,62 @@ def _names(docs: list[dict]) -> list[str]:
     return [f"{n} ({Path(d.get('_source', str(i))).stem})" for i, (n, d) in enumerate(zip(names, docs))]
 
 
-def check_comparable(docs: list[dict]) -> None:
-    """Documents of different suites, versions, models or token sets cannot be compared at all."""
+def check_comparable(docs: list[dict]) -> list[str]:
+    """Documents of different suites or suite versions cannot be compared at all (an error); the
+    problems of documents that measured different models, contexts, chunk counts (or corpora, where
+    known), which make their numbers incomparable, are returned."""
     first = docs[0]
+    problems = []
     for d in docs[1:]:
         if (d.get("suite"), d.get("suite_version")) != (first.get("suite"), first.get("suite_version")):
             raise LacqError(f"suite versions differ: {first.get('_source')} is {first.get('suite')} "
                             f"v{first.get('suite_version')}, {d.get('_source')} is {d.get('suite')} "
                             f"v{d.get('suite_version')}; rerun `lacq parity` with one lacq version")
-        if first.get("suite") != SUITE:
-            continue
-        for key in ("model", "ctx", "chunks"):
-            a = first.get(key, {}).get("sha256") if key == "model" else first.get(key)
-            b = d.get(key, {}).get("sha256") if key == "model" else d.get(key)
-            if a != b:
-                raise LacqError(f"{first.get('_source')} and {d.get('_source')} measured different {key}s "
-                                f"({a} vs {b}); parity needs the same model and tokens")
+        differ = {}
+        pairs = ([(_doc_measured(first), _doc_measured(d))] if first.get("suite") == SUITE else
+                 [(_what_measured(first, c["name"]), _what_measured(d, c["name"])) for c in d["configs"]])
+        for a, b in pairs:
+            if a is None or b is None:
+                continue
+            for key in _MEASURED:
+                if a.get(key) is not None and b.get(key) is not None and a[key] != b[key]:
+                    differ.setdefault(key, (a[key], b[key]))
+        if differ:
+            problems.append(f"{first.get('_source')} and {d.get('_source')} measured different "
+                            + ", ".join(f"{_PLURAL[key]} ({_short(x)} vs {_short(y)})" for key, (x, y) in differ.items())
+                            + ": parity needs the same model and tokens")
+    return problems
 
 
-def compare(docs: list[dict], tol_ppl: Tolerance, tol_kld: Tolerance) -> Comparison:
+def _doc_measured(doc: dict) -> dict:
+    """A parity document's model sha256, context and chunks (its corpus is checked through the reference)."""
+    return {"model": (doc.get("model") or {}).get("sha256"), "ctx": doc.get("ctx"), "chunks": doc.get("chunks")}
+
+
+def _what_measured(doc: dict, config: str) -> dict | None:
+    """What one configuration of a study document measured (its rows' provenance); None where the
+    document does not have it."""
+    row = next((c for c in doc["configs"] if c["name"] == config), None)
+    return None if row is None else row.get("measured")
+
+
+def _short(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_short, value)) + "]"
+    return value[:12] if isinstance(value, str) and len(value) == 64 else str(value)
+
+
+def compare(docs: list[dict], tol_ppl: Tolerance, tol_kld: Tolerance, allow_partial: bool = False) -> Comparison:
+    """Every document against the first. A configuration run on one side only, or test-backend-ops
+    run on one side only, is a problem unless `allow_partial` (then a note); a document that shares
+    no measured configuration with the first is a problem in any case: it compared nothing."""
     if len(docs) < 2:
         raise LacqError("give at least two documents to compare")
-    check_comparable(docs)
     names = _names(docs)
     out = Comparison(names, [], [])
+    out.problems += check_comparable(docs)
+    if out.problems:  # numbers of different models or tokens say nothing about the backends
+        return out
     refs = {d.get("reference", {}).get("sha256") for d in docs if d.get("suite") == SUITE}
     same_reference = len(refs) <= 1
     if not same_reference:
@@ -157,6 +210,8 @@ def compare(docs: list[dict], tol_ppl: Tolerance, tol_kld: Tolerance) -> Compari
             if c.get("status") == "failed":
                 out.problems.append(f"{c['name']}: failed on {n}: {str(c.get('reason', '')).splitlines()[0]}")
     order = list(dict.fromkeys(name for d in docs for name in (c["name"] for c in d["configs"])))
+    compared = [0] * len(docs)  # per document: configurations compared with the first
+    one_sided: list[list[str]] = [[] for _ in docs]  # per document: "config (why)" run on one side only
     for cfg in order:
         row = {"config": cfg, "values": [], "diffs": [], "verdict": "ok"}
         base = by_doc[0].get(cfg)
@@ -166,12 +221,17 @@ def compare(docs: list[dict], tol_ppl: Tolerance, tol_kld: Tolerance) -> Compari
             if i == 0:
                 continue
             diff = {"ppl_pct": None, "kld": None}
-            if not (c and base and c.get("status") == "ok" and base.get("status") == "ok"):
-                missing = [n for n, x in ((names[0], base), (names[i], c)) if not x or x.get("status") != "ok"]
-                diff["note"] = "not run on " + ", ".join(missing)
-                if row["verdict"] == "ok":
-                    row["verdict"] = "n/a"
-                row["diffs"].append(diff)
+            row["diffs"].append(diff)
+            if not (_ran(base) and _ran(c)):
+                missing = [(n, x) for n, x in ((names[0], base), (names[i], c)) if not _ran(x)]
+                diff["note"] = "not run on " + ", ".join(n for n, _ in missing)
+                if len(missing) == 1 and not _failed(missing[0][1]):  # a failure is a problem of its own
+                    n, x = missing[0]
+                    one_sided[i].append(f"{cfg} ({n}: {x.get('status', '?') if x else 'absent'})")
+                    if row["verdict"] == "ok":
+                        row["verdict"] = "n/a" if allow_partial else "ONE-SIDED"
+                elif row["verdict"] == "ok":
+                    row["verdict"] = "failed" if any(_failed(x) for _, x in missing) else "n/a"
                 continue
             bad = []
             if base.get("ppl") is not None and c.get("ppl") is not None:
@@ -182,22 +242,48 @@ def compare(docs: list[dict], tol_ppl: Tolerance, tol_kld: Tolerance) -> Compari
                 diff["kld"] = c["kld"] - base["kld"]
                 if same_reference and not tol_kld.ok(base["kld"], c["kld"]):
                     bad.append("KLD")
+            if diff["ppl_pct"] is not None or diff["kld"] is not None:
+                compared[i] += 1
             if bad:
                 row["verdict"] = "DIFFERS"
                 out.problems.append(f"{cfg}: {names[i]} differs from {names[0]} in {' and '.join(bad)} "
                                     f"(PPL {base.get('ppl')} vs {c.get('ppl')}, KLD {base.get('kld')} vs "
                                     f"{c.get('kld')})")
-            row["diffs"].append(diff)
         out.rows.append(row)
-    _compare_ops(docs, names, out)
+    for i in range(1, len(docs)):
+        if one_sided[i]:
+            text = (f"{len(one_sided[i])} configuration(s) ran on only one of {names[0]} and {names[i]}: "
+                    + ", ".join(one_sided[i]))
+            if allow_partial:
+                out.notes.append(text + " (not compared; --allow-partial)")
+            else:
+                out.problems.append(text + "; pass --allow-partial to accept a partial comparison")
+        if not compared[i]:
+            out.problems.append(f"compared nothing: no configuration was measured on both {names[0]} and {names[i]}")
+    _compare_ops(docs, names, out, allow_partial)
     return out
 
 
-def _compare_ops(docs: list[dict], names: list[str], out: Comparison) -> None:
+def _ran(c: dict | None) -> bool:
+    return bool(c) and c.get("status") == "ok"
+
+
+def _failed(c: dict | None) -> bool:
+    return bool(c) and c.get("status") == "failed"
+
+
+def _compare_ops(docs: list[dict], names: list[str], out: Comparison, allow_partial: bool) -> None:
     ran = [(n, d["backend_ops"]) for n, d in zip(names, docs) if d.get("backend_ops", {}).get("status") == "ran"]
-    for n, d in zip(names, docs):
-        if d.get("backend_ops", {}).get("status") != "ran":
-            out.notes.append(f"test-backend-ops did not run for {n}: its counts are not compared")
+    not_ran = [n for n, d in zip(names, docs) if d.get("backend_ops", {}).get("status") != "ran"]
+    if not ran:
+        out.notes.append("test-backend-ops ran for none of the documents: no counts to compare")
+    elif not_ran:
+        text = (f"test-backend-ops ran for {', '.join(n for n, _ in ran)} but not for {', '.join(not_ran)}: "
+                "those counts are not compared")
+        if allow_partial:
+            out.notes.append(text + " (--allow-partial)")
+        else:
+            out.problems.append(text + "; pass --allow-partial to accept a partial comparison")
     for n, ops in ran:
         if ops.get("failed"):
             out.problems.append(f"test-backend-ops: {ops['failed']} case(s) failed on {n}")

@@ -22,9 +22,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from lacq import __version__
 from lacq.errors import BuildError, LacqError, RecipeError, ToolError
@@ -73,12 +73,31 @@ def study_name(backend: str, model_sha: str, build_key: str, chunks: int) -> str
     return f"parity:v{SUITE_VERSION}:{backend}:{model_sha[:12]}:{build_key}:n{chunks}"
 
 
-def device_description(backend: str) -> str:
-    """What the backend ran on, best effort (test-backend-ops' own description wins when it ran)."""
+def first_visible_gpu() -> str | None:
+    """The GPU CUDA's device 0 is here: the first entry of CUDA_VISIBLE_DEVICES (an index or a
+    UUID, both of which `nvidia-smi -i` takes), "0" where it is unset, None where it hides every GPU."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None:
+        return "0"
+    first = env.split(",")[0].strip()
+    return None if not first or first.startswith("-") else first
+
+
+def device_description(backend: str, reported: Sequence[str] = ()) -> str:
+    """What the backend ran on. The devices the tool itself `reported` (its log, read by
+    `tool_devices`) win: it sees only the GPUs CUDA_VISIBLE_DEVICES leaves it, in CUDA's order.
+    Else, best effort: on CUDA `nvidia-smi -i` of the first visible GPU (CUDA may order GPUs
+    differently from nvidia-smi unless CUDA_DEVICE_ORDER=PCI_BUS_ID, hence the tool first), the
+    CPU's model otherwise."""
+    if reported:
+        return ", ".join(reported)
     try:
         if backend == "cuda" and shutil.which("nvidia-smi"):
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                 check=False, text=True, timeout=20).stdout.strip()
+            gpu = first_visible_gpu()
+            if gpu is None:
+                return "no CUDA device visible (CUDA_VISIBLE_DEVICES hides them all)"
+            out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=name", "--format=csv,noheader"],
+                                 capture_output=True, check=False, text=True, timeout=20).stdout.strip()
             if out:
                 return out.splitlines()[0]
         if sys.platform == "darwin":
@@ -175,6 +194,7 @@ def run_parity(build: Build, store: Store, model: Path, corpus: Path, *, chunks:
     study = study_name(build.backend, model_sha, build.key, header.n_chunk)
     t0 = time.monotonic()
     rows = []
+    reported: list[str] = []  # the GPUs llama-perplexity said it used
     configs = suite_configs()
     for i, cfg in enumerate(configs):
         try:
@@ -195,6 +215,7 @@ def run_parity(build: Build, store: Store, model: Path, corpus: Path, *, chunks:
             rows.append({"name": cfg.name, "kv": kv.to_dict(), "status": "failed", "reason": str(exc)[-2000:]})
             continue
         rows.append(_config_row(cfg, kv, outcome, None))
+        reported = reported or (store.get(outcome.result_id).machine or {}).get("devices") or []
     if step:
         step("suite", 1.0, "done")
     if backend_ops_run:
@@ -205,7 +226,8 @@ def run_parity(build: Build, store: Store, model: Path, corpus: Path, *, chunks:
     doc = {
         "suite": SUITE, "suite_version": SUITE_VERSION, "study": study,
         "backend": build.backend,
-        "device": (ops.get("description") if build.backend != "cpu" else None) or device_description(build.backend),
+        "device": device_description(build.backend, reported or (
+            [ops["description"]] if build.backend != "cpu" and ops.get("description") else [])),
         "build": build.provenance(),
         "build_key": build.key, "patch_series": {"hash": build.series_hash, "patches": list(build.patches)},
         "model": {"path": str(model.resolve()), "name": model.name, "sha256": model_sha,

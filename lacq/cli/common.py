@@ -263,8 +263,29 @@ def open_results(ctx: click.Context):
     return open_store(ctx.obj["db"])
 
 
-def format_option(choices=("table", "md", "csv", "json"), default="table"):
-    return click.option("--format", "fmt", type=click.Choice(list(choices)), default=default, show_default=True)
+MACHINE_FORMATS = ("json", "csv")  # stdout holds the document alone; every other line goes to stderr
+
+
+def format_option(choices=("table", "md", "csv", "json"), default="table", json_alias: bool = False):
+    """`--format`; with `json_alias`, `--json` as another name for `--format json` (the measurement
+    commands' flag), so that one option says what stdout holds."""
+    fmt = click.option("--format", "fmt", type=click.Choice(list(choices)), default=None,
+                       help=f"What stdout holds [default: {default}]; json and csv: the document alone.")
+    if not json_alias:
+        return _group([fmt], lambda fmt: ("fmt", fmt or default))
+
+    def pick(fmt, as_json):
+        if as_json and fmt not in (None, "json"):
+            raise LacqError(f"--json is --format json; it cannot go with --format {fmt}")
+        return "fmt", "json" if as_json else fmt or default
+
+    return _group([fmt, click.option("--json", "as_json", is_flag=True, help="The same as --format json.")], pick)
+
+
+def message_console(fmt: str) -> Console:
+    """Where a command's lines other than its document go: beside a table for people, stderr beside
+    json or csv."""
+    return err_console if fmt in MACHINE_FORMATS else console
 
 
 def json_option(fn):

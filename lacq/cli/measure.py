@@ -160,14 +160,13 @@ def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, allow_long_cont
 @click.option("-n", "--n-predict", type=int, default=16, show_default=True)
 @run_options
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG heatmap.")
-@format_option(("table", "md", "json"))
-@result_json_option
+@format_option(("table", "md", "json"), json_alias=True)
 @kv_options
 @build_options
 @click.pass_context
 @handle_errors
 def niah_cmd(ctx, model_spec, ctx_list, depths, trials, seed, haystack, chat_template, runner, n_predict,
-             run: RunOptions, plot, fmt, as_json, kv: KvConfig, build: BuildChoice):
+             run: RunOptions, plot, fmt, kv: KvConfig, build: BuildChoice):
     """Needle-in-a-haystack pass rates (depth × context length) for MODEL and a KV configuration."""
     from lacq.measure.niah.grid import measure_niah
     from lacq.results.plots import plot_niah
@@ -187,11 +186,12 @@ def niah_cmd(ctx, model_spec, ctx_list, depths, trials, seed, haystack, chat_tem
     if plot:
         plot_niah({res.label: df}, plot)
         err_console.print(f"wrote {plot}")
-    if as_json:
+    if fmt == "json":
         echo_result_json(store, out.result_id)
         return
     niah_grid(df, fmt, console, f"{res.label}: NIAH pass rate ({trials} trials per cell, {out.runner})")
-    console.print(f"overall {res.metrics['pass_rate']:.0%} in {out.seconds:.0f} s; result #{out.result_id}")
+    console.print(f"overall {res.metrics['pass_rate']:.0%} in {out.seconds:.0f} s; result #{out.result_id}",
+                  markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------- bench
@@ -204,13 +204,12 @@ def niah_cmd(ctx, model_spec, ctx_list, depths, trials, seed, haystack, chat_tem
 @click.option("-r", "--repetitions", type=int, default=5, show_default=True)
 @run_options
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG chart.")
-@format_option()
-@result_json_option
+@format_option(json_alias=True)
 @kv_options
 @build_options
 @click.pass_context
 @handle_errors
-def bench_cmd(ctx, model_spec, pp, tg, depth_list, repetitions, run: RunOptions, plot, fmt, as_json, kv: KvConfig,
+def bench_cmd(ctx, model_spec, pp, tg, depth_list, repetitions, run: RunOptions, plot, fmt, kv: KvConfig,
               build: BuildChoice):
     """Prefill and decode speed (llama-bench -o json) per KV configuration and depth."""
     from lacq.measure.bench import measure_bench
@@ -229,7 +228,7 @@ def bench_cmd(ctx, model_spec, pp, tg, depth_list, repetitions, run: RunOptions,
     if plot:
         plot_bench(df, plot)
         err_console.print(f"wrote {plot}")
-    if as_json:
+    if fmt == "json":
         echo_result_json(store, out.result_id)
         return
     render(df, fmt, console, title=f"llama-bench pp{pp} / tg{tg} on {out.rows[0].device}", columns=BENCH_COLUMNS)

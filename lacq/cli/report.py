@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from lacq.cli import cli
-from lacq.cli.common import console, format_option, handle_errors, open_results
+from lacq.cli.common import console, format_option, handle_errors, message_console, open_results
 from lacq.errors import LacqError
 
 
@@ -36,19 +36,20 @@ def report_cmd(ctx, study, base_label, fmt, list_studies):
         raise LacqError(f"no results for study {study!r}; known studies: {', '.join(studies) or 'none'}")
     df, columns = combined_frame(rows, base_label)
     render(df, fmt, console, title=study, columns=columns)
-    if fmt in ("table", "md"):
-        for line in machine_lines(rows):
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
-    _sweep_progress(store, study)
+    notes = message_console(fmt)
+    for line in machine_lines(rows):
+        notes.print(line, markup=False, highlight=False, soft_wrap=True)
+    _sweep_progress(store, study, notes)
 
 
-def _sweep_progress(store, study: str | None) -> None:
+def _sweep_progress(store, study: str | None, out) -> None:
     """A sweep study's progress under its table: runs stored of runs planned, and which are missing."""
     from lacq.studies.sweep import progress_of
     state = progress_of(store, study) if study else None
     if state is None:
         return
     stored, planned, missing = state
-    console.print(f"sweep {study}: {stored} of {planned} runs stored" + (
+    out.print(f"sweep {study}: {stored} of {planned} runs stored" + (
         f"; missing: {', '.join(missing[:10])}{' …' if len(missing) > 10 else ''} "
-        "(run the same `lacq sweep` command to finish)" if missing else "; complete"))
+        "(run the same `lacq sweep` command to finish)" if missing else "; complete"), markup=False, highlight=False,
+        soft_wrap=True)

@@ -15,6 +15,7 @@ from lacq.cli.common import (
     console,
     format_option,
     handle_errors,
+    message_console,
     open_results,
     progress_bar,
     stage_stepper,
@@ -71,27 +72,53 @@ def scan_group():
     """Per-unit sensitivity scans (weights, KV cache): which units deserve the bits."""
 
 
-def _show_scan(scan, out: Path | None, plot_dir: Path | None, fmt: str) -> None:
-    from lacq.results.render import render
+def _show_scan(scan, out: Path | None, plot_dir: Path | None, fmt: str, rid: int) -> None:
+    """The scan's units by partition (a table each for people; json and csv: one document on stdout,
+    the sentences on stderr)."""
+    import json
+
+    import pandas as pd
+
+    from lacq.results.render import records, render
     from lacq.studies.sensitivity import COLUMNS, KV_COLUMNS, classify, partitions, plot_scan, unit_frame
     cols = KV_COLUMNS if scan.kind == "kv" else COLUMNS
+    notes = message_console(fmt)
     lo, hi = scan.uniform[scan.lowest], scan.uniform[scan.highest]
-    console.print(f"all {scan.lowest}: KLD {lo.kld:.5f} ± {lo.kld_error:.5f} (PPL {lo.ppl:.3f}); all {scan.highest}: "
-                  f"KLD {hi.kld:.5f} ± {hi.kld_error:.5f} (PPL {hi.ppl:.3f}); {scan.chunks} chunks of {scan.ctx}")
+    notes.print(f"all {scan.lowest}: KLD {lo.kld:.5f} ± {lo.kld_error:.5f} (PPL {lo.ppl:.3f}); all {scan.highest}: "
+                f"KLD {hi.kld:.5f} ± {hi.kld_error:.5f} (PPL {hi.ppl:.3f}); {scan.chunks} chunks of {scan.ctx}",
+                highlight=False)
+    parts = []
     for kinds in partitions(scan):
         df = unit_frame(scan, kinds)
-        render(df, fmt, console, title=f"{kinds[0]} units, sorted by recovery per unit of cost", columns=cols)
         pattern, advice = classify(scan, kinds)
-        console.print(f"[bold]{kinds[0]}s: {pattern}[/bold]. {advice}.")
+        parts.append((kinds, df, pattern, advice))
+        if fmt not in ("json", "csv"):
+            render(df, fmt, console, title=f"{kinds[0]} units, sorted by recovery per unit of cost", columns=cols)
+        notes.print(f"[bold]{kinds[0]}s: {pattern}[/bold]. {advice}.", highlight=False)
+    if fmt == "csv":  # one table: the partition names the rows' own
+        frames = [df.assign(partition=kinds[0]) for kinds, df, _, _ in parts]
+        render(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), fmt, console,
+               columns={"partition": "Partition", **cols})
     for note in scan.notes:
-        console.print(f"[yellow]note[/yellow]: {note}")
+        notes.print(f"[yellow]note[/yellow]: {note}", highlight=False)
     if out:
         scan.write(out)
-        console.print(f"wrote {out}")
+        notes.print(f"wrote {out}", markup=False, highlight=False, soft_wrap=True)
     if plot_dir:
         stem = (out.stem if out else f"scan-{scan.kind}")
         for p in plot_scan(scan, plot_dir, stem):
-            console.print(f"wrote {p}")
+            notes.print(f"wrote {p}", markup=False, highlight=False, soft_wrap=True)
+    notes.print(f"scan stored as result #{rid} (study {scan.provenance['study']}), "
+                f"{scan.provenance['seconds']:.0f} s", markup=False, highlight=False)
+    if fmt == "json":
+        uniform = {t: {"kld": k.kld, "kld_error": k.kld_error, "kld_p99": k.kld_p99, "ppl": k.ppl}
+                   for t, k in scan.uniform.items()}
+        console.print_json(json.dumps({
+            "result_id": rid, "study": scan.provenance["study"], "kind": scan.kind, "types": list(scan.types),
+            "chunks": scan.chunks, "ctx": scan.ctx, "uniform": uniform, "notes": list(scan.notes),
+            "partitions": [{"kinds": list(kinds), "pattern": pattern, "advice": advice,
+                            "units": records(df, [c for c in cols if c in df.columns])}
+                           for kinds, df, pattern, advice in parts]}, default=str))
 
 
 def _store_scan(store, scan, model: Path, tools) -> int:
@@ -146,9 +173,7 @@ def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_sourc
                             units=tuple(u.strip() for u in unit_list.split(",")), chunks=chunks, ctx=ctx_len,
                             threads=threads, workers=workers, include_source_type=include_source_type,
                             step=stage_stepper(progress))
-    rid = _store_scan(store, scan, model, tools)
-    _show_scan(scan, out, plot_dir, fmt)
-    console.print(f"scan stored as result #{rid} (study {scan.provenance['study']}), {scan.provenance['seconds']:.0f} s")
+    _show_scan(scan, out, plot_dir, fmt, _store_scan(store, scan, model, tools))
 
 
 @scan_group.command(name="kv")
@@ -172,9 +197,7 @@ def scan_kv_cmd(ctx, model_spec, types, cache, other, chunks, ctx_len, workers, 
         scan = scan_kv(tools, store, model, paths.default_corpus(), types=types.split(","), cache=cache, other=other,
                        chunks=chunks, ctx=ctx_len, threads=threads, workers=workers,
                        step=stage_stepper(progress))
-    rid = _store_scan(store, scan, model, tools)
-    _show_scan(scan, out, plot_dir, fmt)
-    console.print(f"scan stored as result #{rid} (study {scan.provenance['study']}), {scan.provenance['seconds']:.0f} s")
+    _show_scan(scan, out, plot_dir, fmt, _store_scan(store, scan, model, tools))
 
 
 # ---------------------------------------------------------------- optimize

@@ -109,8 +109,9 @@ def test_refine_measures_each_single_unit_move_and_keeps_only_a_measured_gain(cp
                                       str(tmp_path / "opt.toml"), "--refine", "1", "--judge-chunks", str(CHUNKS),
                                       "--verify"])
     assert result.exit_code == 0, result.output
-    refined = [r for r in open_store().results(kind="kld")
-               if r.study == f"refine:{scan.provenance['study']}:{CHUNKS}"]
+    from lacq.studies.refine import journal_study
+    journal = journal_study(scan, cpu_build, open_store().sha256(paths.default_corpus()), CHUNKS)
+    refined = [r for r in open_store().results(kind="kld") if r.study == journal]
     # the start, one variant per unit moved to the other type (some may be the same file), at least one proposal
     assert len({r.label for r in refined}) >= 1 + len(scan.units) - 2
     start = min(refined, key=lambda r: r.id)

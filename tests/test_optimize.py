@@ -593,6 +593,7 @@ def test_local_moves_count_noise_of_the_wrong_sign_as_zero():
 
 
 def test_refine_judges_on_more_chunks_shrinks_a_step_that_measures_worse_and_keeps_what_measures_better():
+    from lacq.studies.optimize import Judged
     from lacq.studies.refine import refine, refined_solution
     sens = {u.id: s for u, s in zip(TINY.units, (0.03, 0.01, 0.05, 0.002))}
     lo, hi = (TINY.fixed_cost + sum(u.cost[t] for u in TINY.units) for t in ("q4_0", "q8_0"))
@@ -611,8 +612,21 @@ def test_refine_judges_on_more_chunks_shrinks_a_step_that_measures_worse_and_kee
     assert r.kld.kld == pytest.approx(kld(r.choice)) and not all(r.choice[u] == "q4_0" for u in low[:2])
     assert r.cost <= budget + 1e-9 and r.rounds[0].accepted and not r.rounds[-1].accepted
     out = refined_solution(s, TINY, r)
-    assert out.choice == r.choice and out.kld == r.kld.kld and out.method == "refined" and out.cost == r.cost
+    assert out.choice == r.choice and out.method == "refined" and out.cost == r.cost
     assert "refined by measurement" in out.notes[-1]
+    # the measurement is the judgement, on its 20 chunks; the prediction stays the scan's, for the refined choice
+    assert out.judged == Judged(r.kld.kld, r.kld.kld_error, 20, "refined") and out.chunks == TINY.chunks
+    pred = predict(TINY, r.choice)
+    assert (out.kld, out.kld_low, out.kld_high, out.kld_error) == (pred.kld, pred.kld_low, pred.kld_high,
+                                                                    pred.kld_error)
+    header = weights_recipe_toml(out, TINY, "opt").splitlines()[:3]
+    assert f"predicted mean KLD {pred.kld:.5f} ± {pred.kld_error:.5f} from the scan's 4×512 tokens" in header[1]
+    assert header[2] == f"# judged: measured mean KLD {r.kld.kld:.5f} ± {r.kld.kld_error:.5f} on 20×512 tokens " \
+                        "(kept: refined)"
+    from lacq.studies.verify import annotations
+    notes = annotations(out)
+    assert notes["predicted"]["kld"] == pred.kld and notes["predicted"]["chunks"] == 4
+    assert notes["judged"] == {"kld": r.kld.kld, "kld_error": r.kld.kld_error, "chunks": 20, "kept": "refined"}
 
 
 def test_refine_never_returns_a_choice_that_measured_worse():
@@ -638,12 +652,13 @@ def test_verify_measures_every_distinct_proposal_and_keeps_the_best_measured():
     # its budget-weighted objective and from the highest end's; the quoted rule ranked the one that measured
     # 0.0930 first (the highest end's measured 0.0822, both on 20 chunks)
     from lacq.paths import REPO_ROOT
+    from lacq.studies.optimize import Judged
     from lacq.studies.refine import pick_measured
     scan = Scan.read(REPO_ROOT / "bench" / "results" / "scan-q4q8-tensor-cpu" / "scan_q4q8_tensor_cpu.json")
     s = optimize(scan, 105.9e6)
-    assert s.alternatives and all(c != s.choice for c, _, _ in s.alternatives)
-    assert len({tuple(sorted(c.items())) for c, _, _ in s.alternatives}) == len(s.alternatives)
-    quoted = [q for _, q, _ in s.alternatives]
+    assert s.alternatives and all(c != s.choice for c, _, _, _ in s.alternatives)
+    assert len({tuple(sorted(c.items())) for c, _, _, _ in s.alternatives}) == len(s.alternatives)
+    quoted = [q for _, q, _, _ in s.alternatives]
     assert quoted == sorted(quoted) and s.kld <= quoted[0]
     target = s.alternatives[-1][0]
     seen = []
@@ -656,8 +671,18 @@ def test_verify_measures_every_distinct_proposal_and_keeps_the_best_measured():
     assert out.choice == target and out.cost <= 105.9e6 and not out.alternatives
     assert kept == len(s.alternatives) and table[kept][2].kld == 0.08
     assert "kept " + s.alternatives[-1][2] in out.notes[-1]
+    # the kept proposal carries its own prediction and solver; the measurement is its judgement, not a prediction
+    pred = predict(scan, target, partition=s.partition)
+    assert (out.kld, out.kld_error, out.kld_low, out.kld_high) == (pred.kld, pred.kld_error, pred.kld_low,
+                                                                    pred.kld_high)
+    assert out.kld == pytest.approx(s.alternatives[-1][1]) and out.method == s.alternatives[-1][3]
+    assert out.judged == Judged(0.08, 1e-3, 20, s.alternatives[-1][2])
+    header = weights_recipe_toml(out, scan, "opt").splitlines()
+    assert f"{out.method}" in header[0] and f"mean KLD {pred.kld:.5f} ± {pred.kld_error:.5f}" in header[1]
+    assert header[2].startswith("# judged: measured mean KLD 0.08000 ± 0.00100 on 20×512 tokens")
     same, _, first = pick_measured(scan, s, lambda ch, n: {k: Kld(0.08, 1e-3) for k in ch}, _key, 20)
     assert same.choice == s.choice and first == 0  # ties keep the search's answer
+    assert same.kld == s.kld and same.judged.kld == 0.08
 
 
 @pytest.mark.parametrize("cache, other", [("v", "q8_0"), ("k", "f16"), ("both", None)])
@@ -686,3 +711,31 @@ def test_a_kv_scan_variant_sets_one_layer_over_its_default_and_a_uniform_run_non
         for role in ("k", "v"):
             assert getattr(cfg, role) == ("turbo2" if role in scanned else "q8_0")
             assert getattr(cfg, f"{role}_overrides") == (over if role in scanned else ())
+
+
+def test_refinement_moves_between_types_of_equal_cost_when_measurement_favours_it():
+    # q5_0 and q5_k cost the same (5.5 bits per weight): neither is "dearer", so a move between them that measures
+    # better is a gain to take, not noise of the wrong sign
+    from lacq.studies.refine import local_items, refine
+    types = ("q5_0", "q5_k", "q8_0")
+    sens = {"a": 0.03, "b": 0.02, "c": 0.01}
+    cost = {u: {"q5_0": 1100, "q5_k": 1100, "q8_0": 1700} for u in sens}
+    scan = additive_scan(sens, cost, types=types, err={"q5_0": 0.5, "q5_k": 0.6, "q8_0": 0.1})  # scan: q5_k worse
+    s = optimize(scan, scan.fixed_cost + 3 * 1100)
+    assert set(s.choice.values()) == {"q5_0"}
+    measured_err = {"q5_0": 0.5, "q5_k": 0.3, "q8_0": 0.1}  # measured on more tokens: q5_k better
+
+    def measure(choices: dict, chunks: int) -> dict:
+        return {k: Kld(0.001 + sum(sens[u] * measured_err[t] for u, t in c.items()), 1e-4)
+                for k, c in choices.items()}
+    center = dict(s.choice)
+    k0 = measure({"c": center}, 4)["c"].kld
+    moves = {(u, t): measure({"m": {**center, u: t}}, 4)["m"].kld for u in sens for t in types if t != "q5_0"}
+    items = local_items(scan.units, types, center, k0, moves)
+    assert [v for _, v in items[0]] == pytest.approx([0.0, 0.03 * 0.2, 0.03 * 0.4])
+    # a move to an equal-cost type that measures worse counts as measured too (here: from q5_k back to q5_0)
+    back = local_items(scan.units, types, {**center, "a": "q5_k"}, k0, {**moves, ("a", "q5_0"): k0 + 0.002})
+    assert back[0][0][1] == pytest.approx(-0.002)
+    r = refine(scan, s, measure, _key, rounds=2, judge_chunks=20)
+    assert r.choice == {"a": "q5_k", "b": "q5_k", "c": "q5_k"} and r.kld.kld < r.start.kld
+    assert r.cost == s.cost

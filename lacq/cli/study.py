@@ -1,4 +1,5 @@
-"""Studies built from measurements: `lacq demo` (the layer-placement study)."""
+"""Studies built from measurements: `lacq demo` (the layer-placement study), `lacq scan` (sensitivity scans) and
+`lacq optimize` (recipes and KV policies from a scan)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, fmt, build: BuildCho
         console.print(f"wrote {plot}", soft_wrap=True)
     console.print(f"study {result.study}; {time.monotonic() - t0:.0f} s. Sorted by mean KLD (± its standard error); "
                   f"★ = lowest KLD at ≤ first8_q8's size, only where it leads by more than 2× the combined ±.")
+
+
+def comma_list(text: str) -> list[str]:
+    """A comma-separated option's items, stripped, empty ones dropped ("q4_0, q8_0" is q4_0 and q8_0)."""
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 # ---------------------------------------------------------------- scan
@@ -169,8 +175,8 @@ def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_sourc
     model, base = resolve_model(model_spec), resolve_model(base_spec)
     tools, store = build.require(), open_results(ctx)
     with progress_bar() as progress:
-        scan = scan_weights(tools, store, model, base, paths.default_corpus(), types=types.split(","),
-                            units=tuple(u.strip() for u in unit_list.split(",")), chunks=chunks, ctx=ctx_len,
+        scan = scan_weights(tools, store, model, base, paths.default_corpus(), types=comma_list(types),
+                            units=tuple(comma_list(unit_list)), chunks=chunks, ctx=ctx_len,
                             threads=threads, workers=workers, include_source_type=include_source_type,
                             step=stage_stepper(progress))
     _show_scan(scan, out, plot_dir, fmt, _store_scan(store, scan, model, tools))
@@ -194,7 +200,7 @@ def scan_kv_cmd(ctx, model_spec, types, cache, other, chunks, ctx_len, workers, 
     model = resolve_model(model_spec)
     tools, store = build.require(), open_results(ctx)
     with progress_bar() as progress:
-        scan = scan_kv(tools, store, model, paths.default_corpus(), types=types.split(","), cache=cache, other=other,
+        scan = scan_kv(tools, store, model, paths.default_corpus(), types=comma_list(types), cache=cache, other=other,
                        chunks=chunks, ctx=ctx_len, threads=threads, workers=workers,
                        step=stage_stepper(progress))
     _show_scan(scan, out, plot_dir, fmt, _store_scan(store, scan, model, tools))
@@ -236,15 +242,26 @@ def _write(path: Path, text: str, force: bool) -> None:
 
 
 def _report_solution(s, scan) -> None:
-    where = f"{s.size_mb:.2f} MB" if s.kind == "weights" else f"{s.bits_per_value:.3f} bits/value"
-    console.print(f"{s.partition} partition, {where}: predicted KLD {s.kld:.5f} ± {s.kld_error:.5f} "
-                  f"(from the {scan.lowest} end {s.kld_low:.5f}, from the {scan.highest} end {s.kld_high:.5f}); "
+    where = (f"{s.size_mb:.2f} MB" + ("" if s.bpw is None else f" ({s.bpw:.3f} bpw)") if s.kind == "weights"
+             else f"{s.bits_per_value:.3f} bits/value")
+    ends = ", ".join(f"from the {t} end {v:.5f}" for t, v in ((scan.lowest, s.kld_low), (scan.highest, s.kld_high))
+                     if v is not None)
+    console.print(f"{s.partition} partition, {where}: predicted KLD {s.kld:.5f} ± {s.kld_error:.5f} on the scan's "
+                  f"{s.chunks}×{scan.ctx} tokens ({ends}); "
                   f"{s.method}{'' if s.gap is None else f', greedy−DP gap {s.gap:+.2e}'}")
     changed = {u: t for u, t in s.choice.items() if t != s.lowest}
     console.print(f"{len(changed)} of {len(s.choice)} units above {s.lowest}: "
                   + ", ".join(f"{u}={t}" for u, t in changed.items()), soft_wrap=True)
     for note in s.notes:
         console.print(f"[yellow]note[/yellow]: {note}")
+
+
+def _judgements(s, scan) -> str:
+    """The prediction and the judgement of a solution, each with the tokens it rests on."""
+    out = f"predicted {s.kld:.5f} on the scan's {s.chunks}×{scan.ctx}"
+    if s.judged is not None:
+        out += f"; judged {s.judged.kld:.5f} ± {s.judged.kld_error:.5f} on {s.judged.chunks}×{scan.ctx}"
+    return out
 
 
 def _refine_options(fn):
@@ -293,7 +310,9 @@ def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, worke
 @optimize_group.command(name="weights")
 @click.argument("scan_spec", metavar="SCAN")
 @click.option("--size-mb", type=float, default=None, help="Budget: the whole file's size in MB (1e6 bytes).")
-@click.option("--bpw", type=float, default=None, help="Budget: bits per weight over the whole file.")
+@click.option("--bpw", type=float, default=None,
+              help="Budget: tensor bits per weight, as llama.cpp and `lacq inspect` count them (tensor bytes × 8 / "
+                   "weights).")
 @click.option("--types", default=None, help="Only these scanned types (comma-separated).")
 @click.option("--name", default=None, help="Recipe name (default: opt_<size>mb).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -313,7 +332,7 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
                          workers, threads, model_spec, force, build: BuildChoice):
     """Least predicted KLD within a size budget: one candidate type per scanned unit."""
     from lacq.model.info import inspect_model
-    from lacq.studies.optimize import optimize
+    from lacq.studies.optimize import bpw_budget, optimize
     from lacq.studies.optimize_out import tensor_type_file, weights_recipe_toml
     scan = _load_scan(ctx, scan_spec)
     _check_model(ctx, scan, model_spec)
@@ -321,13 +340,13 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
         raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
     if (size_mb is None) == (bpw is None):
         raise LacqError("give exactly one budget: --size-mb or --bpw")
-    budget = size_mb * 1e6 if size_mb is not None else bpw * scan.model["n_elements"] / 8
-    s = optimize(scan, budget, types=types.split(",") if types else None)
+    budget = size_mb * 1e6 if size_mb is not None else bpw_budget(scan, bpw)
+    s = optimize(scan, budget, types=comma_list(types) if types else None)
     _report_solution(s, scan)
     s = _measured(ctx, build, scan, s, verify, refine_rounds, workers, threads, judge_chunks)
     name = name or f"opt_{s.size_mb:.1f}mb".replace(".", "_")
-    base = Path(scan.base["path"])
-    text = weights_recipe_toml(s, scan, name, model=inspect_model(base) if base.exists() else None)
+    base = Path(scan.base["path"]) if scan.base.get("path") else None
+    text = weights_recipe_toml(s, scan, name, model=inspect_model(base) if base and base.exists() else None)
     out = out or Path(f"{name}.toml")
     _write(out, text, force)
     console.print(f"wrote {out}")
@@ -339,7 +358,8 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
         from lacq.studies.verify import verify_weights
         rid, measured, path = verify_weights(build.require(), open_results(ctx), scan, s, out, paths.default_corpus(),
                                              label=name, study=f"optimize:{scan.provenance.get('study')}")
-        console.print(f"measured KLD {measured:.5f} (predicted {s.kld:.5f}); {path}; result #{rid}")
+        console.print(f"measured KLD {measured:.5f} on {scan.chunks}×{scan.ctx} tokens ({_judgements(s, scan)}); "
+                      f"{path}; result #{rid}")
 
 
 @optimize_group.command(name="kv")
@@ -367,7 +387,7 @@ def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_round
     _check_model(ctx, scan, model_spec)
     if scan.kind != "kv":
         raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
-    s = optimize(scan, bits, types=types.split(",") if types else None)
+    s = optimize(scan, bits, types=comma_list(types) if types else None)
     _report_solution(s, scan)
     s = _measured(ctx, build, scan, s, verify, refine_rounds, workers, threads, judge_chunks)
     name = name or f"opt_{s.bits_per_value:.2f}bpv".replace(".", "_")
@@ -378,4 +398,5 @@ def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_round
         from lacq.studies.verify import verify_kv
         rid, measured = verify_kv(build.require(), open_results(ctx), scan, s, out, paths.default_corpus(),
                                   label=name, study=f"optimize:{scan.provenance.get('study')}")
-        console.print(f"measured KLD {measured:.5f} (predicted {s.kld:.5f}); result #{rid}")
+        console.print(f"measured KLD {measured:.5f} on {scan.chunks}×{scan.ctx} tokens ({_judgements(s, scan)}); "
+                      f"result #{rid}")

@@ -93,6 +93,15 @@ class Scan:
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             raise LacqError(f"{source}: not a lacq scan of schema {SCHEMA} (schema {d.get('schema')!r})"
                             if isinstance(d, dict) else f"{source}: not a lacq scan")
+        try:
+            return cls._from_dict(d)
+        except KeyError as exc:  # a field missing: say which, not a traceback
+            raise LacqError(f"{source}: not a complete lacq scan: no {exc.args[0]!r} field") from None
+        except (TypeError, AttributeError) as exc:
+            raise LacqError(f"{source}: not a well-formed lacq scan ({exc})") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "Scan":
         kld = lambda m: {t: Kld(**{**v, "per_chunk": tuple(v.get("per_chunk", ()))}) for t, v in m.items()}
         units = tuple(Unit(id=u["id"], kind=u["kind"], tensors=tuple(u["tensors"]), cost=u["cost"],
                            raise_=kld(u["raise"]), lower=kld(u["lower"]), block=u.get("block"),

@@ -1,70 +1,31 @@
 """The budget optimizer: one candidate type per scanned unit, least predicted KLD within a size or bits budget.
 
-A pure function of a scan artifact (`lacq.studies.artifact.Scan`) and a budget:
-weights scans take the budget in bytes of the whole file (`scan.fixed_cost`
-included), KV scans in bits/value (`(Σ cost + fixed_cost) / scan.total_values`).
+A pure function of a scan artifact (`lacq.studies.artifact.Scan`) and a budget: weights scans take
+it in bytes of the whole file (`scan.fixed_cost` included; `bpw_budget` converts tensor bits per
+weight), KV scans in bits/value (`(Σ cost + fixed_cost) / scan.total_values`).
 
-**Partition.** A weights scan may hold block units, group units (one tensor kind
-across all blocks) and tensor units (group × block); they overlap, so one
-non-overlapping partition is optimized: tensor units when the scan has them (the
-finest: every block × group choice is open), otherwise block or group units,
-and when a scan holds both of those the one whose optimum predicts the lower
-KLD at this budget (`Solution.notes` says which and by how much). Embedding and
-output units join every weights partition; a partition that does not cover the
-tensors the scan covers is refused (its cost would be mispriced). KV scans have
-one partition, their KV layers.
+**Partition** (`partition_units`). Units of one kind that cover the scanned tensors once: tensor
+units when the scan has them, else block or group units (both present: the one predicting the
+lower KLD, said in `Solution.notes`); embedding and output units join every weights partition. KV
+scans have one partition, their KV layers.
 
-**Prediction.** Units are modelled as additive around either end of the scan:
+**Prediction.** Additive around either end of the scan (U = the uniform runs):
 
-    from the lowest end:   kld_low  = U[lowest]  - Σ_u (U[lowest] - raise_u[t_u])
+    from the lowest end:   kld_low  = U[lowest]  - Σ_u (U[lowest] - raise_u[t_u])   (floored at 0)
     from the highest end:  kld_high = U[highest] + Σ_u (lower_u[t_u] - U[highest])
 
-(U = the uniform runs). Each is exact at its own end and for any single changed
-unit; each drifts as more units leave its end, because units interact. The
-scan measures that drift at the far end: `additivity(scan)` (and
-`Solution.drift`) predicts every uniform run the scan measured from its units
-and gives each prediction's error. Typically both ends are optimistic there
-(gains measured with every other unit at the lowest type shrink once others are
-raised, so kld_low undershoots and floors at zero; damages measured with every
-other unit at the highest type grow once others are lowered, so kld_high
-undershoots). The reported `kld` follows from that measurement:
+Each is exact at its own end and for one changed unit. `additivity()` (`Solution.drift`) predicts
+each measured uniform run from the units. The quoted `kld`: where each end under-predicts the
+uniform run at the other end, the larger of the two; otherwise the ends weighted by the units each
+choice moves from them (w_high = n_low / (n_low + n_high)). Negative gains and damages (noise)
+count as zero (`Solution.clamped`). The ± sums the standard errors of the measurements used in
+quadrature (loose: paired measurements share tokens).
 
-- when each end under-predicts (or hits) the uniform run at the other end, each
-  is taken as a lower bound and the larger is quoted (exact at both ends, since
-  there the other end lies below the measured run);
-- otherwise the ends are weighted by how many units each choice moves from
-  them: w_high = n_low / (n_low + n_high), n_low the units above the lowest
-  type, n_high those below the highest. Drift comes from interactions between
-  changed units, so it grows with units moved, not with bytes or bits.
-
-Neither rule slides weight from the smaller end to the larger one as the
-budget grows, which is what made the former rule (linear in cost) rank ten
-verified KV budgets on SmolLM2's CUDA scan at Spearman 0.70 (the larger end:
-1.00; on its weights scan both 0.99; bench/results/kv_optimize_cpu.md). Nothing bounds the drift in between
-a priori; where the drift errors are a sizeable share of U[lowest] -
-U[highest], quote kld_low..kld_high as the range and measure the result
-(`--verify`).
-Gains and damages below zero (noise) count as zero; their raw values are kept in
-`Solution.clamped`. The ± is a rough band: the standard errors of every
-measurement a prediction uses, summed in quadrature (the paired measurements
-share tokens, so the true error of the differences is smaller; the band is
-loose).
-
-**Search.** The knapsack maximises separable objectives: the ends' additive
-predictions weighted 1 - f (kld_low) and f (kld_high), with f = (budget - cost
-at all-lowest) / (cost at all-highest - cost at all-lowest) fixed from the
-budget, and each end alone (f = 0, f = 1); the chosen cost is the budget up to
-one unit's step. The quoted rule above is not separable, so each objective
-proposes a choice and the one with the least quoted `kld` is returned (`notes`
-say when an end's own objective proposed it); where the scan is additive all
-agree. The other distinct proposals travel in `Solution.alternatives`:
-their quoted predictions are no better a judge than the ends they come from, so
-`lacq optimize --verify` measures them all and keeps the best measured
-(studies/refine.py). Each objective runs `greedy` (convex-hull upgrades by gain per byte)
-under "auto" or "greedy", and the exact DP (`lacq.studies.knapsack.dp`) under
-"auto" or "dp" where it fits in `max_cells` cells, with a rounded-up
-discretisation when exact integer costs would not fit; `greedy_kld`, `dp_kld`
-and `gap` report the budget-weighted objective's two answers.
+**Search.** The multiple-choice knapsack (`knapsack.greedy`, and the exact `knapsack.dp` where it
+fits) maximises a separable objective: the ends weighted 1 - f and f (f: where the budget lies
+between all-lowest and all-highest), and each end alone. Each objective proposes a choice; the one
+with the least quoted `kld` is returned, the other distinct proposals in `Solution.alternatives`
+(`lacq optimize --verify` measures them all: studies/refine.py).
 """
 
 from __future__ import annotations
@@ -117,6 +78,16 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Judged:
+    """A choice measured by `lacq optimize --verify` or `--refine` (studies/refine.py) on its assembled file."""
+
+    kld: float
+    kld_error: float
+    chunks: int  # the chunks it was measured on (of the scan's context)
+    kept: str  # which proposal it was, or "refined"
+
+
+@dataclass(frozen=True)
 class Solution:
     kind: str  # weights | kv
     cache: str | None  # kv: which cache the scan varied (v, k, both)
@@ -126,7 +97,7 @@ class Solution:
     cost: float  # total, fixed cost included
     size_mb: float | None  # weights: cost / 1e6
     bits_per_value: float | None  # kv: cost / total_values
-    kld: float
+    kld: float  # predicted (quoted) from the scan, on its `chunks`; kld_low/kld_high/kld_error likewise
     kld_low: float | None
     kld_high: float | None
     kld_error: float
@@ -144,9 +115,12 @@ class Solution:
     drift: dict[str, dict[str, float | None]] = field(default_factory=dict)  # additivity(): per uniform run
     notes: tuple[str, ...] = ()
     model_sha256: str | None = None
-    # the other objectives' distinct proposals: (choice, quoted kld, which objective), best quoted first;
+    # the other objectives' distinct proposals: (choice, quoted kld, which objective, solver), best quoted first;
     # `lacq optimize --verify` measures them beside the answer and keeps the best measured
-    alternatives: tuple[tuple[dict[str, str], float, str], ...] = ()
+    alternatives: tuple[tuple[dict[str, str], float, str, str], ...] = ()
+    chunks: int = 0  # the scan's chunks: what the prediction rests on
+    judged: Judged | None = None  # the choice as measured by --verify or --refine, where it was
+    bpw: float | None = None  # weights: tensor bits per weight (llama.cpp's), where the scan records its terms
 
     @property
     def lowest(self) -> str:
@@ -155,6 +129,8 @@ class Solution:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["clamped"] = [list(c) for c in self.clamped]
+        d["predicted"] = {"kld": self.kld, "kld_low": self.kld_low, "kld_high": self.kld_high,
+                          "kld_error": self.kld_error, "chunks": self.chunks}
         return d
 
 
@@ -243,7 +219,7 @@ class _Problem:
         return at_high, at_low
 
 
-def partitions(scan: Scan) -> dict[str, tuple[Unit, ...]]:
+def partition_units(scan: Scan) -> dict[str, tuple[Unit, ...]]:
     """Every usable non-overlapping partition of the scan's units, finest first; refuses when there is none."""
     if not scan.units:
         raise EmptyScanError("the scan has no units: nothing to optimize")
@@ -286,7 +262,7 @@ def _problem(scan: Scan, partition: str, units: tuple[Unit, ...], types: Sequenc
              exclude_units: Iterable[str]) -> _Problem:
     if not scan.types:
         raise EmptyScanError("the scan lists no candidate types")
-    chosen = tuple(scan.types) if types is None else tuple(dict.fromkeys(t.lower() for t in types))
+    chosen = tuple(scan.types) if types is None else tuple(dict.fromkeys(t.strip().lower() for t in types))
     if not chosen:
         raise TypeChoiceError("no candidate types given")
     for t in chosen:
@@ -344,11 +320,43 @@ def _from_cost(scan: Scan, cost: float) -> float:
     return cost / scan.total_values if scan.kind == "kv" else cost
 
 
+def _bpw_terms(scan: Scan) -> tuple[float, float]:
+    """(tensor elements, bytes of the file outside its tensors) of a weights scan."""
+    if scan.kind != "weights":
+        raise OptimizeError(f"bits per weight price weights scans; this is a {scan.kind} scan")
+    n, overhead = scan.model.get("n_elements"), scan.model.get("overhead_bytes")
+    if not n:
+        raise EmptyScanError("the scan records no n_elements (the model's weight count), so a budget in bits per "
+                             "weight cannot be priced; give the size in MB")
+    if overhead is None:
+        raise EmptyScanError("the scan records no overhead_bytes (its files' header and padding; scans of older lacq "
+                             "versions lack it), so a budget in bits per weight cannot be priced; give the size in MB "
+                             "or scan again")
+    return float(n), float(overhead)
+
+
+def bpw_budget(scan: Scan, bpw: float) -> float:
+    """The whole-file bytes of a budget in tensor bits per weight, as llama.cpp and `lacq inspect` count them
+    (Σ tensor bytes × 8 / Σ tensor elements)."""
+    n, overhead = _bpw_terms(scan)
+    return bpw * n / 8 + overhead
+
+
+def bits_per_weight(scan: Scan, cost: float) -> float | None:
+    """The tensor bits per weight of a whole-file cost (None where the scan cannot say)."""
+    try:
+        n, overhead = _bpw_terms(scan)
+    except OptimizeError:
+        return None
+    return (cost - overhead) * 8 / n
+
+
 def _show(scan: Scan, cost: float) -> str:
-    """A cost in the user's units: bits/value for KV, MB and bytes for weights."""
+    """A cost in the user's units: bits/value for KV, MB and bytes (and bits per weight) for weights."""
     if scan.kind == "kv":
         return f"{_from_cost(scan, cost):.4f} bits/value"
-    return f"{cost / 1e6:.3f} MB ({cost:.0f} bytes)"
+    bpw = bits_per_weight(scan, cost)
+    return f"{cost / 1e6:.3f} MB ({cost:.0f} bytes{'' if bpw is None else f', {bpw:.4f} bpw'})"
 
 
 def _limits(p: _Problem) -> tuple[float, float]:
@@ -360,7 +368,7 @@ def _limits(p: _Problem) -> tuple[float, float]:
 def budget_limits(scan: Scan, *, types: Sequence[str] | None = None, exclude_units: Iterable[str] = (),
                   partition: str | None = None) -> tuple[float, float]:
     """The smallest and largest budget `optimize` accepts, in its units (bytes, or bits/value for KV)."""
-    found = partitions(scan)
+    found = partition_units(scan)
     name = partition or next(iter(found))
     lo, hi = _limits(_problem(scan, name, _pick_partition(found, name), types, exclude_units))
     return _from_cost(scan, lo), _from_cost(scan, hi)
@@ -443,7 +451,7 @@ def _solve(p: _Problem, budget: float, method: str, max_cells: int,
             alt = {u.id: opts[i][j] for i, (u, j) in enumerate(zip(p.units, k.choice))}
             what = "a smaller budget's answer" if k.method == "curve" else \
                 f"{src.strip().removeprefix('from the ') or 'the budget-weighted objective'} ({k.method})"
-            alternatives.append((alt, quoted(k)[0], what))
+            alternatives.append((alt, quoted(k)[0], what, k.method))
     pred = p.predict(choice)
     cost = scan.fixed_cost + sum(u.cost[choice[u.id]] for u in p.units)
     clamped = []
@@ -475,7 +483,8 @@ def _solve(p: _Problem, budget: float, method: str, max_cells: int,
         gap=greedy_kld - dp_kld if greedy_kld is not None and dp_kld is not None else None,
         types=p.types, choice=choice, unit_costs={u.id: u.cost[choice[u.id]] for u in p.units},
         held=tuple(u.id for u in p.units if u.id in p.held), clamped=tuple(clamped), drift=_drift(p),
-        notes=tuple(notes), model_sha256=scan.model.get("sha256"), alternatives=tuple(alternatives))
+        notes=tuple(notes), model_sha256=scan.model.get("sha256"), alternatives=tuple(alternatives),
+        chunks=scan.chunks, bpw=bits_per_weight(scan, cost) if scan.kind == "weights" else None)
 
 
 def optimize(scan: Scan, budget: float, *, types: Sequence[str] | None = None, exclude_units: Iterable[str] = (),
@@ -492,7 +501,7 @@ def optimize(scan: Scan, budget: float, *, types: Sequence[str] | None = None, e
     """
     if method not in METHODS:
         raise OptimizeError(f"unknown method {method!r}; use {', '.join(METHODS)}")
-    found = partitions(scan)
+    found = partition_units(scan)
     if partition is not None:
         names = [partition]
         _pick_partition(found, partition)
@@ -513,14 +522,8 @@ def optimize(scan: Scan, budget: float, *, types: Sequence[str] | None = None, e
     if len(solved) > 1:
         others = ", ".join(f"{s.partition} {s.kld:.5f}" for s in solved if s is not best)
         note = f"partition {best.partition} chosen: predicted KLD {best.kld:.5f} against {others}"
-        best = _with_notes(best, note)
+        best = replace(best, notes=best.notes + (note,))
     return best
-
-
-def _with_notes(s: Solution, *notes: str) -> Solution:
-    d = {f: getattr(s, f) for f in s.__dataclass_fields__}
-    d["notes"] = s.notes + notes
-    return Solution(**d)
 
 
 def curve(scan: Scan, budgets: Iterable[float], **kwargs) -> list[Solution]:
@@ -545,7 +548,7 @@ def curve(scan: Scan, budgets: Iterable[float], **kwargs) -> list[Solution]:
 
 def predict(scan: Scan, choice: dict[str, str], *, partition: str | None = None) -> Prediction:
     """The prediction for any assignment of types to the units of one partition (a hand recipe's, say)."""
-    found = partitions(scan)
+    found = partition_units(scan)
     name = partition or next(iter(found))
     units = _pick_partition(found, name)
     if missing := [u.id for u in units if u.id not in choice]:
@@ -574,6 +577,6 @@ def _drift(p: _Problem) -> dict[str, dict[str, float | None]]:
 
 def additivity(scan: Scan, *, partition: str | None = None) -> dict[str, dict[str, float | None]]:
     """How far the additive predictions drift: each uniform run predicted from the units, minus its measured KLD."""
-    found = partitions(scan)
+    found = partition_units(scan)
     name = partition or next(iter(found))
     return _drift(_problem(scan, name, _pick_partition(found, name), None, ()))

@@ -90,15 +90,21 @@ def _base_type(solution: Solution) -> str:
 
 
 def _summary(solution: Solution, scan: Scan) -> list[str]:
-    where = f"{solution.size_mb:.3f} MB" if solution.kind == "weights" else f"{solution.bits_per_value:.4f} bits/value"
+    where = (f"{solution.bits_per_value:.4f} bits/value" if solution.kind == "kv" else f"{solution.size_mb:.3f} MB"
+             + ("" if solution.bpw is None else f" ({solution.bpw:.4f} bpw)"))
     ends = ", ".join(f"{n} {v:.5f}" for n, v in (("from the lowest end", solution.kld_low),
                                                    ("from the highest end", solution.kld_high)) if v is not None)
     sha = (scan.model.get("sha256") or "")[:12]
     first = (f"# written by lacq's optimizer from a {scan.kind} scan of {scan.model.get('path', '?')} ({sha}),"
              f" {solution.partition} partition, {solution.method}")
     budget = f"{solution.budget / 1e6:.3f} MB" if solution.kind == "weights" else f"{solution.budget:g} bits/value"
-    second = f"# budget {budget}; predicted {where}, mean KLD {solution.kld:.5f} ± {solution.kld_error:.5f}"
-    return [first, second + (f" ({ends})" if ends else "")]
+    second = (f"# budget {budget}; {where}; predicted mean KLD {solution.kld:.5f} ± {solution.kld_error:.5f} "
+              f"from the scan's {solution.chunks}×{scan.ctx} tokens")
+    lines = [first, second + (f" ({ends})" if ends else "")]
+    if (j := solution.judged) is not None:
+        lines.append(f"# judged: measured mean KLD {j.kld:.5f} ± {j.kld_error:.5f} on {j.chunks}×{scan.ctx} tokens "
+                     f"(kept: {j.kept})")
+    return lines
 
 
 def _expected(units: list[Unit], solution: Solution) -> dict[str, tuple[str, str]]:

@@ -6,14 +6,15 @@ Q4_K_M, Q5_K_M: stock llama-quantize ftypes), scan the model's blocks and tensor
 q8_0), let the optimizer place Q8_0 at Q4_K_M's size and at first8_q8's size (where its search
 proposes more than one choice, each is measured on the study's tokens and the best kept:
 studies/refine.pick_measured), and measure every file by KL-divergence against the base on the same
-tokens (PPL beside). Everything is cached or journaled: a rerun measures only what is missing.
+tokens (PPL beside). Everything is cached or journaled: a rerun measures only what is missing, a row
+being reused only where everything that changes its number is the same (`measured_rows`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -22,9 +23,9 @@ from lacq.llama.build import Build
 from lacq.measure.kld import measure_kld
 from lacq.model.info import inspect_model
 from lacq.plan.kv.config import KvConfig
-from lacq.plan.recipe import load_recipe, parse_recipe, resolve_recipe
+from lacq.plan.recipe import Plan, load_recipe, parse_recipe, resolve_recipe
 from lacq.quantize import convert_ftype, quantize_with_plan
-from lacq.results.store import Store
+from lacq.results.store import Result, Store
 from lacq.results.tables import placement_frame
 from lacq.studies.artifact import Scan
 from lacq.studies.optimize import optimize
@@ -41,6 +42,9 @@ SCAN_UNITS = ("block", "group")
 SCAN_CHUNKS = 4
 
 Step = Callable[[str, float, str], None]  # (stage, fraction, detail)
+# (label, kind, plan, quantized file, origin): origin names what made the plan beyond the recipe (the scan's study
+# for the optimized rows), None for the rest
+Row = tuple[str, str, Plan, Path, str | None]
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
                                  force=True)
         if name in sizes:
             sizes[name] = out.output.stat().st_size
-        plans[i] = (name, kind, plan, out.output)
+        plans[i] = (name, kind, plan, out.output, None)
     measure = key = None
     for target, size in sizes.items():
         if size is None:
@@ -102,24 +106,46 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
         plan = resolve_recipe(load_recipe(toml), base_info)
         out = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{model.stem}.{toml.stem}.gguf",
                                  force=True)
-        plans.append((name, "optimized", plan, out.output))
+        plans.append((name, "optimized", plan, out.output, scan.provenance.get("study")))
     if step:
         step("quantize", 1.0, "done")
-
-    done = {r.label for r in store.results(kind="kld", study=study)}
-    for i, (label, kind, plan, path) in enumerate(plans):
-        if label in done:
-            continue
-        if step:
-            step("KL-divergence", i / len(plans), label)
-        measure_kld(build, store, path, inspect_model(path), base, base_info, KvConfig(), corpus, ctx=ctx,
-                    chunks=chunks, threads=threads, label=label, study=study, recipe=plan.recipe,
-                    plan_hash=plan.plan_hash, annotations={"kind": kind})
-    if step:
-        step("KL-divergence", 1.0, "done")
-    table = placement_frame(store.results(kind="kld", study=study), budget_label="first8_q8")
+    rows = measured_rows(build, store, plans, base, base_info, corpus, ctx=ctx, chunks=chunks, threads=threads,
+                         study=study, step=step)
+    table = placement_frame(rows, budget_label="first8_q8")
     plots = tuple(plot_scan(scan, work, "demo-scan"))
     points = [ParetoPoint(r.configuration, r.size_mb, r.kld_mean, r.kld_mean_error, r.kind) for r in table.itertuples()]
     plots += (plot_pareto(points, work / "demo-pareto.png",
                           title=f"{model.name}: size vs KLD, {chunks}×{ctx} tokens"),)
     return PlacementResult(study, table, base, scan, plots)
+
+
+def measured_rows(build: Build, store: Store, plans: list[Row], base: Path, base_info, corpus: Path, *, ctx: int,
+                  chunks: int, threads: int | None, study: str, step: Step | None = None,
+                  measure=measure_kld) -> list[Result]:
+    """Each row's KLD result. One filed in `study` under the row's label is reused only where the plan, the file
+    measured, its origin, the base, the corpus, the context, the chunks and the build are the same; anything
+    else is measured (`measure`: measure_kld's signature)."""
+    want = {"base": store.sha256(base), "corpus": store.sha256(corpus), "ctx": ctx, "chunks": chunks,
+            "build": build.key}
+    stored = store.results(kind="kld", study=study)
+    out = []
+    for i, (label, kind, plan, path, origin) in enumerate(plans):
+        key = {**want, "label": label, "plan": plan.plan_hash, "file": store.sha256(path), "origin": origin}
+        hit = next((r for r in reversed(stored) if _row_key(r) == key), None)
+        if hit is None:
+            if step:
+                step("KL-divergence", i / len(plans), label)
+            rid = measure(build, store, path, inspect_model(path), base, base_info, KvConfig(), corpus, ctx=ctx,
+                          chunks=chunks, threads=threads, label=label, study=study, recipe=plan.recipe,
+                          plan_hash=plan.plan_hash, annotations={"kind": kind, "origin": origin}).result_id
+            hit = store.get(rid)
+        out.append(hit)
+    if step:
+        step("KL-divergence", 1.0, "done")
+    return out
+
+
+def _row_key(r: Result) -> dict:
+    return {"base": r.metrics.get("base_model_sha256"), "corpus": r.corpus_sha256, "ctx": r.ctx, "chunks": r.chunks,
+            "build": (r.build or {}).get("build_key"), "label": r.label, "plan": r.plan_hash, "file": r.model_sha256,
+            "origin": r.metrics.get("origin")}

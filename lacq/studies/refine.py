@@ -17,7 +17,8 @@ where units interact, and the prediction drifts (SmolLM2, q4_0/q8_0 tensor units
 - the knapsack of `optimize` picks the moves with the most predicted gain within the
   budget: predicted = K0 + Σ (K(u, t_u) − K0) over the moved units. Noise is not
   trusted to pay: a move to a dearer type that measures worse, or to a cheaper type
-  that measures better, counts as zero change;
+  that measures better, counts as zero change; a move between types of equal cost
+  (iq4_nl and q4_k, q5_0 and q5_k) counts as measured, either way;
 - the proposal is measured and replaces c only when it measures lower than K0. Both
   are judged on `judge_chunks` chunks (default 20 in the CLI), more than the scan's:
   the knapsack picks the moves whose few-chunk measurements happen to look best, and
@@ -29,8 +30,9 @@ where units interact, and the prediction drifts (SmolLM2, q4_0/q8_0 tensor units
 - rounds repeat around each accepted choice, up to `rounds`, and stop early when a
   round accepts nothing.
 
-Every measurement is a job of the study `refine:<scan study>:<chunks>`, keyed by what the
-variant holds, so a re-run (or Ctrl-C and a re-run) measures nothing twice. The
+Every measurement is a job of a journal study (`journal_study`: the scan's study, and a hash of the
+measuring build, corpus, context and chunks), keyed by what the variant holds, so a re-run (or
+Ctrl-C and a re-run) measures nothing twice and another build or corpus measures afresh. The
 pure part (`local_items`, `propose`) takes the measurements as numbers; the
 runners (`weights_runner`, `kv_runner`) turn a choice into a measured KLD.
 """
@@ -38,9 +40,9 @@ runners (`weights_runner`, `kv_runner`) turn a choice into a measured KLD.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from lacq.fsutil import canonical_hash
 from lacq.llama.build import Build
@@ -51,7 +53,7 @@ from lacq.results.store import Store
 from lacq.studies import knapsack
 from lacq.studies.artifact import Kld, Scan, Unit
 from lacq.studies.executor import Job, run_jobs
-from lacq.studies.optimize import OptimizeError, Solution, partitions
+from lacq.studies.optimize import Judged, OptimizeError, Solution, bits_per_weight, partition_units, predict
 from lacq.studies.scan import candidate_files, kv_variant_config, measure_assembled, stored_kld, work_dir
 
 SHRINKS = 2
@@ -91,12 +93,15 @@ class Refined:
 
 
 def _delta(u: Unit, t: str, center: Choice, k0: float, moves: dict[tuple[str, str], float]) -> float:
-    """The trusted KLD change of moving u alone to t (zero where noise has the wrong sign)."""
+    """The trusted KLD change of moving u alone to t (zero where noise has the wrong sign; as measured between
+    types of equal cost, which have no expected sign)."""
     c = center[u.id]
     if t == c:
         return 0.0
     d = moves[(u.id, t)] - k0
-    return max(0.0, d) if u.cost[t] <= u.cost[c] else min(0.0, d)
+    if u.cost[t] == u.cost[c]:
+        return d
+    return max(0.0, d) if u.cost[t] < u.cost[c] else min(0.0, d)
 
 
 def local_items(units: tuple[Unit, ...], types: tuple[str, ...], center: Choice, k0: float,
@@ -144,7 +149,7 @@ def refine(scan: Scan, solution: Solution, measure: MeasureMany, key: Callable[[
     """Refine `solution` (see the module docstring); `key` names what a choice's variant holds."""
     if rounds < 1:
         raise OptimizeError(f"--refine takes a number of rounds ≥ 1, got {rounds}")
-    units = partitions(scan)[solution.partition]
+    units = partition_units(scan)[solution.partition]
     types = solution.types
     room = solution.budget_cost - scan.fixed_cost
     center = dict(solution.choice)
@@ -192,48 +197,66 @@ def refine(scan: Scan, solution: Solution, measure: MeasureMany, key: Callable[[
 def pick_measured(scan: Scan, solution: Solution, measure: MeasureMany, key: Callable[[Choice], str],
                   chunks: int) -> tuple[Solution, list[tuple[str, float, Kld]], int]:
     """The search's proposals (its answer and `solution.alternatives`) measured on `chunks` chunks: the best
-    measured as the solution, a table of (objective, quoted, measured KLD) per proposal, and the kept row."""
+    measured as the solution (its prediction and solver its own, the measurement in `judged`), a table of
+    (objective, quoted, measured KLD) per proposal, and the kept row."""
     chunks = max(scan.chunks, chunks)
-    props = [(dict(solution.choice), solution.kld, f"the search's answer ({solution.method})")]
-    props += [(dict(c), q, w) for c, q, w in solution.alternatives]
-    got = measure({key(c): c for c, _, _ in props}, chunks)
-    table = [(w, q, got[key(c)]) for c, q, w in props]
+    props = [(dict(solution.choice), solution.kld, f"the search's answer ({solution.method})", solution.method)]
+    props += [(dict(c), q, w, m) for c, q, w, m in solution.alternatives]
+    got = measure({key(c): c for c, _, _, _ in props}, chunks)
+    table = [(w, q, got[key(c)]) for c, q, w, _ in props]
     best = min(range(len(props)), key=lambda i: (round(table[i][2].kld, 9), i))
-    out = solution if best == 0 else _with_choice(solution, scan, props[best][0], kld=props[best][1], kld_low=None,
-                                                  kld_high=None)
+    out = solution if best == 0 else _with_choice(solution, scan, props[best][0], method=props[best][3])
+    k = table[best][2]
     note = ("proposals measured on " + f"{chunks}×{scan.ctx} tokens: " +
-            "; ".join(f"{w} (quoted {q:.5f}) {k.kld:.5f} ± {k.kld_error:.5f}" for w, q, k in table) +
+            "; ".join(f"{w} (quoted {q:.5f}) {m.kld:.5f} ± {m.kld_error:.5f}" for w, q, m in table) +
             f"; kept {table[best][0]}")
-    return replace(out, notes=out.notes + (note,), alternatives=()), table, best
+    return replace(out, notes=out.notes + (note,), alternatives=(),
+                   judged=Judged(k.kld, k.kld_error, chunks, table[best][0])), table, best
 
 
 def _with_choice(solution: Solution, scan: Scan, choice: Choice, **changes) -> Solution:
-    """`solution` with another choice of the same partition: its costs follow, `changes` set the rest."""
-    units = partitions(scan)[solution.partition]
+    """`solution` with another choice of the same partition: its costs and the scan's prediction follow,
+    `changes` set the rest."""
+    units = partition_units(scan)[solution.partition]
     cost = scan.fixed_cost + sum(u.cost[choice[u.id]] for u in units)
+    pred = predict(scan, choice, partition=solution.partition)
     return replace(solution, choice=dict(choice), unit_costs={u.id: u.cost[choice[u.id]] for u in units}, cost=cost,
                    size_mb=cost / 1e6 if scan.kind == "weights" else None,
-                   bits_per_value=cost / scan.total_values if scan.kind == "kv" else None, **changes)
+                   bits_per_value=cost / scan.total_values if scan.kind == "kv" else None,
+                   bpw=bits_per_weight(scan, cost) if scan.kind == "weights" else None, kld=pred.kld,
+                   kld_low=pred.kld_low, kld_high=pred.kld_high, kld_error=pred.kld_error, frac=pred.frac, **changes)
 
 
 def refined_solution(solution: Solution, scan: Scan, r: Refined) -> Solution:
-    """The solution with the refined choice; its kld is the measured one (on the chunks proposals were judged on)."""
+    """The solution with the refined choice: the scan's prediction for it, and its measurement (on the chunks
+    proposals were judged on) in `judged`."""
     n = sum(len(x.proposals) for x in r.rounds)
     note = (f"refined by measurement: {len(r.rounds)} round(s), {n} proposal(s) measured; KLD {r.start.kld:.5f} → "
-            f"{r.kld.kld:.5f} ± {r.kld.kld_error:.5f} measured on {r.chunks}×{scan.ctx} tokens "
-            f"(the scan's prediction was {solution.kld:.5f})")
-    return _with_choice(solution, scan, r.choice, kld=r.kld.kld, kld_low=None, kld_high=None,
-                        kld_error=r.kld.kld_error, method="refined", notes=solution.notes + (note,))
+            f"{r.kld.kld:.5f} ± {r.kld.kld_error:.5f} measured on {r.chunks}×{scan.ctx} tokens")
+    return _with_choice(solution, scan, r.choice, method="refined", notes=solution.notes + (note,),
+                        judged=Judged(r.kld.kld, r.kld.kld_error, r.chunks, "refined"))
 
 
 # --- runners ----------------------------------------------------------------------------
 
 
-def _measure_many(store: Store, scan: Scan, run: Callable[[Job, Store, int, str], int], workers: int,
-                  step: Step | None) -> MeasureMany:
-    """Journaled measurement of choices: one study per chunk count, `refine:<scan study>:<chunks>`."""
+def journal_study(scan: Scan, build: Build, corpus_sha256: str, chunks: int) -> str:
+    """The study that journals refinement measurements: the scan's study, and a hash of everything else that
+    changes a number (the measuring build, the corpus, context and chunks, the base file or KV reference)."""
+    scan_study = scan.provenance.get("study") or canonical_hash(scan.model)[:16]
+    reference = {k: v for k, v in scan.base.items() if k not in ("path", "logits")}  # base sha256, or KV cache types
+    inputs = {"build": build.key, "corpus": corpus_sha256, "ctx": scan.ctx, "chunks": chunks,
+              "model": scan.model.get("sha256"), "base": reference}
+    return f"refine:{scan_study}:{canonical_hash(inputs)[:12]}:{chunks}"
+
+
+def _measure_many(store: Store, build: Build, scan: Scan, corpus: Path, run: Callable[[Job, Store, int, str], int],
+                  workers: int, step: Step | None) -> MeasureMany:
+    """Journaled measurement of choices: one study per chunk count (`journal_study`)."""
+    corpus_sha = store.sha256(corpus)
+
     def measure(choices: dict[str, Choice], chunks: int) -> dict[str, Kld]:
-        study = f"{_study(scan)}:{chunks}"
+        study = journal_study(scan, build, corpus_sha, chunks)
         jobs = [Job(k, k) for k in choices]
         ids = run_jobs(jobs, lambda job, st: run(Job(job.key, choices[job.key]), st, chunks, study), store, study,
                        workers=workers,
@@ -245,6 +268,8 @@ def _measure_many(store: Store, scan: Scan, run: Callable[[Job, Store, int, str]
 def weights_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, threads: int | None = None,
                    workers: int = 1, step: Step | None = None) -> tuple[MeasureMany, Callable[[Choice], str]]:
     """(measure, key) for a weights scan: each choice assembled from the candidate files, KLD against the base."""
+    if not scan.base.get("path"):
+        raise OptimizeError("refining needs the scan's base, and the scan names none")
     base = Path(scan.base["path"])
     if not base.exists():
         raise OptimizeError(f"refining needs the scan's base {base}, which does not exist here")
@@ -270,7 +295,7 @@ def weights_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, thre
                                  base, base_info, corpus, work, ctx=scan.ctx, chunks=chunks, threads=threads,
                                  label=job.key, study=study)
 
-    return _measure_many(store, scan, run, workers, step), key
+    return _measure_many(store, build, scan, corpus, run, workers, step), key
 
 
 def kv_config(scan: Scan, choice: Choice) -> KvConfig:
@@ -284,9 +309,13 @@ def kv_config(scan: Scan, choice: Choice) -> KvConfig:
 def kv_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, threads: int | None = None,
               workers: int = 1, step: Step | None = None) -> tuple[MeasureMany, Callable[[Choice], str]]:
     """(measure, key) for a KV scan: each choice run as per-layer types, KLD against the f16-cache logits."""
+    if not scan.model.get("path"):
+        raise OptimizeError("refining needs the scanned model, and the scan names none")
     model = Path(scan.model["path"])
     if not model.exists():
         raise OptimizeError(f"refining needs the scanned model {model}, which does not exist here")
+    if store.sha256(model) != scan.model.get("sha256"):
+        raise OptimizeError(f"{model} is not the file the scan was made from (sha256 differs)")
     info = inspect_model(model)
     by_id = {u.id: u for u in scan.units}
 
@@ -297,11 +326,7 @@ def kv_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, threads: 
         return measure_kld(build, st, model, info, model, info, kv_config(scan, job.spec), corpus, ctx=scan.ctx,
                            chunks=chunks, threads=threads, label=job.key, study=study).result_id
 
-    return _measure_many(store, scan, run, workers, step), key
-
-
-def _study(scan: Scan) -> str:
-    return "refine:" + str(scan.provenance.get("study") or canonical_hash(scan.model)[:16])
+    return _measure_many(store, build, scan, corpus, run, workers, step), key
 
 
 def summary(r: Refined) -> list[str]:

@@ -222,7 +222,9 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
             notes.append(f"{u.id} at {t}: llama.cpp writes {actual} (row size); costs and KLD use what it writes")
     return Scan(kind="weights", model={"path": str(model), "sha256": store.sha256(model),
                                        "architecture": info.architecture, "n_blocks": info.n_blocks,
-                                       "n_elements": sum(t.n_elements for t in info.tensors)},
+                                       "n_elements": sum(t.n_elements for t in info.tensors),
+                                       # header, metadata and padding: file bytes minus tensor bytes (for bpw)
+                                       "overhead_bytes": files[lowest].stat().st_size - cinfo[lowest].total_bytes},
                 base={"path": str(base), "sha256": base_sha, "logits": str(logits)}, types=tuple(cands),
                 units=tuple(scanned), uniform={t: kld[f"uniform {t}"] for t in cands}, fixed_cost=fixed,
                 chunks=chunks, ctx=ctx, cost_unit="bytes", excluded_types=excluded, notes=tuple(dict.fromkeys(notes)),

@@ -1,7 +1,9 @@
-"""Measuring an optimized recipe or KV policy: predicted against measured KLD, stored side by side."""
+"""Measuring an optimized recipe or KV policy: the scan's prediction, the judged and the measured KLD, stored side
+by side, each with its chunk count."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from lacq import paths
@@ -27,7 +29,7 @@ def verify_weights(build: Build, store: Store, scan: Scan, solution: Solution, r
                              output=paths.sub("work") / "optimized" / f"{base.stem}.{plan.recipe}.gguf", force=True)
     r = measure_kld(build, store, out.output, inspect_model(out.output), base, base_info, KvConfig(), corpus,
                     ctx=scan.ctx, chunks=scan.chunks, threads=threads, label=label, study=study,
-                    recipe=plan.recipe, plan_hash=plan.plan_hash, annotations=_prediction(solution))
+                    recipe=plan.recipe, plan_hash=plan.plan_hash, annotations=annotations(solution))
     return r.result_id, r.result.kld_mean, out.output
 
 
@@ -38,11 +40,14 @@ def verify_kv(build: Build, store: Store, scan: Scan, solution: Solution, policy
     info = inspect_model(model)
     kv: KvConfig = load_kv_policy(policy_path).config()
     r = measure_kld(build, store, model, info, model, info, kv, corpus, ctx=scan.ctx, chunks=scan.chunks,
-                    threads=threads, label=label, study=study, annotations=_prediction(solution))
+                    threads=threads, label=label, study=study, annotations=annotations(solution))
     return r.result_id, r.result.kld_mean
 
 
-def _prediction(solution: Solution) -> dict:
+def annotations(solution: Solution) -> dict:
+    """What the measured result is filed with: the scan's prediction (on the scan's chunks) and, where
+    --verify or --refine measured the choice on its assembled file, that judgement (on its chunks)."""
     return {"predicted": {"kld": solution.kld, "kld_low": solution.kld_low, "kld_high": solution.kld_high,
-                          "kld_error": solution.kld_error, "budget": solution.budget, "cost": solution.cost,
-                          "method": solution.method}}
+                          "kld_error": solution.kld_error, "chunks": solution.chunks, "budget": solution.budget,
+                          "cost": solution.cost, "method": solution.method},
+            "judged": asdict(solution.judged) if solution.judged is not None else None}

@@ -1,9 +1,10 @@
-"""`lacq sweep` on the real CPU build and SmolLM2: the local executor, a Ctrl-C and resume, and a
-local Ray cluster (2 CPUs) on which one worker is killed mid-run and the sweep still stores
-every result exactly once."""
+"""`lacq sweep` on the real CPU build and SmolLM2: the local executor, a Ctrl-C and resume, a SIGTERM
+that stops every tool at once, and a local Ray cluster (2 CPUs) on which one worker is killed mid-run
+(its tool with it) and the sweep still stores every result exactly once."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 import pytest
 from click.testing import CliRunner
 from conftest import REPO
+from procutil import alive, descendants, gone_within, kill_survivors
 
 from lacq.cli import cli
 from lacq.results.store import open_store
@@ -86,6 +88,34 @@ def test_ctrl_c_then_the_same_command_runs_only_the_missing_runs(cpu_build, smol
     _assert_each_run_once("resume4")
 
 
+def test_sigterm_mid_sweep_stops_the_workers_tools_at_once(cpu_build, smollm2, tmp_path):
+    # One run long enough to outlast the test (a chunk of 8192 tokens), as in a CI timeout: before, the
+    # driver waited for its worker, whose llama-perplexity (in a session of its own) got no signal.
+    sweep = tmp_path / "long.toml"
+    sweep.write_text(TINY.format(name="long").replace("[128, 256]", "[8192]").replace(
+        'kv = ["f16/f16", {ctk = "q8_0", ctv = "q4_0"}]', "").replace("chunks = 1", "chunks = 2"))
+    proc = subprocess.Popen([sys.executable, "-m", "lacq", "sweep", str(sweep)], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))  # noqa: PLW1509
+    procs: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not any(n.startswith("llama-perplex") for n in procs.values()) and time.monotonic() < deadline \
+                and proc.poll() is None:
+            procs = descendants(proc.pid)
+            time.sleep(0.1)
+        assert any(n.startswith("llama-perplex") for n in procs.values()), proc.communicate()[0]
+        time.sleep(2)  # past loading the model: computing the first chunk
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 143 and "terminated by SIGTERM" in out and "Traceback" not in out, out
+        assert gone_within(procs, 10), f"still running: {[(p, n) for p, n in procs.items() if alive(p)]}"
+    finally:
+        proc.kill()
+        kill_survivors(procs)
+    assert not _stored("long")
+
+
 @pytest.fixture
 def local_ray(tmp_path, monkeypatch, isolated_home):
     ray = pytest.importorskip("ray")
@@ -104,7 +134,9 @@ def test_ray_sweep_survives_a_killed_worker_and_stores_every_result_once(cpu_bui
     r = CliRunner().invoke(cli, ["sweep", str(sweep), "--executor", "ray"])
     assert r.exit_code == 0, r.output
     assert local_ray.exists(), "no worker was killed: the fault hook did not fire"
-    killed_pid = int(local_ray.read_text())
+    killed = json.loads(local_ray.read_text())
+    killed_pid = killed["worker"]
+    assert killed["tools"] and gone_within(killed["tools"], 5), "the killed worker's llama-perplexity ran on"
     rows = _assert_each_run_once("ray4")
     nodes = [row.metrics["node"] for row in rows]
     assert all(n.get("ray_node_id") for n in nodes)

@@ -1,18 +1,28 @@
-"""`lacq sweep` without a build: the TOML format, run keys, resume bookkeeping, executors' bad input."""
+"""`lacq sweep` without a build: the TOML format, run keys, resume bookkeeping, executors' bad input, and
+that no tool outlives a stopped sweep (on a stand-in llama-perplexity)."""
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from cliutil import assert_clean_error, run_cli
+from conftest import CAPTURES, REPO
+from procutil import alive, descendants, gone_within, kill_survivors
+from synth import write_synthetic_gguf
 
 from lacq.errors import SweepError
 from lacq.llama.build import Build
 from lacq.results.store import open_store
-from lacq.studies.sweep import WorkerSetup, load_sweep, plan_runs, progress_of, run_sweep, stored_keys
-from lacq.studies.sweep_exec import LocalExecutor, make_executor
+from lacq.studies.sweep import CRASH_ONCE_ENV, WorkerSetup, load_sweep, plan_runs, progress_of, run_sweep, stored_keys
+from lacq.studies.sweep_exec import LocalExecutor, RayExecutor, make_executor
 
 TINY = """
 name = "tiny"
@@ -153,3 +163,93 @@ def test_sweep_ray_not_installed_is_one_clear_line(tmp_path, monkeypatch):
 def test_sweep_address_without_ray_is_refused():
     with pytest.raises(SweepError, match="--address"):
         make_executor("local", address="auto")
+
+
+# ---------------------------------------------------------------- tools die with their sweep
+# A stand-in llama-perplexity: its first call prints a progress line and hangs, as a long chunk
+# does (no output, so no SIGPIPE ends it either); later calls print a real run's log and exit.
+FAKE_PERPLEXITY = """#!/bin/sh
+if mkdir "{first}" 2>/dev/null; then echo "[1]"; exec sleep 60; fi
+cat "{capture}"
+"""
+
+
+def _fake_sweep(tmp_path):
+    """A one-run ppl sweep of a synthetic model on a build whose llama-perplexity is FAKE_PERPLEXITY."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "llama-perplexity"
+    tool.write_text(FAKE_PERPLEXITY.format(first=tmp_path / "first-call",
+                                           capture=CAPTURES / "perplexity_q8_0_q4_0_fa.log"))
+    tool.chmod(0o755)
+    build = Build(**{**BUILD.__dict__, "bin_dir": bin_dir})
+    model = write_synthetic_gguf(tmp_path / "m.gguf")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("words " * 1000)
+    sweep = load_sweep(_sweep_file(tmp_path, TINY.replace('["smollm2"]', f'["{model}"]')
+                                   .replace('kv = ["f16/f16", {ctk = "q8_0", ctv = "q4_0"}]', "")
+                                   .replace("[128, 256]", "[128]")))
+    runs = plan_runs(sweep, build, open_store(), lambda spec, recipe: model, lambda m, c, n: None)
+    setup = WorkerSetup(home=os.environ["LACQ_HOME"], build=build, corpus=str(corpus))
+    return sweep, runs, setup
+
+
+# The driver of a sweep as `lacq sweep` runs it (its signal handlers, its error handling), on the fake build.
+DRIVER = """
+import pickle, sys
+from lacq.cli.common import install_signal_handlers, user_errors
+from lacq.results.store import Store
+from lacq.studies.sweep import run_sweep
+from lacq.studies.sweep_exec import LocalExecutor
+sweep, runs, setup, db = pickle.loads(open(sys.argv[1], "rb").read())
+install_signal_handlers()
+with user_errors():
+    run_sweep(sweep, runs, setup, Store(db), LocalExecutor(jobs=1))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_sweep_driver_leaves_no_tool_running(tmp_path, sig):
+    sweep, runs, setup = _fake_sweep(tmp_path)
+    args = tmp_path / "driver.pickle"
+    args.write_bytes(pickle.dumps((sweep, runs, setup, str(tmp_path / "results.sqlite"))))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(args)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))  # noqa: PLW1509
+    procs: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while "sleep" not in procs.values() and time.monotonic() < deadline and driver.poll() is None:
+            procs = descendants(driver.pid)
+            time.sleep(0.05)
+        assert "sleep" in procs.values(), driver.communicate()[0]
+        driver.send_signal(sig)
+        driver.wait(timeout=20)  # the tool would hang for 60 s: the driver must not wait for it
+        assert gone_within(procs, 10), f"still running: {[(p, n) for p, n in procs.items() if alive(p)]}"
+        out = driver.communicate(timeout=10)[0]
+        if sig == signal.SIGTERM:
+            assert driver.returncode == 143 and "terminated by SIGTERM" in out and "Traceback" not in out, out
+    finally:
+        driver.kill()
+        kill_survivors(procs)
+    assert not open_store(tmp_path / "results.sqlite").results(kind="ppl")
+
+
+def test_a_ray_worker_killed_mid_run_leaves_no_tool_behind(tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    sweep, runs, setup = _fake_sweep(tmp_path)
+    marker = tmp_path / "crash.marker"
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))  # before the cluster starts, so its workers inherit it
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    tools: list[int] = []
+    try:
+        outcome = run_sweep(sweep, runs, setup, open_store(), RayExecutor(jobs=1))
+        assert marker.exists(), "no worker was killed: the fault hook did not fire"
+        tools = json.loads(marker.read_text())["tools"]
+        assert tools, "the killed worker was running no tool"
+        assert gone_within(tools, 5), "the killed worker's tool is still running"  # checked before Ray shuts down
+    finally:
+        ray.shutdown()
+        kill_survivors(tools)
+    assert len(outcome.ran) == 1 and not outcome.failed  # the retry stored the run

@@ -12,6 +12,7 @@ with the worker's provenance (node, device) — so only the driver writes the re
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -48,8 +49,9 @@ _SECTION_DEFAULTS = {
     "bench": {"pp": 512, "tg": 128, "repetitions": 5},
     "niah": {"depths": [0, 25, 50, 75, 100], "trials": 5, "seed": 0, "runner": "completion", "n_predict": 16},
 }
-# Test hook (documented in the e2e test): when set to a path, the first run to create that file
-# kills its own worker process mid-run, as a lost node would.
+# Test hook (documented in the tests): when set to a path, the first run to create that file kills
+# its own worker process mid-run (its tool running), as a lost node would; the file says (JSON)
+# which worker died and which tools it was running, so a test can check that none outlives it.
 CRASH_ONCE_ENV = "LACQ_SWEEP_CRASH_ONCE"
 
 
@@ -216,9 +218,22 @@ def _maybe_crash() -> None:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return
-    os.write(fd, str(os.getpid()).encode())
+    os.write(fd, json.dumps({"worker": os.getpid(), "tools": _child_pids()}).encode())
     os.close(fd)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _child_pids() -> list[int]:
+    """This process's children (Linux /proc; empty elsewhere)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # exited while we looked
+            continue
+        if int(text[text.rindex(")") + 2:].split()[1]) == os.getpid():
+            out.append(int(stat.parent.name))
+    return out
 
 
 def _node() -> dict:

@@ -6,6 +6,13 @@ submits one Ray task per run with its GPU request (`num_gpus`) and retries a tas
 died. Both call `execute_run` in the worker and hand every result (or error) back to the driver's
 `on_done`, which files it: workers never write the results database.
 
+Every way the driver ends stops the tools it started. A tool dies with the worker that runs it
+(`die_with_parent` in the tools' runner, so a worker killed outright leaves no llama.cpp behind).
+The driver stops local workers with SIGTERM when it leaves early (Ctrl-C, SIGTERM, an error), and
+a local worker gets SIGTERM from the kernel if the driver dies; a worker turns SIGTERM into
+`Terminated` inside a run, so the run's tool is stopped and its temporary files removed, and then
+exits. Ray's tasks are cancelled with force, which kills their workers, and with them their tools.
+
 Ray and the workers share lacq's home and the model files by path (one machine, or nodes with
 the same shared filesystem mounted at the same path, and lacq importable on every node).
 """
@@ -16,13 +23,16 @@ import multiprocessing
 import os
 import queue as queue_mod
 import shutil
+import signal
 import subprocess
 from abc import ABC, abstractmethod
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.managers import SyncManager
 from typing import Callable
 
-from lacq.errors import LacqError, SweepError
+from lacq.errors import LacqError, SweepError, Terminated
+from lacq.llama.tools.base import die_with_parent
 from lacq.studies.sweep import SweepRun, WorkerSetup, execute_run
 
 OnDone = Callable[[SweepRun, "dict | None", "str | None"], None]  # (run, stored row, error message)
@@ -57,20 +67,55 @@ def visible_gpus() -> list[str]:
 
 
 # ---------------------------------------------------------------- local
-_gpu_ids = None  # set in each pool worker by _init_worker
-_progress_queue = None
+_progress_queue = None  # set in each pool worker by _init_worker
+_in_run = False  # whether this worker is inside a run (where SIGTERM unwinds instead of exiting at once)
 
 
-def _init_worker(gpu_ids, progress_queue) -> None:
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second one must not cut the cleanup short
+    if _in_run:
+        raise Terminated(signum)
+    os._exit(128 + signum)
+
+
+def _die_with_driver(driver: int) -> None:
+    """SIGTERM from the kernel when the driver dies, even by SIGKILL. The driver's main thread, which
+    lives as long as the driver, starts the workers (ProcessPoolExecutor.submit) and the manager."""
+    die_with_parent(signal.SIGTERM, driver)
+
+
+def _init_worker(driver: int, gpu_ids, progress_queue) -> None:
     global _progress_queue
     _progress_queue = progress_queue
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # A terminal's Ctrl-C reaches the driver and its workers alike; the driver alone acts on it
+    # and stops the workers with SIGTERM, so that every way out takes one path.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_driver(driver)
     if gpu_ids is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids.get()
 
 
 def _local_task(run: SweepRun, setup: WorkerSetup) -> dict:
+    global _in_run
     report = (lambda key, f, d: _progress_queue.put((key, f, d))) if _progress_queue is not None else None
-    return execute_run(run, setup, report)
+    _in_run = True
+    try:
+        return execute_run(run, setup, report)
+    except Terminated as exc:
+        # Unwound: the tool's process group is stopped and the run's temporary files removed. Exit
+        # rather than return, or the pool would hand this worker the next queued run.
+        os._exit(128 + exc.signum)
+    finally:
+        _in_run = False
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM every worker of the pool, so that shutting it down does not wait for their runs.
+    (`_processes` is the pool's own table of its worker processes; there is no public one.)"""
+    for proc in list((pool._processes or {}).values()):
+        if proc.is_alive():
+            proc.terminate()
 
 
 class LocalExecutor(SweepExecutor):
@@ -85,7 +130,9 @@ class LocalExecutor(SweepExecutor):
 
     def run(self, runs, setup, on_done, on_progress) -> None:
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Manager() as manager:
+        manager = SyncManager(ctx=ctx)
+        manager.start(_die_with_driver, (os.getpid(),))
+        with manager:
             progress_q = manager.Queue()
             gpu_q = None
             if self.gpus:
@@ -93,7 +140,7 @@ class LocalExecutor(SweepExecutor):
                 for g in self.gpus[:self.jobs]:
                     gpu_q.put(g)
             pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_init_worker,
-                                       initargs=(gpu_q, progress_q))
+                                       initargs=(os.getpid(), gpu_q, progress_q))
             try:
                 pending = {pool.submit(_local_task, r, setup): r for r in runs}
                 while pending:
@@ -114,6 +161,7 @@ class LocalExecutor(SweepExecutor):
             except BaseException:
                 for fut in pending:
                     fut.cancel()
+                _stop_workers(pool)
                 raise
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)

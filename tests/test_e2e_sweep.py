@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -17,6 +18,7 @@ from conftest import REPO
 from procutil import alive, descendants, gone_within, kill_survivors
 
 from lacq.cli import cli
+from lacq.fsutil import file_sha256
 from lacq.results.store import open_store
 from lacq.studies.sweep import CRASH_ONCE_ENV, load_sweep
 
@@ -86,6 +88,21 @@ def test_ctrl_c_then_the_same_command_runs_only_the_missing_runs(cpu_build, smol
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"{4 - before} run(s) done now, {before} already stored" in " ".join(r.stdout.split()), r.stdout
     _assert_each_run_once("resume4")
+
+
+def test_sweep_kld_of_a_recipe_is_against_its_unquantized_parent(cpu_build, smollm2, tmp_path):
+    sweep = tmp_path / "kldbase.toml"
+    sweep.write_text(TINY.format(name="kldbase").replace('["smollm2"]', '["smollm2"]\nrecipes = ["first8_q8"]')
+                     .replace('kv = ["f16/f16", {ctk = "q8_0", ctv = "q4_0"}]', "").replace("[128, 256]", "[128]")
+                     .replace('["ppl"]', '["kld"]').replace("[ppl]\nchunks = 1", "[kld]\nchunks = 2"))
+    r = CliRunner().invoke(cli, ["sweep", str(sweep)])
+    assert r.exit_code == 0, r.output
+    (row,) = [x for x in open_store().results(study="kldbase") if x.kind == "kld"]
+    m = row.metrics
+    # before, the base logits came from the quantized file itself: KLD ≈ 0 against itself
+    assert m["base_model"].endswith(".f16.gguf") and m["kld_base"] == "unquantized parent"
+    assert m["base_model_sha256"] == file_sha256(Path(m["base_model"])) != row.model_sha256
+    assert m["kld_mean"] > 1e-3
 
 
 def test_sigterm_mid_sweep_stops_the_workers_tools_at_once(cpu_build, smollm2, tmp_path):

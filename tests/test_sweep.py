@@ -49,7 +49,8 @@ def _plan(tmp_path, store, build=BUILD):
     if not model.exists():
         model.write_bytes(b"GGUF" + bytes(60))
     sweep = load_sweep(_sweep_file(tmp_path))
-    return sweep, plan_runs(sweep, build, store, lambda spec, recipe: model, lambda m, c, n: tmp_path / "l")
+    return sweep, plan_runs(sweep, build, store, lambda spec, recipe: (model, model),
+                            lambda m, c, n: tmp_path / "l")
 
 
 class FakeExecutor:
@@ -104,6 +105,31 @@ def test_sweep_resumes_after_ctrl_c_running_only_the_missing_runs(tmp_path):
     assert run_sweep(sweep, runs, setup, store, third).skipped == 4 and not third.executed
     assert progress_of(store, "tiny") == (4, 4, [])
     assert len(stored_keys(store, "tiny")) == 4
+
+
+def test_kld_runs_measure_a_recipe_against_its_unquantized_parent(tmp_path):
+    store = open_store()
+    parent, quantized = tmp_path / "parent.gguf", tmp_path / "parent.first8_q8.gguf"
+    parent.write_bytes(b"GGUF" + bytes(60))
+    quantized.write_bytes(b"GGUF" + bytes(59) + b"q")
+    sweep = load_sweep(_sweep_file(tmp_path, TINY.replace('["ppl"]', '["kld"]').replace(
+        'models = ["smollm2"]', 'models = ["smollm2"]\nrecipes = ["none", "first8_q8"]').replace("[ppl]", "[kld]")))
+    logits_of = []
+
+    def prepare_model(spec, recipe):
+        return (quantized, parent) if recipe else (parent, parent)
+
+    def prepare_logits(model, ctx, chunks):
+        logits_of.append(model)
+        return tmp_path / f"{model.stem}.c{ctx}.logits"
+
+    runs = plan_runs(sweep, BUILD, store, prepare_model, prepare_logits)
+    with_recipe = [r for r in runs if r.recipe]
+    assert with_recipe and all(r.model == str(quantized) and r.base == str(parent) for r in with_recipe)
+    assert all(r.logits.startswith(str(tmp_path / "parent.c")) for r in runs)  # never the quantized file's
+    assert set(logits_of) == {parent}
+    # without a recipe there is no parent: the base is the model itself (the KV cache's KLD alone)
+    assert all(r.model == r.base == str(parent) for r in runs if not r.recipe)
 
 
 def test_report_shows_sweep_progress(tmp_path):
@@ -189,7 +215,7 @@ def _fake_sweep(tmp_path):
     sweep = load_sweep(_sweep_file(tmp_path, TINY.replace('["smollm2"]', f'["{model}"]')
                                    .replace('kv = ["f16/f16", {ctk = "q8_0", ctv = "q4_0"}]', "")
                                    .replace("[128, 256]", "[128]")))
-    runs = plan_runs(sweep, build, open_store(), lambda spec, recipe: model, lambda m, c, n: None)
+    runs = plan_runs(sweep, build, open_store(), lambda spec, recipe: (model, model), lambda m, c, n: None)
     setup = WorkerSetup(home=os.environ["LACQ_HOME"], build=build, corpus=str(corpus))
     return sweep, runs, setup
 

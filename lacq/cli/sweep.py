@@ -74,17 +74,18 @@ def sweep_cmd(ctx, sweep_file, executor_name, address, jobs, source):
 
 
 def _model_preparer(build, store, step):
-    """Resolve a model spec; with a recipe, dequantize to F16 when needed and quantize (both cached)."""
+    """Resolve a model spec; with a recipe, dequantize to F16 when needed and quantize (both cached).
+    Returns the model to measure and its unquantized parent (KLD's base)."""
     from lacq import paths
     from lacq.model.info import inspect_model
     from lacq.model.resolve import resolve_model
     from lacq.plan.recipe import load_recipe, resolve_recipe
     from lacq.quantize import convert_ftype, quantize_with_plan
 
-    def prepare(spec: str, recipe: str | None) -> Path:
+    def prepare(spec: str, recipe: str | None) -> tuple[Path, Path]:
         model = resolve_model(spec)
         if recipe is None:
-            return model
+            return model, model
         info = inspect_model(model)
         work = paths.sub("work") / store.sha256(model)[:12]
         work.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ def _model_preparer(build, store, step):
         out = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{model.stem}.{recipe}.gguf",
                                  force=True)
         step("quantize", 1.0, recipe)
-        return out.output
+        return out.output, base
 
     return prepare
 

@@ -86,6 +86,7 @@ class SweepRun:
     params: dict
     gpus: float
     logits: str | None = None  # KLD: the base logits the driver made
+    base: str | None = None  # KLD: the model those logits are of (see plan_runs)
 
 
 @dataclass(frozen=True)
@@ -184,13 +185,24 @@ def describe(run_fields: dict) -> str:
     return canonical_hash({"sweep_version": SWEEP_VERSION, **run_fields})[:20]
 
 
-def plan_runs(sweep: Sweep, build: Build, store: Store, prepare_model: Callable[[str, str | None], Path],
+# What a sweep's KLD is measured against (stored with each KLD result as `kld_base`): with a recipe,
+# the unquantized parent the recipe was applied to, as `lacq demo` and `lacq scan` do; without one
+# there is no parent, and the base is the same weights with an f16 KV cache, so the KLD is the KV
+# cache's alone.
+KLD_BASE_PARENT = "unquantized parent"
+KLD_BASE_SAME_WEIGHTS = "same weights, f16 KV cache"
+
+
+def plan_runs(sweep: Sweep, build: Build, store: Store,
+              prepare_model: Callable[[str, str | None], tuple[Path, Path]],
               prepare_logits: Callable[[Path, int, int], Path]) -> list[SweepRun]:
-    """Every run of the sweep, in a stable order, with models (and KLD base logits) prepared."""
+    """Every run of the sweep, in a stable order, with models (and KLD base logits) prepared.
+    `prepare_model(spec, recipe)` returns the model to measure and its unquantized parent (the
+    model itself where there is no recipe); KLD logits are the parent's."""
     runs = []
     for model_spec in sweep.models:
         for recipe in sweep.recipes:
-            model = prepare_model(model_spec, recipe)
+            model, base = prepare_model(model_spec, recipe)
             sha = store.sha256(model)
             for kv in sweep.kv:
                 for ctx in sweep.contexts:
@@ -198,11 +210,14 @@ def plan_runs(sweep: Sweep, build: Build, store: Store, prepare_model: Callable[
                         f" {recipe}" if recipe else "") + f" {kv.label()} c{ctx}"
                     for m in sweep.measurements:
                         p = sweep.params[m]
-                        key = describe({"model": sha, "recipe": recipe, "kv": kv.to_dict(), "ctx": ctx,
-                                        "measurement": m, "params": p, "build": build.key})
-                        logits = str(prepare_logits(model, ctx, p["chunks"])) if m == "kld" else None
-                        runs.append(SweepRun(key, label, m, str(model), recipe, kv, ctx, p, sweep.gpus_per_run,
-                                             logits))
+                        fields = {"model": sha, "recipe": recipe, "kv": kv.to_dict(), "ctx": ctx,
+                                  "measurement": m, "params": p, "build": build.key}
+                        logits = None
+                        if m == "kld":
+                            fields["base"] = store.sha256(base)
+                            logits = str(prepare_logits(base, ctx, p["chunks"]))
+                        runs.append(SweepRun(describe(fields), label, m, str(model), recipe, kv, ctx, p,
+                                             sweep.gpus_per_run, logits, str(base) if m == "kld" else None))
     keys = [r.key for r in runs]
     if len(set(keys)) != len(keys):
         raise SweepError(f"sweep {sweep.path}: two runs have the same description (a repeated entry?)")
@@ -276,8 +291,11 @@ def execute_run(run: SweepRun, setup: WorkerSetup, report: Callable[[str, float,
                               **common).result_id
         elif run.measurement == "kld":
             from lacq.measure.kld import measure_kld
-            rid = measure_kld(b, store, model, info, model, info, run.kv, corpus, ctx=run.ctx,
-                              chunks=run.params["chunks"], logits=Path(run.logits), **common).result_id
+            base = Path(run.base)
+            rid = measure_kld(b, store, model, info, base, inspect_model(base), run.kv, corpus, ctx=run.ctx,
+                              chunks=run.params["chunks"], logits=Path(run.logits), annotations={
+                                  "kld_base": KLD_BASE_PARENT if run.recipe else KLD_BASE_SAME_WEIGHTS},
+                              **common).result_id
         elif run.measurement == "bench":
             from lacq.measure.bench import measure_bench
             rid = measure_bench(b, store, model, info, run.kv, pp=run.params["pp"], tg=run.params["tg"],

@@ -6,6 +6,7 @@ database still reuses quantized files, logits and prepared trees.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -123,6 +124,19 @@ class Cache:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.db = connect(self.path, CACHE_MIGRATIONS, "cache database")
+        self._stand_ins: dict[str, str] = {}  # path -> the hash it answers to, while `stand_in` holds
+
+    @contextlib.contextmanager
+    def stand_in(self, path: Path, digest: str):
+        """Within: `path` hashes to `digest` (the hash of the recipe that determines its bytes), without
+        reading it or keeping its path in the cache. For temporary files such as a scan's assembled
+        variants: hashing each in full is slow, and their rows would outlive the files."""
+        key = os.path.abspath(path)
+        self._stand_ins[key] = digest
+        try:
+            yield
+        finally:
+            self._stand_ins.pop(key, None)
 
     # -- file hashes (cached by size and mtime, so a 270 MB model hashes once)
     def sha256(self, path: Path) -> str:
@@ -132,13 +146,17 @@ class Cache:
         """sha256 of each file, reading only those whose size or mtime changed; one transaction."""
         keys = [os.path.abspath(f) for f in files]  # callers pass resolved trees; resolving each file is slow
         known = {}
-        for i in range(0, len(keys), 500):  # SQLite's host-parameter limit
-            chunk = keys[i:i + 500]
+        stored = [k for k in keys if k not in self._stand_ins]
+        for i in range(0, len(stored), 500):  # SQLite's host-parameter limit
+            chunk = stored[i:i + 500]
             rows = self.db.execute(f"SELECT path, size, mtime_ns, sha256 FROM file_hashes WHERE path IN "
                                    f"({','.join('?' * len(chunk))})", chunk)
             known.update({r["path"]: (r["size"], r["mtime_ns"], r["sha256"]) for r in rows})
         out, fresh = [], []
         for key in keys:
+            if key in self._stand_ins:
+                out.append(self._stand_ins[key])
+                continue
             st = os.stat(key)
             row = known.get(key)
             if row and row[:2] == (st.st_size, st.st_mtime_ns):

@@ -22,7 +22,7 @@ from pathlib import Path
 import gguf
 
 from lacq.errors import GGUFError
-from lacq.fsutil import atomic_output
+from lacq.fsutil import atomic_output, canonical_hash
 from lacq.model.reader import GGUFFile, RawTensor, read_gguf
 
 
@@ -85,3 +85,15 @@ def _copy(src, dst, n: int) -> None:
         dst.write(block)
         n -= len(block)
 
+
+
+ASSEMBLY_VERSION = 1  # bump when `assemble` writes other bytes for the same inputs
+
+
+def assembly_hash(default_sha256: str, source_sha256: dict[str, str], choice: dict[str, str]) -> str:
+    """The identity of the file `assemble` writes, from its inputs: the default's and the sources' sha256
+    (by key of `sources`) and the tensor -> source mapping, which determine its bytes. Cheaper than hashing
+    the file, and the same for the same recipe wherever it is written."""
+    used = sorted(set(choice.values()))
+    return canonical_hash({"assembled": ASSEMBLY_VERSION, "default": default_sha256,
+                           "sources": {k: source_sha256[k] for k in used}, "choice": dict(sorted(choice.items()))})

@@ -28,7 +28,7 @@ from lacq.fsutil import canonical_hash
 from lacq.llama.build import Build
 from lacq.measure.common import prepare_kv
 from lacq.measure.kld import base_logits, check_kld_tokens, measure_kld
-from lacq.model.assemble import assemble
+from lacq.model.assemble import assemble, assembly_hash
 from lacq.model.info import FLOAT_TYPES, ModelInfo, inspect_model
 from lacq.model.tokenizer import tokenizer_fingerprint
 from lacq.plan.kv.config import KvConfig, Override, check_kv_type
@@ -236,13 +236,19 @@ def measure_assembled(build: Build, store: Store, files: dict[str, Path], cinfo:
                       tensors: dict[str, str], base: Path, base_info: ModelInfo, corpus: Path, work: Path, *,
                       ctx: int, chunks: int, threads: int | None, label: str, study: str) -> int:
     """KLD against the base of the candidate file of type `default` with `tensors` (name -> type) copied in from
-    the other candidate files (model/assemble.py); the result id."""
+    the other candidate files (model/assemble.py); the result id. The variant is filed under the hash of its
+    recipe (the candidate files' hashes and `tensors`), neither read again to hash it nor kept in the file-hash
+    cache: it lives only as long as its measurement."""
+    if not tensors:
+        return measure_kld(build, store, files[default], cinfo[default], base, base_info, KvConfig(), corpus, ctx=ctx,
+                           chunks=chunks, threads=threads, label=label, study=study).result_id
+    sources = {t: files[t] for t in set(tensors.values())}
+    digest = assembly_hash(store.sha256(files[default]), {t: store.sha256(f) for t, f in sources.items()}, tensors)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        path = files[default] if not tensors else assemble(
-            files[default], {t: files[t] for t in set(tensors.values())}, tensors, Path(tmp) / "variant.gguf")
-        return measure_kld(build, store, path, cinfo[default] if not tensors else inspect_model(path), base,
-                           base_info, KvConfig(), corpus, ctx=ctx, chunks=chunks, threads=threads, label=label,
-                           study=study).result_id
+        path = assemble(files[default], sources, tensors, Path(tmp) / "variant.gguf")
+        with store.cache.stand_in(path, digest):
+            return measure_kld(build, store, path, inspect_model(path), base, base_info, KvConfig(), corpus, ctx=ctx,
+                               chunks=chunks, threads=threads, label=label, study=study).result_id
 
 
 def _signature(v: WeightVariant, cinfo: dict) -> tuple:

@@ -276,6 +276,65 @@ def test_journal_keeps_whole_lines_only(tmp_path):
     assert not j.path.exists()
 
 
+def test_a_cut_line_is_repaired_in_a_new_file(tmp_path):
+    j = grid.Journal(tmp_path / "grid.jsonl")
+    j.add(grid.NiahTrial(1024, 50, 2, "4821", " 4821.", True, 1010, 0.5))
+    with open(j.path, "a") as f:
+        f.write('{"length": 1024, "dep')
+    before = j.path.stat().st_ino
+    with open(j.path) as reader:  # another process reading the journal as it is repaired
+        assert len(grid.Journal(j.path).done) == 1
+        assert reader.read().endswith('"dep')  # it still sees the file it opened, not one being rewritten
+    assert j.path.stat().st_ino != before  # replaced by a rename, not rewritten in place
+    assert j.path.read_text().count("\n") == 1 and not list(tmp_path.glob(".*part"))
+
+
+def test_each_grid_has_a_journal_of_its_own(tmp_path):
+    """A sweep runs a grid per context length side by side: one grid's journal must not be another's."""
+    from lacq.llama.build import Build
+    from lacq.results.store import open_store
+    model, haystack = tmp_path / "m.gguf", tmp_path / "hay.txt"
+    model.write_bytes(b"GGUF" + bytes(60))
+    haystack.write_text(CORPUS)
+    build = Build(key="k0", bin_dir=tmp_path, source_hash="s", source_origin="o", series_hash="h", patches=(),
+                  backend="cpu")
+    grid_args = dict(model=model, build=build, kv=KvConfig(), runner="completion", ngl=None, haystack=haystack,
+                     template=prompts.ChatTemplate("none", None), seed=0, n_predict=16, lengths=[1024],
+                     depths=[0, 50, 100], trials=2)
+    store = open_store()
+    path = grid.journal_path(store, **grid_args)
+    assert grid.journal_path(store, **grid_args) == path  # the same grid resumes from its journal
+    other_build = Build(**{**build.__dict__, "key": "k1"})
+    for change in (dict(lengths=[2048]), dict(lengths=[1024, 2048]), dict(depths=[50]), dict(trials=3),
+                   dict(kv=KvConfig("q8_0", "q4_0", "on")), dict(build=other_build), dict(seed=1)):
+        assert grid.journal_path(store, **{**grid_args, **change}) != path, change
+
+
+@pytest.mark.e2e
+def test_a_grid_of_another_length_leaves_an_interrupted_grids_journal(cpu_build, smollm2, tmp_path, monkeypatch):
+    """As `lacq sweep --jobs 2` runs them: the first grid to finish used to delete the journal both shared."""
+    from lacq.measure.niah.grid import measure_niah
+    from lacq.model.info import inspect_model
+    from lacq.results.store import open_store
+    store, info, kv = open_store(), inspect_model(smollm2), KvConfig()
+    monkeypatch.setenv("LACQ_HOME", str(tmp_path / "home"))  # the journals' home: this test's own
+    common = dict(depths=[0, 100], trials=1, runner="completion", threads=1)
+
+    def stop_after_first(frac, detail):
+        if frac >= 0.5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        measure_niah(cpu_build, store, smollm2, info, kv, lengths=[256], progress=stop_after_first, **common)
+    (journal,) = (paths.home() / "work" / "niah").glob("*.jsonl")
+    measure_niah(cpu_build, store, smollm2, info, kv, lengths=[128], **common)  # another grid, to the end
+    assert journal.exists() and len(journal.read_text().splitlines()) == 1
+    seen = []
+    measure_niah(cpu_build, store, smollm2, info, kv, lengths=[256], progress=lambda f, d: seen.append(d), **common)
+    assert seen[0] == "resuming, 1 probes done before"
+    assert not list((paths.home() / "work" / "niah").glob("*.jsonl"))
+
+
 @pytest.mark.e2e
 def test_niah_cli_refuses_a_model_without_tokenizer(cpu_build, tmp_path):
     from synth import write_synthetic_gguf

@@ -1,8 +1,10 @@
 """The NIAH grid: every (context length, depth, trial) probed once, journaled, then stored.
 
-Every probe is journaled as it finishes, under a hash of everything that
-decides its answer, so an interrupted grid resumes when the same command runs
-again; a finished grid is stored as one result and its journal removed.
+Every probe is journaled as it finishes, in a file named by a hash of everything
+that decides the grid's result, so an interrupted grid resumes when the same
+command runs again; a finished grid is stored as one result and its journal
+removed. Grids that differ in anything (a sweep runs one per context length,
+side by side) have journals of their own.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lacq import paths
-from lacq.fsutil import canonical_hash
+from lacq.fsutil import canonical_hash, write_text_atomic
 from lacq.llama.build import Build
 from lacq.measure.common import Progress, prepare_kv, record
 from lacq.measure.niah.prompts import (
@@ -66,9 +68,10 @@ def check_depths(depths: list[int]) -> None:
 class Journal:
     """The probes of one grid run so far, one JSON line each, so an interrupted grid resumes.
 
-    The file's name is a hash of everything that decides the answers (model, build,
-    KV configuration, runner, haystack, template, seed, n_predict): a probe read back
-    is the one the same command would produce again.
+    The file's name is a hash of everything that decides the grid (`journal_path`): a
+    probe read back is the one the same command would produce again, and the journal is
+    this grid's alone. A line cut short by a kill is dropped by writing the whole lines
+    to a new file that replaces the old one, so no reader ever sees a half-written journal.
     """
 
     def __init__(self, path: Path):
@@ -81,7 +84,7 @@ class Journal:
             try:
                 t = NiahTrial(**json.loads(line))
             except (ValueError, TypeError):  # a line cut short by a kill: keep what came before it
-                self.path.write_text("".join(f"{good}\n" for good in lines[:n]))
+                write_text_atomic(self.path, "".join(f"{good}\n" for good in lines[:n]))
                 break
             self.done[(t.length, t.depth, t.trial)] = t
 
@@ -96,6 +99,20 @@ class Journal:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def journal_path(store: Store, *, model: Path, build: Build, kv: KvConfig, runner: str, ngl: int | None,
+                 haystack: Path, template, seed: int, n_predict: int, lengths: list[int], depths: list[int],
+                 trials: int) -> Path:
+    """The journal of one grid: named by everything that changes its result, the grid's lengths,
+    depths and trials included."""
+    cache = store.cache
+    key = canonical_hash({
+        "niah_version": NIAH_VERSION, "model": cache.sha256(model), "build": build.key, "kv": kv.to_dict(),
+        "runner": runner, "ngl": ngl, "haystack": cache.sha256(haystack), "template": [template.name,
+        template.source], "seed": seed, "n_predict": n_predict, "lengths": list(lengths), "depths": list(depths),
+        "trials": trials})
+    return paths.sub("work") / "niah" / f"{key[:24]}.jsonl"
 
 
 def run_grid(runner: Runner, builder: PromptBuilder, lengths: list[int], depths: list[int], trials: int,
@@ -163,11 +180,9 @@ def measure_niah(build: Build, store: Store, model: Path, info: ModelInfo, kv: K
     else:
         raise NiahError(f"unknown runner {runner!r}; use bindings or completion")
     t0 = time.monotonic()
-    cache = store.cache
-    journal = Journal(paths.sub("work") / "niah" / (canonical_hash({
-        "niah_version": NIAH_VERSION, "model": cache.sha256(model), "build": build.key, "kv": kv.to_dict(),
-        "runner": run.name, "ngl": ngl, "haystack": cache.sha256(haystack), "template": [template.name,
-        template.source], "seed": seed, "n_predict": n_predict})[:24] + ".jsonl"))
+    journal = Journal(journal_path(store, model=model, build=build, kv=kv, runner=run.name, ngl=ngl,
+                                   haystack=haystack, template=template, seed=seed, n_predict=n_predict,
+                                   lengths=lengths, depths=depths, trials=trials))
     total = len(lengths) * len(depths) * trials
     try:
         builder = PromptBuilder(haystack.read_text(errors="replace"), template, run.count_tokens,

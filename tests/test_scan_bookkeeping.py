@@ -45,3 +45,30 @@ def test_assembled_variants_are_filed_by_recipe_not_hashed_nor_kept_in_the_cache
     f16, f32 = store.sha256(files["f16"]), store.sha256(files["f32"])
     assert shas[0] == shas[2] == assembly_hash(f16, {"f32": f32}, one) != shas[1]
     assert len(shas[0]) == 64 and shas[0] not in (f16, f32)
+
+
+def _iswa_model(tmp_path, window: int, n_blocks: int = 12):
+    from synth import write_synthetic_gguf
+    return inspect_model(write_synthetic_gguf(tmp_path / "g.gguf", n_blocks=n_blocks, arch="gemma3", n_head=4,
+                                              n_head_kv=1, n_embd=256,
+                                              extra_kv={"{arch}.attention.sliding_window": window}))
+
+
+def test_kv_cells_are_what_the_captured_iswa_run_allocated(tmp_path, capture):
+    import re
+    log = capture("kv_policy_iswa_gemma3.log")  # the gemma3 fixture (window 128) at -c 512
+    window = int(re.search(r"n_swa\s+= (\d+)", log).group(1))
+    ctx = int(re.search(r"calculating perplexity over \d+ chunks, n_ctx=(\d+)", log).group(1))
+    full, swa = (int(n) for n in re.findall(r"creating +(?:non-SWA|SWA) KV cache, size = (\d+) cells", log))
+    assert scan.kv_cells(_iswa_model(tmp_path, window), ctx) == (full, swa)
+
+
+def test_sliding_window_layers_are_priced_at_their_window(tmp_path):
+    info = _iswa_model(tmp_path, 512, n_blocks=6)  # gemma3's pattern: blocks 0-4 sliding, 5 global
+    assert info.swa_blocks == (0, 1, 2, 3, 4)
+    # llama.cpp's SWA cache: the window + one ubatch (512), padded to 256 cells, never more than the context
+    assert scan.kv_cells(info, 4096) == (4096, 1024)
+    assert scan.kv_cells(info, 512) == (512, 512)
+    per_cell = info.head_dim_v  # one KV head
+    assert scan.layer_values(info, 4096, "v") == [1024.0 * per_cell] * 5 + [4096.0 * per_cell]
+    assert scan.layer_values(info, 4096, "both") == [2 * v for v in scan.layer_values(info, 4096, "v")]

@@ -1,12 +1,20 @@
-"""Output for scripts and logs: plain progress lines when stderr is not a terminal."""
+"""Output for scripts and logs: plain progress lines when stderr is not a terminal; json and csv alone on
+stdout; numbers for people in tables."""
 
 from __future__ import annotations
 
 import io
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+from click.testing import CliRunner
 from rich.console import Console
 
-from lacq.cli import common
+from lacq.cli import cli, common
+from lacq.results.store import open_store
 
 
 class Clock:
@@ -45,17 +53,6 @@ def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(monkeypatch):
 
 
 # ---------------------------------------------------------------- stdout: the document alone, numbers for people
-import json  # noqa: E402
-import re  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-
-import pytest  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-
-from lacq.cli import cli  # noqa: E402
-from lacq.results.store import open_store  # noqa: E402
-
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 SCANS = {"weights": RESULTS / "scan-q4q8-tensor-cpu" / "scan_q4q8_tensor_cpu.json",
          "kv": RESULTS / "kv-cpu" / "scan_kv_gemma3_turbo.json"}

@@ -186,6 +186,23 @@ def test_sweep_ray_not_installed_is_one_clear_line(tmp_path, monkeypatch):
     assert not open_store().results()
 
 
+def test_sweep_takes_backend_and_source_from_the_shared_build_options(tmp_path, monkeypatch):
+    from lacq.errors import BuildError
+    seen = []
+
+    def build(spec, source, progress=None):  # the build is where the choice arrives; stop there
+        seen.append((spec.backend, source))
+        raise BuildError("no build in this test")
+
+    monkeypatch.setattr("lacq.llama.build.build", build)
+    sweep = _sweep_file(tmp_path, TINY.replace('name = "tiny"', 'name = "tiny"\nbackend = "cuda"'))
+    assert_clean_error(run_cli("sweep", sweep), "no build in this test")
+    assert_clean_error(run_cli("sweep", sweep, "--backend", "metal", "--source", tmp_path), "no build in this test")
+    assert seen == [("cuda", None), ("metal", str(tmp_path))]  # the file's, then the command line's
+    assert load_sweep(sweep, backend="cpu").gpus_per_run == 0  # a default that follows the backend
+    assert_clean_error(run_cli("sweep", sweep, "--backend", "tpu"), "'tpu' is not one of")
+
+
 def test_sweep_address_without_ray_is_refused():
     with pytest.raises(SweepError, match="--address"):
         make_executor("local", address="auto")

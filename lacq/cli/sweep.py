@@ -8,7 +8,15 @@ from pathlib import Path
 import click
 
 from lacq.cli import cli
-from lacq.cli.common import console, handle_errors, open_results, progress_bar
+from lacq.cli.common import (
+    BuildChoice,
+    build_options,
+    console,
+    handle_errors,
+    open_results,
+    progress_bar,
+    stage_stepper,
+)
 
 
 @cli.command(name="sweep")
@@ -19,54 +27,44 @@ from lacq.cli.common import console, handle_errors, open_results, progress_bar
               help="Ray cluster to join (`auto`, `ray://HOST:10001`); default: start a local one.")
 @click.option("--jobs", type=int, default=None,
               help="Runs at once (local: default 1, or one per visible GPU; ray: CPUs of the local cluster).")
-@click.option("--source", default=None, metavar="PATH|git+URL@REF", help="llama.cpp source (overrides the file's).")
+@build_options
 @click.pass_context
 @handle_errors
-def sweep_cmd(ctx, sweep_file, executor_name, address, jobs, source):
+def sweep_cmd(ctx, sweep_file, executor_name, address, jobs, build: BuildChoice):
     """Run a sweep: models × weight recipes × KV configurations × contexts × measurements (ppl, kld,
     niah, bench) declared in SWEEP_FILE (TOML). Results are filed under the sweep's name (see
-    `lacq report --study NAME`); runs already stored are skipped, so the same command resumes."""
+    `lacq report --study NAME`); runs already stored are skipped, so the same command resumes.
+    --backend and --source, where given, override the file's `backend` and `source`."""
     from lacq import paths
     from lacq.llama.build import BuildSpec
     from lacq.llama.build import build as run_build
-    from lacq.studies.sweep import WorkerSetup, check_failures, load_sweep, plan_runs, run_sweep
+    from lacq.studies.sweep import WorkerSetup, check_failures, load_sweep, plan_runs, run_sweep, stored_keys
     from lacq.studies.sweep_exec import make_executor
-    sweep = load_sweep(sweep_file)
+    given = ctx.get_parameter_source("backend") is not click.core.ParameterSource.DEFAULT
+    sweep = load_sweep(sweep_file, backend=build.backend if given else None, source=build.source)
     executor = make_executor(executor_name, address=address, jobs=jobs, backend=sweep.backend)
     store = open_results(ctx)
     t0 = time.monotonic()
     with progress_bar() as progress:
-        tasks: dict[str, int] = {}
-
-        def step(stage: str, frac: float, detail: str) -> None:
-            if stage not in tasks:
-                tasks[stage] = progress.add_task(stage, total=1.0, detail="")
-            progress.update(tasks[stage], completed=frac, detail=detail)
-
-        build = run_build(BuildSpec(backend=sweep.backend), source or sweep.source,
+        step = stage_stepper(progress)
+        built = run_build(BuildSpec(backend=sweep.backend), sweep.source,
                           progress=lambda f, d: step(f"build {sweep.backend}", f, d))
         corpus = paths.default_corpus()
-        runs = plan_runs(sweep, build, store, _model_preparer(build, store, step),
-                         _logits_preparer(build, store, corpus, sweep.threads, step))
+        runs = plan_runs(sweep, built, store, _model_preparer(built, store, step),
+                         _logits_preparer(built, store, corpus, sweep.threads, step))
         labels = {r.key: f"{r.label} {r.measurement}" for r in runs}
         total = progress.add_task(f"sweep {sweep.name}", total=len(runs), detail="")
-
-        def on_progress(key: str, frac: float, detail: str) -> None:
-            if key not in tasks:
-                tasks[key] = progress.add_task(labels[key], total=1.0, detail="")
-            progress.update(tasks[key], completed=frac, detail=detail)
+        run_step = stage_stepper(progress)  # a bar per run, named by its label
 
         def on_run_done(run, error) -> None:
-            if run.key not in tasks:
-                tasks[run.key] = progress.add_task(labels[run.key], total=1.0, detail="")
-            progress.update(tasks[run.key], completed=1.0, detail="failed: " + error if error else "stored")
+            run_step(labels[run.key], 1.0, "failed: " + error if error else "stored")
             progress.advance(total)
 
-        from lacq.studies.sweep import stored_keys
         progress.update(total, completed=len(set(stored_keys(store, sweep.name)) & set(labels)))
-        setup = WorkerSetup(home=str(paths.home()), build=build, corpus=str(corpus), threads=sweep.threads,
+        setup = WorkerSetup(home=str(paths.home()), build=built, corpus=str(corpus), threads=sweep.threads,
                             ngl=99 if sweep.backend != "cpu" else None)
-        outcome = run_sweep(sweep, runs, setup, store, executor, on_progress=on_progress, on_run_done=on_run_done)
+        outcome = run_sweep(sweep, runs, setup, store, executor, on_run_done=on_run_done,
+                            on_progress=lambda key, frac, detail: run_step(labels[key], frac, detail))
     console.print(f"sweep {sweep.name}: {len(outcome.ran)} run(s) done now, {outcome.skipped} already stored, "
                   f"{len(outcome.failed)} failed, of {outcome.total}; {time.monotonic() - t0:.0f} s "
                   f"({executor.name} executor). `lacq report --study {sweep.name}` shows the results.")

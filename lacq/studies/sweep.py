@@ -135,8 +135,9 @@ def _list(path: Path, data: dict, key: str, kind, required: bool = True) -> list
     return value
 
 
-def load_sweep(path: Path) -> Sweep:
-    """Parse and check a sweep file (unknown keys, types, KV settings) before any work."""
+def load_sweep(path: Path, *, backend: str | None = None, source: str | None = None) -> Sweep:
+    """Parse and check a sweep file (unknown keys, types, KV settings) before any work; `backend`
+    and `source`, where given, override the file's (the command line's --backend, --source)."""
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {path} does not exist")
@@ -150,7 +151,7 @@ def load_sweep(path: Path) -> Sweep:
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         raise _fail(path, "missing required key 'name' (the study the results are filed under)")
-    backend = data.get("backend", "cpu")
+    backend = backend or data.get("backend", "cpu")
     if backend not in BACKENDS:
         raise _fail(path, f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     measurements = _list(path, data, "measurements", str)
@@ -176,7 +177,7 @@ def load_sweep(path: Path) -> Sweep:
     if not isinstance(gpus, (int, float)) or gpus < 0:
         raise _fail(path, f"gpus_per_run must be a number ≥ 0, got {gpus!r}")
     return Sweep(name=name.strip(), description=str(data.get("description", "")), path=path, backend=backend,
-                 source=data.get("source"), models=tuple(_list(path, data, "models", str)), recipes=tuple(recipes),
+                 source=source or data.get("source"), models=tuple(_list(path, data, "models", str)), recipes=tuple(recipes),
                  kv=kv, contexts=tuple(contexts), measurements=tuple(measurements), params=params,
                  gpus_per_run=float(gpus), threads=data.get("threads"))
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import time
+import tracemalloc
+
 import gguf
+import numpy as np
 import pytest
+from cliutil import assert_clean_error, run_cli
 from synth import write_synthetic_gguf
 
 from lacq.errors import GGUFError
+from lacq.model.info import inspect_model
 from lacq.model.reader import read_gguf
 from lacq.model.tokenizer import chat_metadata, has_tokenizer, tokenizer_fingerprint
 
@@ -82,3 +88,106 @@ def test_unknown_version_is_refused(tmp_path):
     (tmp_path / "v.gguf").write_bytes(bytes(whole))
     with pytest.raises(GGUFError, match="version 99"):
         read_gguf(tmp_path / "v.gguf")
+
+
+# -- hostile files: a clean GGUFError naming the problem, bounded time and memory
+
+def _tensor_type_offset(path) -> int:
+    """Where the first tensor's type id is: after its name length, name, n_dims and dims."""
+    f = gguf.GGUFReader(path).tensors[0].field
+    return f.offset + sum(part.nbytes for part in f.parts[:4])
+
+
+def _patched(path, offset: int, value: bytes):
+    data = bytearray(path.read_bytes())
+    data[offset:offset + len(value)] = value
+    out = path.with_name(f"patched-{offset}-{value.hex()}.gguf")
+    out.write_bytes(bytes(data))
+    return out
+
+
+def _with_alignment(tmp_path, value: int):
+    path = write_synthetic_gguf(tmp_path / "a.gguf", n_blocks=1, extra_kv={"general.alignment": 32})
+    at = path.read_bytes().index(b"general.alignment") + len("general.alignment") + 4  # after the value type
+    return _patched(path, at, value.to_bytes(4, "little"))
+
+
+def _with_array(tmp_path, key: str, count: int):
+    """A model whose `key` holds `count` u32 elements, spliced into the writer's 8-element array: the
+    inserted bytes are a multiple of the alignment, so the tensor data stays where the offsets say."""
+    assert (count - 8) * 4 % 32 == 0
+    path = write_synthetic_gguf(tmp_path / "small.gguf", n_blocks=1, extra_kv={key: [7] * 8})
+    data = path.read_bytes()
+    at = data.index(key.encode()) + len(key) + 8  # after the value type and the element type
+    out = tmp_path / f"array-{count}.gguf"
+    with open(out, "wb") as f:
+        f.write(data[:at] + count.to_bytes(8, "little"))
+        f.write(np.full(count, 7, "<u4").tobytes())
+        f.write(data[at + 8 + 8 * 4:])
+    return out
+
+
+@pytest.mark.parametrize("alignment", [0, 3, 48])
+def test_alignment_that_is_not_a_power_of_two_is_refused(tmp_path, alignment):
+    with pytest.raises(GGUFError, match=f"general.alignment = {alignment}: must be a positive power of two"):
+        read_gguf(_with_alignment(tmp_path, alignment))
+
+
+def test_alignment_of_a_larger_power_of_two_reads(tmp_path):
+    assert read_gguf(_with_alignment(tmp_path, 64)).get("general.alignment") == 64
+
+
+def test_an_unknown_tensor_type_is_refused_by_name(tmp_path):
+    path = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=1)
+    bad = _patched(path, _tensor_type_offset(path), (200).to_bytes(4, "little"))
+    with pytest.raises(GGUFError, match="tensor 'token_embd.weight' has type id 200, unknown .* newer llama.cpp"):
+        read_gguf(bad)
+
+
+def test_nested_arrays_and_impossible_counts_are_refused(tmp_path):
+    path = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=2, n_head_kv=[2, 2])
+    key = b"llama.attention.head_count_kv"
+    at = path.read_bytes().index(key) + len(key) + 4  # the element type
+    with pytest.raises(GGUFError, match="arrays of value type 9 are not GGUF"):
+        read_gguf(_patched(path, at, (9).to_bytes(4, "little")))
+    with pytest.raises(GGUFError, match="claims 1099511627776 items"):
+        read_gguf(_patched(path, at + 4, (1 << 40).to_bytes(8, "little")))
+    with pytest.raises(GGUFError, match="metadata count .* claims"):
+        read_gguf(_patched(path, 16, (1 << 62).to_bytes(8, "little")))
+
+
+def test_small_arrays_outside_the_tokenizer_are_decoded_as_gguf_py_does(tmp_path):
+    extra = {"general.ints": list(range(-500, 500)), "general.floats": [i / 7 for i in range(1000)],
+             "general.flags": [True, False] * 10, "general.names": ["a", "bé", ""]}
+    f = _agree_with_gguf_py(write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=2, extra_kv=extra))
+    assert f.get("general.ints")[:3] == [-500, -499, -498] and f.get("general.names") == ["a", "bé", ""]
+
+
+def test_a_20_mb_array_is_spanned_not_decoded(tmp_path):
+    path = _with_array(tmp_path, "general.big", 5_000_000)  # 20 MB of u32
+    tracemalloc.start()
+    start = time.perf_counter()
+    f = read_gguf(path)
+    elapsed = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert f.has("general.big") and f.array_len("general.big") == 5_000_000 and f.get("general.big") is None
+    assert [t.name for t in f.tensors] == [t.name for t in read_gguf(tmp_path / "small.gguf").tensors]
+    inspect_model(path)  # the tensor data is where the offsets say, past the array
+    assert elapsed < 1.5, f"{elapsed:.2f} s"  # element by element it took 9-10 s
+    assert peak < 4 << 20, f"{peak} bytes"  # and 170 MB of Python ints
+
+
+def test_inspect_refuses_hostile_files_in_one_line(tmp_path):
+    path = write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=1)
+    hostile = {
+        "must be a positive power of two": _with_alignment(tmp_path, 0),
+        "has type id 200": _patched(path, _tensor_type_offset(path), (200).to_bytes(4, "little")),
+        "metadata count": _patched(path, 16, (1 << 62).to_bytes(8, "little")),
+        "truncated": tmp_path / "cut.gguf",
+    }
+    hostile["truncated"].write_bytes(path.read_bytes()[:300])
+    for needle, bad in hostile.items():
+        result = run_cli("inspect", bad)
+        assert_clean_error(result, needle)
+        assert len(result.output.strip().splitlines()) == 1, result.output

@@ -4,10 +4,16 @@ gguf-py's GGUFReader turns every tokenizer string and merge into numpy parts
 (5 s on SmolLM2, 21 s on gemma-3-270m's 262k-token vocabulary). lacq needs the
 metadata scalars, a few per-layer arrays, the tensor table and, for the
 tokenizer, only counts, a fingerprint and a couple of token strings. This
-reader walks the file once over a memory map: arrays under `tokenizer.` are
-skipped and remembered by their byte span (hashable, indexable on demand),
-everything else is decoded. Results are cached per process by file identity
+reader walks the file once over a memory map: arrays under `tokenizer.`, and
+any array of more than `_BULK_COUNT` elements, are skipped and remembered by
+their byte span (hashable, indexable on demand); everything else is decoded
+(numbers in one numpy call). Results are cached per process by file identity
 (path, size, mtime), so a command that looks at a model twice reads it once.
+
+A hostile or damaged file gets a GGUFError, never another exception: every
+count and length is checked against the bytes left before anything is
+allocated, arrays do not nest, `general.alignment` must be a power of two and
+every tensor type must be one whose block size lacq knows.
 
 Layout (gguf-py's GGUFReader and ggml's gguf.cpp agree): magic, version u32,
 tensor count u64, metadata count u64; each metadata item is a string key, a
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 
 from lacq.errors import GGUFError
 
@@ -39,6 +46,12 @@ _SCALARS = {  # GGUFValueType -> struct format
 }
 _SIZES = {t: struct.calcsize(f) for t, f in _SCALARS.items()}
 _BULK_PREFIX = "tokenizer."  # arrays here are the vocabulary: skipped, kept as spans
+# Larger arrays anywhere are skipped too: per-layer arrays have one element per block (hundreds at most),
+# and decoding millions of elements into Python objects costs seconds and hundreds of MB for nothing.
+_BULK_COUNT = 65536
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_KV_MIN_BYTES = 8 + 4 + 1  # the smallest metadata item: an empty key, its type, a one-byte value
+_TENSOR_MIN_BYTES = 8 + 4 + 4 + 8  # the smallest tensor info: an empty name, n_dims 0, type, offset
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,15 @@ class _Cursor:
         self.pos += n
         return value
 
+    def count(self, what: str, item_bytes: int) -> int:
+        """A u64 count of items of at least `item_bytes` each, refused if they cannot fit in the file."""
+        at = self.pos
+        n = self.unpack("<Q", 8)
+        if n * item_bytes > self.size - self.pos:
+            raise EOFError(f"{what} at offset {at} claims {n} items, more than the {self.size - self.pos} "
+                           "bytes left hold")
+        return n
+
     def string(self) -> str:
         n = self.unpack("<Q", 8)
         if self.pos + n > self.size:
@@ -142,21 +164,23 @@ class _Cursor:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype], _SIZES[vtype])
         if vtype != gguf.GGUFValueType.ARRAY:
-            raise ValueError(f"unknown metadata value type {vtype} for {key}")
-        etype, count = self.unpack("<I", 4), self.unpack("<Q", 8)
-        if key.startswith(_BULK_PREFIX):
-            start = self.pos
+            raise ValueError(f"unknown metadata value type {vtype} for {_quoted(key)}")
+        etype = self.unpack("<I", 4)
+        if etype != gguf.GGUFValueType.STRING and etype not in _SIZES:
+            raise ValueError(f"{_quoted(key)}: arrays of value type {etype} are not GGUF (arrays do not nest)")
+        count = self.count(f"array {_quoted(key)}", 8 if etype == gguf.GGUFValueType.STRING else _SIZES[etype])
+        start = self.pos
+        if key.startswith(_BULK_PREFIX) or count > _BULK_COUNT:
             if etype == gguf.GGUFValueType.STRING:
                 self.skip_strings(count)
-            elif etype in _SIZES:
-                self.pos += count * _SIZES[etype]
-                if self.pos > self.size:
-                    raise EOFError(f"array {key} runs past the end of the file")
             else:
-                raise ValueError(f"{key}: arrays of type {etype} are not expected under tokenizer.")
+                self.pos += count * _SIZES[etype]
             arrays[key] = ArraySpan(etype, count, start, self.pos)
             return None
-        return [self.value(etype, key, arrays) for _ in range(count)]
+        if etype == gguf.GGUFValueType.STRING:
+            return [self.string() for _ in range(count)]
+        self.pos += count * _SIZES[etype]
+        return np.frombuffer(self.buf[start:self.pos], _SCALARS[etype]).tolist()  # a copy: no view of the map
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFFile:
@@ -192,7 +216,10 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> GGUFFile:
     version = cur.unpack("<I", 4)
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
-    n_tensors, n_kv = cur.unpack("<Q", 8), cur.unpack("<Q", 8)
+    n_tensors = cur.unpack("<Q", 8)
+    n_kv = cur.count("the metadata count", _KV_MIN_BYTES)
+    if n_tensors * _TENSOR_MIN_BYTES > size - cur.pos:
+        raise EOFError(f"the header claims {n_tensors} tensors, more than the file's {size} bytes hold")
     metadata: dict[str, Any] = {}
     arrays: dict[str, ArraySpan] = {}
     for _ in range(n_kv):
@@ -206,10 +233,32 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> GGUFFile:
     for _ in range(n_tensors):
         name = cur.string()
         n_dims = cur.unpack("<I", 4)
+        if n_dims > _MAX_DIMS:
+            raise ValueError(f"tensor {_quoted(name)} has {n_dims} dimensions (ggml has at most {_MAX_DIMS})")
         shape = tuple(cur.unpack("<Q", 8) for _ in range(n_dims))
         ttype = cur.unpack("<I", 4)
         offset = cur.unpack("<Q", 8)
+        _check_type(path, name, ttype)
         tensors.append(RawTensor(name, shape, ttype, offset))
-    align = int(metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT))
+    align = metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
+    if type(align) is not int or align <= 0 or align & (align - 1):
+        raise GGUFError(f"{path}: {gguf.Keys.General.ALIGNMENT} = {align!r}: must be a positive power of two")
     data_offset = cur.pos + (-cur.pos % align)
     return GGUFFile(path, version, metadata, arrays, tuple(tensors), infos_offset, data_offset, size)
+
+
+def _quoted(text: str) -> str:
+    """A key or name from the file, fit for a one-line message: a damaged one may be long or hold newlines."""
+    return repr(text if len(text) <= 60 else text[:60] + "...")
+
+
+_KNOWN_TYPES = {int(t) for t in gguf.GGMLQuantizationType if t in gguf.GGML_QUANT_SIZES}
+
+
+def _check_type(path: str, name: str, ttype: int) -> None:
+    """Refuse a tensor type lacq cannot size. Showing it as "unknown type N" instead would leave every
+    consumer (sizes, bpw, the truncation check, recipes, assembly) without a block size; a file with such a
+    type comes from a llama.cpp newer than the pinned one, which could not load it either."""
+    if ttype not in _KNOWN_TYPES:
+        raise GGUFError(f"{path}: tensor {_quoted(name)} has type id {ttype}, unknown to this lacq and its gguf package "
+                         f"(known: {min(_KNOWN_TYPES)}..{max(_KNOWN_TYPES)}); is the file from a newer llama.cpp?")

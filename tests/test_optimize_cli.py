@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from lacq.cli import cli
 from lacq.studies.artifact import Scan
 from lacq.studies.optimize import budget_limits, optimize
-from tests.test_optimize import TINY, W_TYPES, additive_scan
+from tests.test_optimize import TINY, additive_scan
 
 # four block tensors of 3200 weights (q4_0 1800 bytes, q5_0 2200, q8_0 3400), 400 f32 norm weights (1600 bytes)
 # outside every unit, and a file header of 50 kB (metadata, tokenizer): whole-file bytes are not tensor bytes
@@ -87,10 +87,9 @@ def test_a_scan_missing_a_field_fails_in_one_line(tmp_path, drop, needle):
 
 def test_types_take_spaces_after_commas(tmp_path):
     path = TINY.write(tmp_path / "scan.json")
-    lo, hi = budget_limits(TINY, types=["q4_0", "q8_0"])
+    hi = budget_limits(TINY, types=["q4_0", "q8_0"])[1]
     r = run("weights", str(path), "--size-mb", f"{hi / 1e6:.6f}", "--types", "q4_0, q8_0", "-o",
             str(tmp_path / "opt.toml"))
     assert r.exit_code == 0, r.output
     text = (tmp_path / "opt.toml").read_text()
     assert 'type = "q8_0"' in text and "q5_0" not in text.split("[params]")[1]
-    assert W_TYPES[1] == "q5_0"

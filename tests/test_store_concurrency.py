@@ -4,14 +4,18 @@ result is lost or filed twice, and a sweep run is filed once per study."""
 from __future__ import annotations
 
 import multiprocessing
+import socket
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
+from test_sweep import BUILD, FakeExecutor, _plan
 
 from lacq.cache import connect
 from lacq.errors import StoreError
-from lacq.results.store import MIGRATIONS, Result, Store
+from lacq.results.store import MIGRATIONS, Result, Store, open_store
+from lacq.studies.sweep import WorkerSetup, run_sweep
 
 PROCESSES = 8
 PER_PROCESS = 50  # results each process files of its own
@@ -114,3 +118,73 @@ def test_a_failed_migration_applies_nothing(tmp_path):
     db = sqlite3.connect(path)
     assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {"_migrations", "a", "b"}
     assert [r[0] for r in db.execute("SELECT n FROM _migrations")] == [0]
+
+
+# -- sweep runs being measured: two sweeps of one study at once measure each run once
+
+def _claim_and_wait(db_path: str, keys: list[str], claimed, leave, release: bool) -> None:
+    store = Store(db_path)
+    store.claim_sweep_runs("s", keys)
+    claimed.set()
+    leave.wait(60)
+    if release:
+        store.release_sweep_runs("s", keys)
+
+
+def test_claims_of_a_live_process_are_left_to_it_and_a_dead_ones_taken_over(tmp_path):
+    db = str(tmp_path / "r.sqlite")
+    Store(db).close()
+    ctx = multiprocessing.get_context("spawn")
+    claimed, leave = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=_claim_and_wait, args=(db, ["k1", "k2"], claimed, leave, False))
+    other.start()
+    assert claimed.wait(60)
+    store = Store(db)
+    mine, elsewhere = store.claim_sweep_runs("s", ["k1", "k2", "k3"])
+    assert mine == ["k3"] and elsewhere == {k: f"pid {other.pid} on {socket.gethostname()}" for k in ("k1", "k2")}
+    leave.set()
+    other.join(30)  # gone without releasing its claims, as a killed sweep would
+    assert store.claim_sweep_runs("s", ["k1", "k2", "k3"]) == (["k1", "k2", "k3"], {})
+    template = _result_template(store, tmp_path)
+    store.add_copy(template, study="s", label="run", metrics={"sweep_run": "k1"})
+    store.release_sweep_runs("s", ["k1", "k2", "k3"])
+    assert store.claim_sweep_runs("s", ["k1", "k2"]) == (["k2"], {})  # a filed run is nobody's to claim
+
+
+class _SlowExecutor(FakeExecutor):
+    """The fake executor of the sweep tests, taking a while per run as a measurement does."""
+
+    def run(self, runs, setup, on_done, on_progress):
+        for run in runs:
+            time.sleep(0.3)
+            super().run([run], setup, on_done, on_progress)
+
+
+def _sweeper(tmp: str, start_at: float, out) -> None:
+    tmp_path = Path(tmp)
+    store = open_store()
+    sweep, runs = _plan(tmp_path, store)
+    executor = _SlowExecutor(tmp_path / "m.gguf")
+    time.sleep(max(0.0, start_at - time.time()))
+    outcome = run_sweep(sweep, runs, WorkerSetup(home=tmp, build=BUILD, corpus=tmp), store, executor)
+    out.put((executor.executed, outcome.ran, outcome.failed, outcome.skipped))
+
+
+def test_two_sweeps_of_one_file_at_once_measure_each_run_once(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 3.0
+    procs = [ctx.Process(target=_sweeper, args=(str(tmp_path), start_at, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    reports = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    executed = [k for r in reports for k in r[0]]
+    assert len(executed) == len(set(executed)) == 4  # each of the four runs measured by one sweep
+    for _, ran, failed, skipped in reports:  # the other sweep says who measures what it left
+        assert len(ran) + len(failed) + skipped == 4
+        assert all("another sweep of this study is measuring it (pid " in m for m in failed.values())
+    stored = [r for r in open_store().results(study="tiny") if r.kind == "ppl"]
+    assert sorted(r.sweep_run for r in stored) == sorted(executed)

@@ -64,8 +64,17 @@ def m003_sweep_run(db: sqlite3.Connection) -> None:
     db.execute("CREATE UNIQUE INDEX results_sweep_run ON results (study, sweep_run) WHERE sweep_run IS NOT NULL")
 
 
+def m004_sweep_claims(db: sqlite3.Connection) -> None:
+    # Runs a sweep's driver is measuring now, so that a second sweep of the same study leaves them to it.
+    db.execute("""
+    CREATE TABLE sweep_claims (
+        study TEXT NOT NULL, sweep_run TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL, claimed REAL NOT NULL,
+        PRIMARY KEY (study, sweep_run)
+    )""")
+
+
 # Append-only: never edit a migration that has shipped; add a new one.
-MIGRATIONS: list[Migration] = [m001_results, m002_machine, m003_sweep_run]
+MIGRATIONS: list[Migration] = [m001_results, m002_machine, m003_sweep_run, m004_sweep_claims]
 
 
 @dataclass(frozen=True)
@@ -163,6 +172,42 @@ class Store:
         log.info("sweep run %s of %s was filed already (#%d); this copy dropped", row["sweep_run"], study, first[0])
         return int(first[0])
 
+    # -- sweep runs being measured
+    def claim_sweep_runs(self, study: str, keys: list[str]) -> tuple[list[str], dict[str, str]]:
+        """Claim the runs of `keys` not yet filed for this process to measure, in one transaction.
+
+        Returns (the keys claimed, {key: who measures it} for those another live process claimed). A claim
+        of a process gone from this host is taken over; one from another host is honoured, as its process
+        cannot be checked from here. Runs already filed are in neither.
+        """
+        me = (socket.gethostname(), os.getpid())
+        mine, elsewhere = [], {}
+        self.db.execute("BEGIN IMMEDIATE")  # no other process claims between our reads and our writes
+        try:
+            for key in keys:
+                if self.db.execute("SELECT 1 FROM results WHERE study = ? AND sweep_run = ?", (study, key)).fetchone():
+                    continue
+                claim = self.db.execute("SELECT host, pid FROM sweep_claims WHERE study = ? AND sweep_run = ?",
+                                        (study, key)).fetchone()
+                if claim is not None and (claim["host"], claim["pid"]) != me and _alive(claim["host"], claim["pid"]):
+                    elsewhere[key] = f"pid {claim['pid']} on {claim['host']}"
+                    continue
+                self.db.execute("INSERT OR REPLACE INTO sweep_claims VALUES (?, ?, ?, ?, ?)",
+                                (study, key, *me, time.time()))
+                mine.append(key)
+            self.db.commit()
+        except BaseException:
+            self.db.rollback()
+            raise
+        return mine, elsewhere
+
+    def release_sweep_runs(self, study: str, keys: list[str]) -> None:
+        """Drop this process's claims of `keys` (filed or not: a run not filed may be claimed again)."""
+        host, pid = socket.gethostname(), os.getpid()
+        with self.db:
+            self.db.executemany("DELETE FROM sweep_claims WHERE study = ? AND sweep_run = ? AND host = ? AND pid = ?",
+                                [(study, key, host, pid) for key in keys])
+
     def get(self, result_id: int) -> Result:
         row = self.db.execute("SELECT * FROM results WHERE id = ?", (result_id,)).fetchone()
         if row is None:
@@ -182,6 +227,19 @@ class Store:
     def close(self) -> None:
         self.db.close()
         self.cache.db.close()
+
+
+def _alive(host: str, pid: int) -> bool:
+    """Whether a claim's process may still run: on another host it cannot be told, so yes."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _result(row: sqlite3.Row) -> Result:

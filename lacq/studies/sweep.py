@@ -371,7 +371,15 @@ def run_sweep(sweep: Sweep, runs: list[SweepRun], setup: WorkerSetup, store: Sto
     file_manifest(store, sweep, runs, setup.build)
     done = stored_keys(store, sweep.name)
     todo = [r for r in runs if r.key not in done]
+    # Claimed in the store, so a second sweep of this study at the same time measures none of them twice.
+    mine, elsewhere = store.claim_sweep_runs(sweep.name, [r.key for r in todo])
     outcome = SweepOutcome(sweep.name, len(runs), len(runs) - len(todo))
+    for run in todo:
+        if run.key in elsewhere:
+            outcome.failed[run.key] = f"another sweep of this study is measuring it ({elsewhere[run.key]})"
+        elif run.key not in mine:  # filed since `done` was read
+            outcome.skipped += 1
+    todo = [r for r in todo if r.key in mine]
 
     def on_done(run: SweepRun, row: dict | None, error: str | None) -> None:
         if error is not None:
@@ -384,8 +392,11 @@ def run_sweep(sweep: Sweep, runs: list[SweepRun], setup: WorkerSetup, store: Sto
         if on_run_done:
             on_run_done(run, error)
 
-    if todo:
-        executor.run(todo, setup, on_done, on_progress)
+    try:
+        if todo:
+            executor.run(todo, setup, on_done, on_progress)
+    finally:
+        store.release_sweep_runs(sweep.name, mine)
     return outcome
 
 

@@ -44,6 +44,8 @@ def test_parity_on_cpu_writes_the_document_and_compares_through_the_same_referen
     assert again["reference"]["sha256"] == ref["sha256"] and again["reference"]["made_by_build"] is None
     assert again["configs"][0]["ppl"] == rows["f16/f16"]["ppl"]  # same tokens, same build: identical
     r = CliRunner().invoke(cli, ["compare", str(out), str(second), "--format", "md"])
+    assert r.exit_code == 3 and "6 configuration(s) ran on only one of" in r.output, r.output  # a partial second
+    r = CliRunner().invoke(cli, ["compare", str(out), str(second), "--format", "md", "--allow-partial"])
     assert r.exit_code == 0, r.output
     assert "| f16/f16 |" in r.output
 

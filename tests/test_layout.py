@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 LACQ = Path(__file__).resolve().parent.parent / "lacq"
-FOUNDATION = {"lacq", "lacq.errors", "lacq.paths", "lacq.fsutil", "lacq.cache"}
+FOUNDATION = {"lacq", "lacq.errors", "lacq.paths", "lacq.fsutil", "lacq.cache", "lacq.corpus"}
 # stage -> the stages it may import (besides the foundation and itself); ARCHITECTURE.md's table
 ALLOWED = {
     "llama": set(),

@@ -310,6 +310,14 @@ allow_long_context_option = click.option(
     help="Run a context longer than the model's training context (refused otherwise).")
 
 
-def corpus_path(corpus: Path | None) -> Path:
-    from lacq import paths
-    return corpus or paths.default_corpus()
+def corpus_path(corpus: Path | None, split: str | None = None) -> Path:
+    """The text a command reads: --corpus (default: the default corpus), whole or its --split part."""
+    from lacq.corpus import text_for
+    return text_for(split, corpus)
+
+
+def split_option(fn):
+    from lacq.corpus import SPLITS
+    return click.option("--split", type=click.Choice(SPLITS), default=None,
+                        help="Only this part of the text (default: all of it); the parts never overlap: "
+                             "scan (first quarter), judge (second quarter), calibration (second half).")(fn)

@@ -24,6 +24,7 @@ from lacq.cli.common import (
     progress_bar,
     result_json_option,
     run_options,
+    split_option,
 )
 from lacq.errors import LacqError
 from lacq.plan.kv.config import KvConfig
@@ -49,12 +50,23 @@ def text_options(fn):
     for opt in reversed([
         click.option("-f", "--corpus", type=click.Path(path_type=Path), default=None,
                      help="Text to evaluate (default: WikiText-2 raw test split)."),
+        split_option,
         click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True),
         click.option("--chunks", type=int, default=20, show_default=True),
         allow_long_context_option,
     ]):
         fn = opt(fn)
     return fn
+
+
+def _text(corpus: Path | None, split: str | None, chunks: int | None, ctx_len: int) -> Path:
+    """The text of a run (--corpus, --split), refused before the build lookup when too short for the chunks."""
+    from lacq.corpus import check_length
+    text = corpus_path(corpus, split)
+    if not text.is_file():
+        raise LacqError(f"corpus {text} does not exist")
+    check_length(text, chunks, ctx_len)
+    return text
 
 
 # ---------------------------------------------------------------- ppl
@@ -67,14 +79,15 @@ def text_options(fn):
 @build_options
 @click.pass_context
 @handle_errors
-def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, allow_long_context, run: RunOptions, as_json, kv: KvConfig,
-            build: BuildChoice):
+def ppl_cmd(ctx, model_spec, corpus, split, ctx_len, chunks, allow_long_context, run: RunOptions, as_json,
+            kv: KvConfig, build: BuildChoice):
     """Perplexity of MODEL (llama-perplexity), stored with its provenance."""
     from lacq.measure.common import check_context, check_kv
     from lacq.measure.ppl import measure_ppl
     model, info = _model(model_spec, kv, build.backend)
     resolved = check_kv(kv, info, build.backend)  # bad input fails before the build lookup
     check_context(ctx_len, info, allow_long_context)
+    text = _text(corpus, split, chunks, ctx_len)
     if resolved.flash_attn != kv.flash_attn:
         err_console.print(f"[yellow]note[/yellow]: flash attention switched on: "
                           f"{', '.join(kv.needs_flash_attention())} need it")
@@ -82,7 +95,7 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, allow_long_context, run: R
     store = open_results(ctx)
     with progress_bar() as progress:
         task = progress.add_task("perplexity", total=1.0, detail=kv.label())
-        out = measure_ppl(tools, store, model, info, kv, corpus_path(corpus), ctx=ctx_len, chunks=chunks,
+        out = measure_ppl(tools, store, model, info, kv, text, ctx=ctx_len, chunks=chunks,
                           threads=run.threads, ngl=run.ngl, label=run.label, study=run.study,
                           progress=lambda f, d: progress.update(task, completed=f, detail=d),
                           allow_long_context=allow_long_context)
@@ -111,7 +124,7 @@ def ppl_cmd(ctx, model_spec, corpus, ctx_len, chunks, allow_long_context, run: R
 @build_options
 @click.pass_context
 @handle_errors
-def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, allow_long_context, run: RunOptions, recipe,
+def kld_cmd(ctx, model_spec, base_spec, corpus, split, ctx_len, chunks, allow_long_context, run: RunOptions, recipe,
             as_json, kv: KvConfig, build: BuildChoice):
     """KL-divergence of MODEL against BASE (llama-perplexity; base logits cached)."""
     from lacq.measure.common import check_context
@@ -122,11 +135,12 @@ def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, allow_long_cont
         raise LacqError("--chunks must be at least 1")
     for i in (info, base_info):
         check_context(ctx_len, i, allow_long_context)
+    text = _text(corpus, split, chunks, ctx_len)
     tools = build.require()
     store = open_results(ctx)
     with progress_bar() as progress:
         task = progress.add_task("kl-divergence", total=1.0, detail=kv.label())
-        out = measure_kld(tools, store, model, info, base, base_info, kv, corpus_path(corpus), ctx=ctx_len,
+        out = measure_kld(tools, store, model, info, base, base_info, kv, text, ctx=ctx_len,
                           chunks=chunks, threads=run.threads, ngl=run.ngl, label=run.label, study=run.study,
                           recipe=recipe, progress=lambda f, d: progress.update(task, completed=f, detail=d),
                           allow_long_context=allow_long_context)
@@ -135,9 +149,9 @@ def kld_cmd(ctx, model_spec, base_spec, corpus, ctx_len, chunks, allow_long_cont
         return
     r = out.result
     q = r.kld_quantiles
-    console.print(f"Mean KLD = {r.kld_mean:.6f} ± {r.kld_mean_error:.6f}  (99% {q.get('p99', float('nan')):.5f}, "
-                  f"max {q.get('max', float('nan')):.4f}); RMS Δp {r.dp_rms_pct:.3f}%, same top p "
-                  f"{r.same_top_p_pct:.2f}%; PPL {r.ppl_q:.4f} vs base {r.ppl_base:.4f} (ratio {r.ppl_ratio:.4f})")
+    console.print(f"Mean KLD = {r.kld_mean:.6f} ± {r.kld_mean_error:.6f}  (99.9% {q.get('p99.9', float('nan')):.5f}, "
+                  f"99% {q.get('p99', float('nan')):.5f}, max {q.get('max', float('nan')):.4f}); RMS Δp "
+                  f"{r.dp_rms_pct:.3f}%, same top p {r.same_top_p_pct:.2f} ± {r.same_top_p_error_pct:.2f}%; PPL {r.ppl_q:.4f} vs base {r.ppl_base:.4f} (ratio {r.ppl_ratio:.4f})")
     console.print(f"{r.n_chunks} chunks of {r.n_ctx}; base logits {'cached' if out.logits_cached else 'computed'} "
                   f"({out.logits}); {out.seconds:.1f} s; result #{out.result_id}", soft_wrap=True)
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lacq import paths
+from lacq.corpus import check_length
 from lacq.errors import LacqError
 from lacq.fsutil import atomic_output, canonical_hash
 from lacq.llama.build import Build
@@ -75,6 +76,7 @@ def base_logits(build: Build, store: Store, base: Path, base_info: ModelInfo, co
                 progress: Progress | None = None) -> tuple[Path, bool]:
     """The base model's logits file for (base, corpus, ctx, chunks, build), made once and cached."""
     check_kld_tokens(ctx, chunks)
+    check_length(corpus, chunks, ctx)
     key = canonical_hash({"kind": "kld-base-logits", "base": store.sha256(base), "corpus": store.sha256(corpus),
                           "ctx": ctx, "chunks": chunks, "build": build.key})
     cached = store.cache.artifact(key)

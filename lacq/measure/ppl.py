@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lacq.corpus import check_length
 from lacq.errors import LacqError
 from lacq.llama.build import Build
 from lacq.llama.tools import perplexity
@@ -31,6 +32,7 @@ def measure_ppl(build: Build, store: Store, model: Path, info: ModelInfo, kv: Kv
     if not corpus.exists():
         raise LacqError(f"corpus {corpus} does not exist")
     check_context(ctx, info, allow_long_context)
+    check_length(corpus, chunks, ctx)
     kv = prepare_kv(build, kv, info)
     k_bpv, v_bpv = kv.bits_per_value(len(info.kv_blocks))
     args = perplexity.argv(build.tool("llama-perplexity"), model, corpus, ctx=ctx, chunks=chunks,
@@ -43,6 +45,9 @@ def measure_ppl(build: Build, store: Store, model: Path, info: ModelInfo, kv: Kv
             progress(min(n / expected, 1.0), f"chunk {n}/{expected}")
 
     run, result = perplexity.run(args, env=kv.env(), on_line=on_line)
+    if chunks and result.n_chunks is not None and result.n_chunks < chunks:  # the tool runs what the text gives
+        raise LacqError(f"{corpus.name} gives only {result.n_chunks} chunks of {ctx} tokens, not {chunks}; "
+                        "use fewer --chunks or a longer text")
     if result.k_bits_per_value is not None:  # measured by the patch from allocated bytes
         k_bpv, v_bpv = result.k_bits_per_value, result.v_bits_per_value
     metrics = asdict(result)

@@ -101,3 +101,83 @@ def test_split_option_rejects_an_unknown_part(tmp_path):
     m = write_synthetic_gguf(tmp_path / "m.gguf")
     r = CliRunner().invoke(cli, ["ppl", str(m), "--split", "test"])
     assert r.exit_code == 2 and "scan" in r.output and "judge" in r.output
+
+
+# ---------------------------------------------------------------- a judge that has seen the scan's text
+def _scan_on(tmp_path, text):
+    """A weights scan (tests/test_optimize_cli.py's) recording `text` as the text it was measured on."""
+    from lacq.cache import Cache
+    from tests.test_optimize_cli import HEADER, N_ELEMENTS, bpw_scan
+    scan = bpw_scan(n_elements=N_ELEMENTS, overhead_bytes=HEADER)
+    prov = {"study": "s", "corpus_sha256": Cache.open().sha256(text)} if text else {"study": "s"}
+    path = tmp_path / "scan.json"
+    type(scan)(**{**scan.__dict__, "provenance": prov}).write(path)
+    return path
+
+
+def _optimize(tmp_path, scan, *extra):
+    return CliRunner().invoke(cli, ["optimize", "weights", str(scan), "--bpw", "5.5", "-o", str(tmp_path / "o.toml"),
+                                    *extra])
+
+
+def test_strict_refuses_to_judge_on_text_the_scan_has_seen(tmp_path):
+    r = _optimize(tmp_path, _scan_on(tmp_path, paths.default_corpus()), "--verify", "--strict")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "shares" in lines[0] and "--strict refuses" in lines[0]
+    assert not (tmp_path / "o.toml").exists()  # refused before anything is written
+
+
+def test_a_judge_run_on_text_the_scan_has_seen_is_warned_about(tmp_path):
+    r = _optimize(tmp_path, _scan_on(tmp_path, paths.default_corpus()), "--verify")
+    assert "warning" in r.output and "judge part of the corpus" in r.output and "shares" in r.output
+    r = _optimize(tmp_path, _scan_on(tmp_path, None), "--refine", "1")
+    assert "warning" in r.output and "records no text hash" in r.output
+
+
+def test_a_scan_of_the_scan_part_is_judged_without_warning(tmp_path):
+    scan = _scan_on(tmp_path, splits.scan_text())
+    r = _optimize(tmp_path, scan, "--verify", "--strict")
+    assert "warning" not in r.output and "refuses" not in r.output
+    r = _optimize(tmp_path, _scan_on(tmp_path, paths.default_corpus()), "--strict", "--force")  # judges nothing
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+
+
+# ---------------------------------------------------------------- too short for the chunks, in the library
+def test_base_logits_refuse_a_short_text_before_running(tmp_path):
+    from types import SimpleNamespace
+
+    from lacq.measure.kld import base_logits
+    from lacq.results.store import Store
+
+    def no_tool(name):
+        raise AssertionError("the tool ran")
+
+    (tmp_path / "b.gguf").write_bytes(b"GGUF")
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"a few words\n" * 100)  # 1,200 bytes: fewer than 4 × 512 tokens
+    with pytest.raises(LacqError, match="too short for 4 chunk"):
+        base_logits(SimpleNamespace(key="k", tool=no_tool), Store(tmp_path / "r.sqlite"), tmp_path / "b.gguf",
+                    SimpleNamespace(n_vocab=256), short, ctx=512, chunks=4)
+
+
+def test_ppl_refuses_a_run_the_tool_cut_short(tmp_path, monkeypatch):
+    """llama-perplexity runs as many chunks as the text gives; fewer than asked is an error, nothing stored."""
+    from types import SimpleNamespace
+
+    from lacq.llama.tools import perplexity
+    from lacq.measure import ppl
+    from lacq.model.info import inspect_model
+    from lacq.plan.kv.config import KvConfig
+    from lacq.results.store import Store
+    m = write_synthetic_gguf(tmp_path / "m.gguf")
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"x" * 20_000)
+    monkeypatch.setattr(ppl, "prepare_kv", lambda build, kv, info: kv)
+    monkeypatch.setattr(perplexity, "run", lambda args, **kw: (SimpleNamespace(argv=args, seconds=1.0, output=""),
+                                                                SimpleNamespace(n_chunks=3, k_bits_per_value=None)))
+    store = Store(tmp_path / "r.sqlite")
+    with pytest.raises(LacqError, match="gives only 3 chunks of 512 tokens, not 20"):
+        ppl.measure_ppl(SimpleNamespace(key="k", tool=lambda n: n), store, m, inspect_model(m), KvConfig(), text,
+                        ctx=512, chunks=20)
+    assert store.results() == []

@@ -151,7 +151,8 @@ def kld_cmd(ctx, model_spec, base_spec, corpus, split, ctx_len, chunks, allow_lo
     q = r.kld_quantiles
     console.print(f"Mean KLD = {r.kld_mean:.6f} ± {r.kld_mean_error:.6f}  (99.9% {q.get('p99.9', float('nan')):.5f}, "
                   f"99% {q.get('p99', float('nan')):.5f}, max {q.get('max', float('nan')):.4f}); RMS Δp "
-                  f"{r.dp_rms_pct:.3f}%, same top p {r.same_top_p_pct:.2f} ± {r.same_top_p_error_pct:.2f}%; PPL {r.ppl_q:.4f} vs base {r.ppl_base:.4f} (ratio {r.ppl_ratio:.4f})")
+                  f"{r.dp_rms_pct:.3f}%, same top p {r.same_top_p_pct:.2f} ± {r.same_top_p_error_pct:.2f}%; "
+                  f"PPL {r.ppl_q:.4f} vs base {r.ppl_base:.4f} (ratio {r.ppl_ratio:.4f})")
     console.print(f"{r.n_chunks} chunks of {r.n_ctx}; base logits {'cached' if out.logits_cached else 'computed'} "
                   f"({out.logits}); {out.seconds:.1f} s; result #{out.result_id}", soft_wrap=True)
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import click
 
-from lacq import paths
 from lacq.cli import cli
 from lacq.cli.common import (
     BuildChoice,
     build_options,
     console,
+    err_console,
     format_option,
     handle_errors,
     message_console,
@@ -21,6 +21,7 @@ from lacq.cli.common import (
     progress_bar,
     stage_stepper,
 )
+from lacq.corpus import judge_text, scan_text
 from lacq.errors import LacqError
 from lacq.llama.build import BuildSpec
 from lacq.llama.build import build as run_build
@@ -50,7 +51,8 @@ def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, fmt, build: BuildCho
         mtask = progress.add_task("model", total=1.0, detail=model_spec or "SmolLM2-135M-Instruct Q4_1")
         model = resolve_model(model_spec)
         progress.update(mtask, completed=1.0)
-        result = run_placement_study(tools, store, model, paths.default_corpus(), ctx=ctx_len, chunks=chunks,
+        result = run_placement_study(tools, store, model, judge_text(), scan_corpus=scan_text(), ctx=ctx_len,
+                                     chunks=chunks,
                                      scan_chunks=scan_chunks, step=stage_stepper(progress))
     from lacq.results.tables import PLACEMENT_COLUMNS
     from lacq.studies.sensitivity import classify, partitions
@@ -90,8 +92,8 @@ def _show_scan(scan, out: Path | None, plot_dir: Path | None, fmt: str, rid: int
     cols = KV_COLUMNS if scan.kind == "kv" else COLUMNS
     notes = message_console(fmt)
     lo, hi = scan.uniform[scan.lowest], scan.uniform[scan.highest]
-    notes.print(f"all {scan.lowest}: KLD {lo.kld:.5f} ± {lo.kld_error:.5f} (PPL {lo.ppl:.3f}); all {scan.highest}: "
-                f"KLD {hi.kld:.5f} ± {hi.kld_error:.5f} (PPL {hi.ppl:.3f}); {scan.chunks} chunks of {scan.ctx}",
+    notes.print(f"all {scan.lowest}: {kld_columns(lo)} (PPL {lo.ppl:.3f}); all {scan.highest}: "
+                f"{kld_columns(hi)} (PPL {hi.ppl:.3f}); {scan.chunks} chunks of {scan.ctx} of the scan's text",
                 highlight=False)
     parts = []
     for kinds in partitions(scan):
@@ -117,7 +119,8 @@ def _show_scan(scan, out: Path | None, plot_dir: Path | None, fmt: str, rid: int
     notes.print(f"scan stored as result #{rid} (study {scan.provenance['study']}), "
                 f"{scan.provenance['seconds']:.0f} s", markup=False, highlight=False)
     if fmt == "json":
-        uniform = {t: {"kld": k.kld, "kld_error": k.kld_error, "kld_p99": k.kld_p99, "ppl": k.ppl}
+        uniform = {t: {"kld": k.kld, "kld_error": k.kld_error, "kld_p99.9": k.kld_p999, "kld_p99": k.kld_p99,
+                       "same_top_p_pct": k.same_top_p, "same_top_p_error_pct": k.same_top_p_error, "ppl": k.ppl}
                    for t, k in scan.uniform.items()}
         console.print_json(json.dumps({
             "result_id": rid, "study": scan.provenance["study"], "kind": scan.kind, "types": list(scan.types),
@@ -175,7 +178,7 @@ def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_sourc
     model, base = resolve_model(model_spec), resolve_model(base_spec)
     tools, store = build.require(), open_results(ctx)
     with progress_bar() as progress:
-        scan = scan_weights(tools, store, model, base, paths.default_corpus(), types=comma_list(types),
+        scan = scan_weights(tools, store, model, base, scan_text(), types=comma_list(types),
                             units=tuple(comma_list(unit_list)), chunks=chunks, ctx=ctx_len,
                             threads=threads, workers=workers, include_source_type=include_source_type,
                             step=stage_stepper(progress))
@@ -200,7 +203,7 @@ def scan_kv_cmd(ctx, model_spec, types, cache, other, chunks, ctx_len, workers, 
     model = resolve_model(model_spec)
     tools, store = build.require(), open_results(ctx)
     with progress_bar() as progress:
-        scan = scan_kv(tools, store, model, paths.default_corpus(), types=comma_list(types), cache=cache, other=other,
+        scan = scan_kv(tools, store, model, scan_text(), types=comma_list(types), cache=cache, other=other,
                        chunks=chunks, ctx=ctx_len, threads=threads, workers=workers,
                        step=stage_stepper(progress))
     _show_scan(scan, out, plot_dir, fmt, _store_scan(store, scan, model, tools))
@@ -264,7 +267,37 @@ def _judgements(s, scan) -> str:
     return out
 
 
+def kld_columns(k) -> str:
+    """A KLD measurement as every KLD table shows it: mean ± error, 99.9% quantile, same top p ± error."""
+    out = f"KLD {k.kld:.5f} ± {k.kld_error:.5f}"
+    if k.kld_p999 is not None:
+        out += f", 99.9% {k.kld_p999:.4f}"
+    if k.same_top_p is not None:
+        out += f", same top p {k.same_top_p:.2f} ± {(k.same_top_p_error or 0):.2f}%"
+    return out
+
+
+def _check_judge(scan, strict: bool, judging: bool) -> None:
+    """Warn (refuse with --strict) when the judge text may share tokens with the scan's text."""
+    from lacq.corpus import judge_overlap
+    problem = judging and judge_overlap(judge_text(), sha256=scan.provenance.get("corpus_sha256"))
+    if problem and strict:
+        raise LacqError(f"{problem}; --strict refuses to judge on it")
+    if problem:
+        err_console.print(f"[yellow]warning[/yellow]: {problem}", highlight=False)
+
+
+def _judged(ctx, rid: int) -> str:
+    """A stored KLD result as `kld_columns` shows it, with the tokens it was measured on."""
+    from lacq.studies.scan import stored_kld
+    store = open_results(ctx)
+    r = store.get(rid)
+    return f"{kld_columns(stored_kld(store, rid))} on the judge text's {r.chunks}×{r.ctx} tokens"
+
+
 def _refine_options(fn):
+    fn = click.option("--strict", is_flag=True, help="Refuse to judge (--verify, --refine) on text that may "
+                      "share tokens with the scan's, instead of warning.")(fn)
     fn = click.option("--judge-chunks", type=click.IntRange(min=1), default=20, show_default=True,
                       help="Chunks that --verify and --refine judge proposals on (at least the scan's; more, so that "
                            "the scan's noise does not choose what is kept).")(fn)
@@ -288,14 +321,14 @@ def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, worke
     table, kept, r = [], None, None
     with progress_bar() as progress:
         step = stage_stepper(progress)
-        measure, key = runner(tools, store, scan, paths.default_corpus(), threads=threads, workers=workers, step=step)
+        measure, key = runner(tools, store, scan, judge_text(), threads=threads, workers=workers, step=step)
         if s.alternatives:
             s, table, kept = pick_measured(scan, s, measure, key, judge)
         if rounds:
             r = refine(scan, s, measure, key, rounds=rounds, judge_chunks=judge, step=step)
     for what, quoted, k in table:
-        console.print(f"proposal of {what}: quoted {quoted:.5f}, measured {k.kld:.5f} ± {k.kld_error:.5f} "
-                      f"on {max(judge, scan.chunks)}×{scan.ctx} tokens")
+        console.print(f"proposal of {what}: quoted {quoted:.5f}, measured {kld_columns(k)} "
+                      f"on the judge text's {max(judge, scan.chunks)}×{scan.ctx} tokens")
     if table:
         console.print(f"kept: {table[kept][0]}")
     if r is None:
@@ -329,7 +362,7 @@ def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, worke
 @click.pass_context
 @handle_errors
 def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, refine_rounds, judge_chunks,
-                         workers, threads, model_spec, force, build: BuildChoice):
+                         workers, threads, model_spec, force, strict, build: BuildChoice):
     """Least predicted KLD within a size budget: one candidate type per scanned unit."""
     from lacq.model.info import inspect_model
     from lacq.studies.optimize import bpw_budget, optimize
@@ -342,6 +375,7 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
         raise LacqError("give exactly one budget: --size-mb or --bpw")
     budget = size_mb * 1e6 if size_mb is not None else bpw_budget(scan, bpw)
     s = optimize(scan, budget, types=comma_list(types) if types else None)
+    _check_judge(scan, strict, verify or refine_rounds > 0)
     _report_solution(s, scan)
     s = _measured(ctx, build, scan, s, verify, refine_rounds, workers, threads, judge_chunks)
     name = name or f"opt_{s.size_mb:.1f}mb".replace(".", "_")
@@ -356,9 +390,9 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
         console.print(f"wrote {ttf} (llama-quantize --tensor-type-file {ttf} BASE.gguf OUT.gguf {t.ftype})")
     if verify:
         from lacq.studies.verify import verify_weights
-        rid, measured, path = verify_weights(build.require(), open_results(ctx), scan, s, out, paths.default_corpus(),
+        rid, _, path = verify_weights(build.require(), open_results(ctx), scan, s, out, judge_text(),
                                              label=name, study=f"optimize:{scan.provenance.get('study')}")
-        console.print(f"measured KLD {measured:.5f} on {scan.chunks}×{scan.ctx} tokens ({_judgements(s, scan)}); "
+        console.print(f"measured {_judged(ctx, rid)} ({_judgements(s, scan)}); "
                       f"{path}; result #{rid}")
 
 
@@ -379,7 +413,7 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
 @click.pass_context
 @handle_errors
 def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_rounds, judge_chunks, workers, threads,
-                    model_spec, force, build: BuildChoice):
+                    model_spec, force, strict, build: BuildChoice):
     """Least predicted KLD within a bits/value budget: one candidate type per KV layer."""
     from lacq.studies.optimize import optimize
     from lacq.studies.optimize_out import kv_policy_toml
@@ -388,6 +422,7 @@ def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_round
     if scan.kind != "kv":
         raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
     s = optimize(scan, bits, types=comma_list(types) if types else None)
+    _check_judge(scan, strict, verify or refine_rounds > 0)
     _report_solution(s, scan)
     s = _measured(ctx, build, scan, s, verify, refine_rounds, workers, threads, judge_chunks)
     name = name or f"opt_{s.bits_per_value:.2f}bpv".replace(".", "_")
@@ -396,7 +431,7 @@ def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_round
     console.print(f"wrote {out}")
     if verify:
         from lacq.studies.verify import verify_kv
-        rid, measured = verify_kv(build.require(), open_results(ctx), scan, s, out, paths.default_corpus(),
+        rid, _ = verify_kv(build.require(), open_results(ctx), scan, s, out, judge_text(),
                                   label=name, study=f"optimize:{scan.provenance.get('study')}")
-        console.print(f"measured KLD {measured:.5f} on {scan.chunks}×{scan.ctx} tokens ({_judgements(s, scan)}); "
+        console.print(f"measured {_judged(ctx, rid)} ({_judgements(s, scan)}); "
                       f"result #{rid}")

@@ -76,7 +76,6 @@ def base_logits(build: Build, store: Store, base: Path, base_info: ModelInfo, co
                 progress: Progress | None = None) -> tuple[Path, bool]:
     """The base model's logits file for (base, corpus, ctx, chunks, build), made once and cached."""
     check_kld_tokens(ctx, chunks)
-    check_length(corpus, chunks, ctx)
     key = canonical_hash({"kind": "kld-base-logits", "base": store.sha256(base), "corpus": store.sha256(corpus),
                           "ctx": ctx, "chunks": chunks, "build": build.key})
     cached = store.cache.artifact(key)
@@ -91,6 +90,7 @@ def base_logits(build: Build, store: Store, base: Path, base_info: ModelInfo, co
         raise LacqError(f"the base logits for {chunks} chunks of {ctx} tokens take {need / 1e6:,.0f} MB "
                         f"({chunks}×{ctx - 1 - ctx // 2} tokens × vocabulary {base_info.n_vocab} × 2 bytes); "
                         f"{out.parent} has {free / 1e6:,.0f} MB free. Use fewer --chunks or free space")
+    check_length(corpus, chunks, ctx)
     with atomic_output(out) as part:
         args = kld.base_argv(build.tool("llama-perplexity"), base, corpus, part, ctx=ctx, chunks=chunks,
                              threads=threads, ngl=ngl)

@@ -70,8 +70,10 @@ def _fmt(col: str, value, row=None) -> str:
         return f"{value:.3f}"
     if col in ("kld_mean", "kld_mean_error"):
         return f"{value:.5f}"
-    if col in ("kld_p99", "same_top_p_pct"):
-        return f"{value:.2f}" if col == "same_top_p_pct" else f"{value:.4f}"
+    if col in ("kld_p99", "kld_p999"):
+        return f"{value:.4f}"
+    if col in ("same_top_p_pct", "same_top_p_error_pct"):
+        return f"{value:.2f}"
     if col == "niah_pass_pct":
         return f"{value:.0f}%"
     if col in ("pp_ts", "pp_sd", "tg_ts", "tg_sd"):

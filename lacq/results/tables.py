@@ -57,8 +57,9 @@ def ppl_frame(results: list[Result], base_label: str | None = None) -> pd.DataFr
 # The combined comparison: KLD first where a base exists, PPL beside it, NIAH after.
 COMBINED_COLUMNS = {
     "configuration": "Configuration", "size_mb": "Size (MB)", "kld_mean": "Mean KLD", "kld_mean_error": "KLD ±",
-    "kld_p99": "KLD 99%", "same_top_p_pct": "Same top p %", "ppl": "PPL", "ppl_error": "±",
-    "ppl_delta_pct": "PPL Δ%", "compression": "Compression ×", "k_bpv": "K bits/value", "v_bpv": "V bits/value",
+    "kld_p999": "KLD 99.9%", "kld_p99": "KLD 99%", "same_top_p_pct": "Same top p %", "same_top_p_error_pct": "±",
+    "ppl": "PPL", "ppl_error": "±", "ppl_delta_pct": "PPL Δ%", "compression": "Compression ×",
+    "k_bpv": "K bits/value", "v_bpv": "V bits/value",
     "niah_pass_pct": "NIAH %", "niah_by_length": "NIAH by length", "mark": "",
 }
 
@@ -148,11 +149,18 @@ def niah_summary_frame(results: list[Result]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["configuration", "niah_pass_pct", "niah_by_length", "niah_trials"])
 
 
+def tail_columns(m: dict) -> dict:
+    """The columns every KLD table shows beside the mean ± error, from a stored KLD result's metrics: the 99.9%
+    and 99% quantiles and how often the top token is the base's (± its error)."""
+    return {"kld_p999": m["kld_quantiles"].get("p99.9"), "kld_p99": m["kld_quantiles"].get("p99"),
+            "same_top_p_pct": m["same_top_p_pct"], "same_top_p_error_pct": m.get("same_top_p_error_pct")}
+
+
 # Columns of the KL-divergence table (bench/kld_recipes.py), with their headers.
 KLD_COLUMNS = {
     "configuration": "Configuration", "size_mb": "Size (MB)", "kld_mean": "Mean KLD", "kld_mean_error": "±",
-    "kld_p99": "KLD 99%", "kld_max": "KLD max", "dp_rms_pct": "RMS Δp %", "same_top_p_pct": "Same top p %",
-    "ppl_q": "PPL", "ppl_ratio": "PPL ratio",
+    "kld_p999": "KLD 99.9%", "kld_p99": "KLD 99%", "kld_max": "KLD max", "dp_rms_pct": "RMS Δp %",
+    "same_top_p_pct": "Same top p %", "same_top_p_error_pct": "±", "ppl_q": "PPL", "ppl_ratio": "PPL ratio",
 }
 
 
@@ -162,13 +170,13 @@ def kld_frame(results: list[Result]) -> pd.DataFrame:
     for r in latest.values():
         m = r.metrics
         rows.append({"configuration": r.label, "size_mb": r.model_bytes / 1e6, "kld_mean": m["kld_mean"],
-                     "kld_mean_error": m["kld_mean_error"], "kld_p99": m["kld_quantiles"].get("p99"),
-                     "kld_max": m["kld_quantiles"].get("max"), "dp_rms_pct": m["dp_rms_pct"],
-                     "same_top_p_pct": m["same_top_p_pct"], "ppl_q": m["ppl_q"], "ppl_ratio": m["ppl_ratio"],
+                     "kld_mean_error": m["kld_mean_error"], **tail_columns(m),
+                     "kld_max": m["kld_quantiles"].get("max"), "dp_rms_pct": m["dp_rms_pct"], "ppl_q": m["ppl_q"],
+                     "ppl_ratio": m["ppl_ratio"],
                      "recipe": r.recipe})
     df = pd.DataFrame(rows, columns=list(KLD_COLUMNS) + ["recipe"])
-    df = df.round({"kld_mean": 6, "kld_mean_error": 6, "kld_p99": 5, "kld_max": 4, "dp_rms_pct": 3,
-                   "same_top_p_pct": 3, "ppl_q": 4, "ppl_ratio": 5})
+    df = df.round({"kld_mean": 6, "kld_mean_error": 6, "kld_p999": 5, "kld_p99": 5, "kld_max": 4, "dp_rms_pct": 3,
+                   "same_top_p_pct": 3, "same_top_p_error_pct": 3, "ppl_q": 4, "ppl_ratio": 5})
     return df.sort_values("kld_mean").reset_index(drop=True)
 
 
@@ -200,8 +208,8 @@ def bench_frame(results: list[Result]) -> pd.DataFrame:
 # The placement study (`lacq demo`): every file by KL-divergence against the base, PPL beside.
 PLACEMENT_COLUMNS = {
     "configuration": "Configuration", "kind": "Kind", "size_mb": "Size (MB)", "kld_mean": "Mean KLD",
-    "kld_mean_error": "KLD ±", "kld_p99": "KLD 99%", "same_top_p_pct": "Same top p %", "ppl": "PPL",
-    "ppl_error": "±", "ppl_delta_pct": "PPL Δ%", "mark": "",
+    "kld_mean_error": "KLD ±", "kld_p999": "KLD 99.9%", "kld_p99": "KLD 99%", "same_top_p_pct": "Same top p %",
+    "same_top_p_error_pct": "±", "ppl": "PPL", "ppl_error": "±", "ppl_delta_pct": "PPL Δ%", "mark": "",
 }
 NOISE_SIGMAS = 2.0  # a lead smaller than this many combined ± is not called a win
 
@@ -219,8 +227,7 @@ def placement_frame(results: list[Result], budget_label: str | None = None) -> p
         m = r.metrics
         rows.append({"configuration": r.label, "kind": m.get("kind", ""), "size_mb": r.model_bytes / 1e6,
                      "kld_mean": m["kld_mean"], "kld_mean_error": m["kld_mean_error"],
-                     "kld_p99": m["kld_quantiles"].get("p99"), "same_top_p_pct": m["same_top_p_pct"],
-                     "ppl": m["ppl_q"], "ppl_error": m["ppl_q_error"], "ppl_base": m["ppl_base"]})
+                     **tail_columns(m), "ppl": m["ppl_q"], "ppl_error": m["ppl_q_error"], "ppl_base": m["ppl_base"]})
     df = pd.DataFrame(rows, columns=[*PLACEMENT_COLUMNS, "ppl_base"])
     if df.empty:
         return df

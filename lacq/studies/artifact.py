@@ -31,6 +31,9 @@ class Kld:
     kld_error: float
     kld_p99: float | None = None
     ppl: float | None = None
+    kld_p999: float | None = None  # the 99.9% quantile: the tail publishers report
+    same_top_p: float | None = None  # % of tokens whose most likely token is the base's
+    same_top_p_error: float | None = None
     result_id: int | None = None  # the stored result in the results database
     per_chunk: tuple[float, ...] = ()  # mean KLD of each chunk (same tokens in every variant: pairs)
 

@@ -59,6 +59,7 @@ class PlacementResult:
 def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *, ctx: int = 512, chunks: int = 20,
                         recipes: tuple[str, ...] = DEMO_RECIPES, mixes: tuple[str, ...] = LLAMA_MIXES,
                         scan_chunks: int = SCAN_CHUNKS, threads: int | None = None,
+                        scan_corpus: Path | None = None,
                         step: Step | None = None) -> PlacementResult:
     sha = store.sha256(model)[:12]
     work = paths.sub("work") / sha
@@ -79,7 +80,8 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
         {"name": mix, "description": f"stock llama-quantize {mix}", "base": mix.lower()}), base_info))
               for mix in mixes]
 
-    scan = scan_weights(build, store, model, base, corpus, types=list(SCAN_TYPES), units=SCAN_UNITS,
+    # the scan chooses on its own text (default: the judged one); `corpus` judges every file
+    scan = scan_weights(build, store, model, base, scan_corpus or corpus, types=list(SCAN_TYPES), units=SCAN_UNITS,
                         chunks=scan_chunks, ctx=ctx, threads=threads, step=step)
     sizes = {"Q4_K_M": None, "first8_q8": None}
     for i, (name, kind, plan) in enumerate(plans):

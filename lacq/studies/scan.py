@@ -266,6 +266,8 @@ def stored_kld(store: Store, result_id: int) -> Kld:
     running = [c["kld"] for c in m.get("chunks", [])]
     per_chunk = tuple(round(i * v - (i - 1) * p, 7) for i, (v, p) in enumerate(zip(running, [0.0] + running), 1))
     return Kld(kld=m["kld_mean"], kld_error=m["kld_mean_error"], kld_p99=m["kld_quantiles"].get("p99"),
+               kld_p999=m["kld_quantiles"].get("p99.9"), same_top_p=m.get("same_top_p_pct"),
+               same_top_p_error=m.get("same_top_p_error_pct"),
                ppl=m["ppl_q"], result_id=result_id, per_chunk=per_chunk)
 
 

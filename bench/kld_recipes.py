@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
-"""KL-divergence of the layer-placement study's ten weight recipes against the F16 base.
+"""KL-divergence of the layer-placement study's ten weight recipes (and llama.cpp's mixes) against the F16 base.
 
     python bench/kld_recipes.py [--chunks 20] [--ctx 512] [--threads N] [--backend cuda --ngl 99]
+                                [--mixes Q4_K_M,Q5_K_M] [--imatrix FILE]
+
+With --imatrix (`lacq imatrix BASE`), every recipe and mix is also quantized with that importance matrix and
+measured beside the plain one (labelled NAME+imatrix); --recipes none measures the mixes alone.
 
 Quantizes (or reuses) each recipe from the exact F16 base of SmolLM2 (or --model),
 runs `lacq kld` for each, and prints a table sorted by mean KLD with the PPL of
@@ -22,7 +26,7 @@ from lacq.measure.kld import measure_kld
 from lacq.model.info import inspect_model
 from lacq.model.resolve import resolve_model
 from lacq.plan.kv.config import KvConfig
-from lacq.plan.recipe import list_recipes, load_recipe, resolve_recipe
+from lacq.plan.recipe import Recipe, list_recipes, load_recipe, parse_recipe, resolve_recipe
 from lacq.quantize import convert_ftype, default_output, quantize_with_plan
 from lacq.results.render import markdown_lines
 from lacq.results.store import open_store
@@ -36,6 +40,9 @@ def main() -> None:
                     help="reuse <stem>.<recipe>.gguf and <stem>.f16.gguf files there (e.g. a `lacq demo` work dir)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--mixes", default="", help="llama.cpp mixes (stock llama-quantize ftypes), comma-separated")
+    ap.add_argument("--imatrix", type=Path, default=None,
+                    help="also quantize every recipe and mix with this importance matrix, measured beside")
     args = ap.parse_args()
     b = require_build(BuildSpec(backend=args.backend), args.source)
     store = open_store()
@@ -48,18 +55,26 @@ def main() -> None:
     work = paths.sub("bench-kld")
     corpus = paths.default_corpus()
     study = f"bench-kld:{args.backend}:{b.key}:c{args.ctx}:n{args.chunks}"
+    recipes: list[tuple[str, Recipe]] = [
+        (name, load_recipe(name)) for name in (args.recipes.split(",") if args.recipes else list_recipes())
+        if name != "none"]
+    recipes += [(mix, parse_recipe({"name": mix, "description": f"stock llama-quantize {mix}", "base": mix.lower()}))
+                for mix in args.mixes.split(",") if mix]
+    variants = [(name, recipe, None) for name, recipe in recipes]
+    if args.imatrix:
+        variants += [(f"{name}+imatrix", recipe, args.imatrix) for name, recipe in recipes]
     ids = []
-    for name in (args.recipes.split(",") if args.recipes else list_recipes()):
-        plan = resolve_recipe(load_recipe(name), base_info, {})
+    for name, recipe, imatrix in variants:
+        plan = resolve_recipe(recipe, base_info, {}, imatrix=imatrix is not None)
         if args.from_dir:
             qpath = args.from_dir / f"{src.stem}.{name}.gguf"
         else:
-            qpath = quantize_with_plan(b, store, base, base_info, plan,
+            qpath = quantize_with_plan(b, store, base, base_info, plan, imatrix=imatrix,
                                        output=default_output(work / base.name, name)).output
         info = inspect_model(qpath)
         out = measure_kld(b, store, qpath, info, base, base_info, KvConfig(), corpus, ctx=args.ctx,
                           chunks=args.chunks, threads=args.threads, ngl=args.ngl, label=name, study=study,
-                          recipe=name, plan_hash=plan.plan_hash)
+                          recipe=recipe.name, plan_hash=plan.plan_hash)
         ids.append(out.result_id)
         r = out.result
         print(f"{name}: KLD {r.kld_mean:.5f}, PPL {r.ppl_q:.4f} ({out.seconds:.0f} s)", file=sys.stderr, flush=True)

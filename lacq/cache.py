@@ -179,6 +179,12 @@ class Cache:
             return path
         return None
 
+    def artifact_info(self, path: Path, sha256: str) -> dict:
+        """What lacq recorded when it made the file at `path` with these bytes ({} if it did not make it)."""
+        row = self.db.execute("SELECT info FROM artifacts WHERE path = ? AND sha256 = ? ORDER BY created DESC",
+                              (str(Path(path).resolve()), sha256)).fetchone()
+        return json.loads(row["info"] or "{}") if row else {}
+
     def record_artifact(self, key: str, path: Path, info: dict | None = None) -> None:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?)",

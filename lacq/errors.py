@@ -39,6 +39,11 @@ class ToolError(LacqError):
         return base
 
 
+class ImatrixError(LacqError):
+    """An importance matrix is not one, does not fit the model or plan, is missing where a type needs one,
+    or cannot be made from the text given."""
+
+
 class OutputExistsError(LacqError):
     """Refusing to overwrite an existing output."""
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lacq.errors import OutputExistsError, RecipeError
+from lacq.errors import ImatrixError, OutputExistsError, RecipeError
 from lacq.fsutil import atomic_output, canonical_hash
 from lacq.llama.build import Build
 from lacq.llama.tools import quantize
+from lacq.model.imatrix import check_imatrix, read_imatrix
 from lacq.model.info import ModelInfo
 from lacq.plan.recipe import Plan, compare_with_dry_run
 from lacq.results.store import Store
@@ -40,18 +41,38 @@ def default_output(model: Path, recipe_name: str) -> Path:
     return model.with_name(f"{model.stem}.{recipe_name}.gguf")
 
 
+def check_plan_imatrix(plan: Plan, info: ModelInfo, imatrix: Path | None, model_name: str = "the model") -> None:
+    """Before llama-quantize runs: a plan with types that need importance data gets an imatrix, and the imatrix
+    is one, made from this model, with data for every tensor the plan quantizes."""
+    if imatrix is None:
+        if plan.needs_imatrix:
+            first = plan.needs_imatrix[0]
+            more = f" and {len(plan.needs_imatrix) - 1} more" if len(plan.needs_imatrix) > 1 else ""
+            raise ImatrixError(f"recipe '{plan.recipe}' gives {first}{more} type {plan.tensor_types[first]}, which "
+                               "llama-quantize writes only with an importance matrix: pass --imatrix FILE "
+                               "(`lacq imatrix MODEL` makes one)")
+        return
+    if not plan.imatrix:
+        raise ValueError(f"plan '{plan.recipe}' was resolved for a run without an imatrix; "
+                         "resolve it with imatrix=True to quantize with one")
+    check_imatrix(read_imatrix(imatrix), info, plan.quantized_tensors(), model_name)
+
+
 def quantize_with_plan(build: Build, store: Store, model: Path, info: ModelInfo, plan: Plan, *,
                        output: Path | None = None, force: bool = False, imatrix: Path | None = None,
                        strict: bool = False, dry_run: bool = False,
                        progress: Progress | None = None) -> QuantizeOutcome:
-    """Verify `plan` with --dry-run, then quantize `model` atomically (cached)."""
+    """Verify `plan` with --dry-run, then quantize `model` atomically (cached). With `imatrix`, `plan` must have
+    been resolved with imatrix=True; its sha256 is in the cache key and the artifact's record."""
     t0 = time.monotonic()
+    check_plan_imatrix(plan, info, imatrix, Path(model).name)
     output = Path(output) if output else default_output(model, plan.recipe)
     if output.resolve() == model.resolve():
         raise OutputExistsError(f"output {output} is the input model; choose another -o")
     requant = info.is_quantized
+    imatrix_sha = store.sha256(imatrix) if imatrix else None
     key = canonical_hash({"input": store.sha256(model), "plan": plan.plan_hash, "build": build.key,
-                          "imatrix": store.sha256(imatrix) if imatrix else None})
+                          "imatrix": imatrix_sha})
     if not dry_run and output.exists():
         cached = store.cache.artifact(key)
         if cached is not None and cached.resolve() == output.resolve():
@@ -89,7 +110,8 @@ def quantize_with_plan(build: Build, store: Store, model: Path, info: ModelInfo,
             args = quantize.argv(binary, model, part, plan.base_ftype, tensor_type_file=ttf, imatrix=imatrix,
                                  allow_requantize=requant, threads=os.cpu_count())
             quantize.run(args, log_path=Path(tmp) / "quantize.log", on_line=on_line)
-    store.cache.record_artifact(key, output, {"model": str(model), "plan": plan.plan_hash, "recipe": plan.recipe})
+    store.cache.record_artifact(key, output, {"model": str(model), "plan": plan.plan_hash, "recipe": plan.recipe,
+                                              **({"imatrix_sha256": imatrix_sha} if imatrix_sha else {})})
     return QuantizeOutcome(output, plan, plan.predicted_bytes, output.stat().st_size, mismatches, False,
                            time.monotonic() - t0)
 

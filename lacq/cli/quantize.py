@@ -1,4 +1,5 @@
-"""`lacq quantize`: a model quantized with a recipe's per-tensor plan."""
+"""`lacq quantize`: a model quantized with a recipe's per-tensor plan; `lacq imatrix`: the importance matrix
+it may be quantized with."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from lacq.cli.common import (
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output GGUF (default: <stem>.<recipe>.gguf beside the input).")
 @click.option("--set", "sets", multiple=True, metavar="PARAM=VALUE", help="Override a recipe parameter.")
-@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Importance matrix (lacq imatrix MODEL) passed to llama-quantize.")
 @click.option("--dry-run", is_flag=True, help="Resolve and verify the plan with llama-quantize --dry-run only.")
 @click.option("--strict", is_flag=True, help="Fail if llama-quantize would not give a tensor its planned type.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
@@ -37,10 +39,11 @@ def quantize_cmd(ctx, model_spec, recipe_name, output, sets, imatrix, dry_run, s
     from lacq.model.info import inspect_model
     from lacq.model.resolve import resolve_model
     from lacq.plan.recipe import load_recipe, resolve_recipe
-    from lacq.quantize import quantize_with_plan
+    from lacq.quantize import check_plan_imatrix, quantize_with_plan
     model = resolve_model(model_spec)
     info = inspect_model(model)
-    plan = resolve_recipe(load_recipe(recipe_name), info, parse_sets(sets))
+    plan = resolve_recipe(load_recipe(recipe_name), info, parse_sets(sets), imatrix=imatrix is not None)
+    check_plan_imatrix(plan, info, imatrix, model.name)  # before anything runs (quantize_with_plan checks again)
     tools = build.require()
     store = open_results(ctx)
     with progress_bar() as progress:
@@ -55,3 +58,38 @@ def quantize_cmd(ctx, model_spec, recipe_name, output, sets, imatrix, dry_run, s
     console.print(f"{verb} {out.output}: predicted {out.predicted_bytes / 1e6:.2f} MB, "
                   f"{'dry-run' if dry_run else 'actual'} {out.actual_bytes / 1e6:.2f} MB "
                   f"({len(plan.rules)} rules, {out.seconds:.1f} s)")
+
+
+@cli.command(name="imatrix")
+@click.argument("model_spec", metavar="MODEL")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Calibration text (default: the calibration part of the default corpus, never judged on).")
+@click.option("--chunks", type=click.IntRange(min=1), default=None,
+              help="Chunks of --ctx tokens to collect over [default: 100].")
+@click.option("-c", "--ctx", "ctx_len", type=click.IntRange(min=16), default=512, show_default=True,
+              help="Tokens per chunk.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output GGUF (default: under lacq's home, named by model and cache key).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("-t", "--threads", type=int, default=None)
+@build_options
+@click.pass_context
+@handle_errors
+def imatrix_cmd(ctx, model_spec, text, chunks, ctx_len, output, force, threads, build: BuildChoice):
+    """Make MODEL's importance matrix with llama-imatrix (cached by model, text, chunks and build)."""
+    from lacq.corpus import calibration_text
+    from lacq.measure.imatrix import DEFAULT_CHUNKS, make_imatrix
+    from lacq.model.resolve import resolve_model
+    model = resolve_model(model_spec)
+    text = text or calibration_text()
+    tools = build.require()
+    store = open_results(ctx)
+    with progress_bar() as progress:
+        task = progress.add_task("imatrix", total=1.0, detail="")
+        out = make_imatrix(tools, store, model, text, chunks=chunks or DEFAULT_CHUNKS, ctx=ctx_len,
+                           output=output, force=force, threads=threads,
+                           progress=lambda f, d: progress.update(task, completed=f, detail=d))
+        progress.update(task, completed=1.0, detail="")
+    ppl = f", PPL estimate {out.ppl:.4f}" if out.ppl is not None else ""
+    console.print(f"{'up to date' if out.skipped else 'wrote'} {out.path}: {out.chunks} chunks of {text.name}"
+                  f"{ppl}, sha256 {out.sha256[:16]} ({out.seconds:.1f} s)")

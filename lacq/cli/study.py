@@ -32,11 +32,14 @@ from lacq.llama.build import build as run_build
 @click.option("--chunks", type=int, default=20, show_default=True)
 @click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True)
 @click.option("--scan-chunks", type=int, default=4, show_default=True, help="Chunks of the sensitivity scan's runs.")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Importance matrix (lacq imatrix MODEL): lacq's files are quantized with it, and llama.cpp's "
+                   "mixes appear both without and with it.")
 @format_option()
 @build_options
 @click.pass_context
 @handle_errors
-def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, fmt, build: BuildChoice):
+def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, imatrix, fmt, build: BuildChoice):
     """The layer-placement study end to end: hand recipes, llama.cpp's mixes and optimized recipes, by KLD."""
     from lacq.model.resolve import resolve_model
     from lacq.results.render import render
@@ -53,7 +56,7 @@ def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, fmt, build: BuildCho
         progress.update(mtask, completed=1.0)
         result = run_placement_study(tools, store, model, judge_text(), scan_corpus=scan_text(), ctx=ctx_len,
                                      chunks=chunks,
-                                     scan_chunks=scan_chunks, step=stage_stepper(progress))
+                                     scan_chunks=scan_chunks, step=stage_stepper(progress), imatrix=imatrix)
     from lacq.results.tables import PLACEMENT_COLUMNS
     from lacq.studies.sensitivity import classify, partitions
     render(result.table, fmt, console, columns=PLACEMENT_COLUMNS,
@@ -165,12 +168,15 @@ def _scan_options(fn):
 @click.option("--unit", "unit_list", default="block,group", show_default=True,
               help="Units: block, group (a tensor kind across blocks), tensor; comma-separated.")
 @click.option("--include-source-type", is_flag=True, help="Keep the model file's own block type as a candidate.")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Importance matrix (lacq imatrix BASE) the candidate files are quantized with.")
 @_scan_options
 @format_option()
 @build_options
 @click.pass_context
 @handle_errors
-def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_source_type, chunks, ctx_len, workers,
+def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_source_type, imatrix, chunks, ctx_len,
+                     workers,
                      threads, out, plot_dir, fmt, build: BuildChoice):
     """KLD per unit when only it is raised to each higher type, and only it lowered from the highest."""
     from lacq.model.resolve import resolve_model
@@ -181,6 +187,7 @@ def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_sourc
         scan = scan_weights(tools, store, model, base, scan_text(), types=comma_list(types),
                             units=tuple(comma_list(unit_list)), chunks=chunks, ctx=ctx_len,
                             threads=threads, workers=workers, include_source_type=include_source_type,
+                            imatrix=imatrix,
                             step=stage_stepper(progress))
     _show_scan(scan, out, plot_dir, fmt, _store_scan(store, scan, model, tools))
 
@@ -311,7 +318,7 @@ def _refine_options(fn):
 
 
 def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, workers: int, threads: int | None,
-              judge: int):
+              judge: int, imatrix: Path | None = None):
     """--verify: the search's distinct proposals measured, the best kept; --refine: then measured rounds."""
     from lacq.studies.refine import kv_runner, pick_measured, refine, refined_solution, summary, weights_runner
     if not rounds and not (verify and s.alternatives):
@@ -321,7 +328,9 @@ def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, worke
     table, kept, r = [], None, None
     with progress_bar() as progress:
         step = stage_stepper(progress)
-        measure, key = runner(tools, store, scan, judge_text(), threads=threads, workers=workers, step=step)
+        extra = {"imatrix": imatrix} if scan.kind == "weights" else {}
+        measure, key = runner(tools, store, scan, judge_text(), threads=threads, workers=workers, step=step,
+                              **extra)
         if s.alternatives:
             s, table, kept = pick_measured(scan, s, measure, key, judge)
         if rounds:
@@ -355,6 +364,9 @@ def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, worke
 @click.option("--verify", is_flag=True,
               help="Measure the search's distinct proposals (the best measured is kept), then quantize with the "
                    "recipe and measure its KLD on the scan's tokens.")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Importance matrix the measured files (--verify, --refine) are quantized with: the scan's own, "
+                   "where its candidates were made with one.")
 @_refine_options
 @click.option("--model", "model_spec", default=None, help="Check that the scan was made on this model.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
@@ -362,7 +374,7 @@ def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, worke
 @click.pass_context
 @handle_errors
 def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, refine_rounds, judge_chunks,
-                         workers, threads, model_spec, force, strict, build: BuildChoice):
+                         workers, threads, model_spec, force, strict, imatrix, build: BuildChoice):
     """Least predicted KLD within a size budget: one candidate type per scanned unit."""
     from lacq.model.info import inspect_model
     from lacq.studies.optimize import bpw_budget, optimize
@@ -377,7 +389,7 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
     s = optimize(scan, budget, types=comma_list(types) if types else None)
     _check_judge(scan, strict, verify or refine_rounds > 0)
     _report_solution(s, scan)
-    s = _measured(ctx, build, scan, s, verify, refine_rounds, workers, threads, judge_chunks)
+    s = _measured(ctx, build, scan, s, verify, refine_rounds, workers, threads, judge_chunks, imatrix=imatrix)
     name = name or f"opt_{s.size_mb:.1f}mb".replace(".", "_")
     base = Path(scan.base["path"]) if scan.base.get("path") else None
     text = weights_recipe_toml(s, scan, name, model=inspect_model(base) if base and base.exists() else None)
@@ -391,7 +403,8 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
     if verify:
         from lacq.studies.verify import verify_weights
         rid, _, path = verify_weights(build.require(), open_results(ctx), scan, s, out, judge_text(),
-                                             label=name, study=f"optimize:{scan.provenance.get('study')}")
+                                             label=name, study=f"optimize:{scan.provenance.get('study')}",
+                                             imatrix=imatrix)
         console.print(f"measured {_judged(ctx, rid)} ({_judgements(s, scan)}); "
                       f"{path}; result #{rid}")
 

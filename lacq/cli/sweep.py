@@ -50,7 +50,7 @@ def sweep_cmd(ctx, sweep_file, executor_name, address, jobs, build: BuildChoice)
         built = run_build(BuildSpec(backend=sweep.backend), sweep.source,
                           progress=lambda f, d: step(f"build {sweep.backend}", f, d))
         corpus = paths.default_corpus()
-        runs = plan_runs(sweep, built, store, _model_preparer(built, store, step),
+        runs = plan_runs(sweep, built, store, _model_preparer(built, store, step, sweep.imatrix),
                          _logits_preparer(built, store, corpus, sweep.threads, step))
         labels = {r.key: f"{r.label} {r.measurement}" for r in runs}
         total = progress.add_task(f"sweep {sweep.name}", total=len(runs), detail="")
@@ -71,8 +71,9 @@ def sweep_cmd(ctx, sweep_file, executor_name, address, jobs, build: BuildChoice)
     check_failures(outcome, runs)
 
 
-def _model_preparer(build, store, step):
-    """Resolve a model spec; with a recipe, dequantize to F16 when needed and quantize (both cached).
+def _model_preparer(build, store, step, imatrix: str | None = None):
+    """Resolve a model spec; with a recipe, dequantize to F16 when needed and quantize (both cached; with the
+    sweep's `imatrix` where it names one).
     Returns the model to measure and its unquantized parent (KLD's base)."""
     from lacq import paths
     from lacq.model.info import inspect_model
@@ -91,10 +92,11 @@ def _model_preparer(build, store, step):
         if info.is_quantized:
             base = convert_ftype(build, store, model, work / f"{model.stem}.f16.gguf", "F16", force=True)
         base_info = inspect_model(base)
-        plan = resolve_recipe(load_recipe(recipe), base_info)
+        plan = resolve_recipe(load_recipe(recipe), base_info, imatrix=imatrix is not None)
+        tag = f".imatrix-{store.sha256(Path(imatrix))[:12]}" if imatrix else ""
         step("quantize", 0.0, recipe)
-        out = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{model.stem}.{recipe}.gguf",
-                                 force=True)
+        out = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{model.stem}.{recipe}{tag}.gguf",
+                                 force=True, imatrix=Path(imatrix) if imatrix else None)
         step("quantize", 1.0, recipe)
         return out.output, base
 

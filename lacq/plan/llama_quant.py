@@ -79,9 +79,23 @@ def _fallback(t: TensorInfo, qtype: str) -> str:
     return qtype if ncols % _block_size(qtype) == 0 else "f16"
 
 
-def predict_types(model: ModelInfo, ftype: str, chosen: dict[str, str], ordered: list[TensorInfo]) -> dict[str, str]:
+# tensor_requires_imatrix(): types llama-quantize refuses to write without importance data
+# (q2_k too, but only in a Q2_K_S file); the token embedding and the output matrix are exempt.
+_NEED_IMATRIX = frozenset({"iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m", "iq1_s"})
+
+
+def requires_imatrix(name: str, qtype: str, ftype: str) -> bool:
+    """Mirror of tensor_requires_imatrix(): would llama-quantize refuse this tensor's type without an imatrix?"""
+    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    return qtype in _NEED_IMATRIX or (qtype == "q2_k" and ftype == "Q2_K_S")
+
+
+def predict_types(model: ModelInfo, ftype: str, chosen: dict[str, str], ordered: list[TensorInfo],
+                  imatrix: bool = False) -> dict[str, str]:
+    """Every tensor's final type; `imatrix`: llama-quantize runs with --imatrix (some mixes then differ)."""
     default = FTYPE_DEFAULT_TYPE[ftype]
-    state = _QuantState(model, ftype)
+    state = _QuantState(model, ftype, imatrix)
     out = {}
     for t in ordered:
         if not allows_quantization(t):
@@ -98,12 +112,14 @@ def predict_types(model: ModelInfo, ftype: str, chosen: dict[str, str], ordered:
 class _QuantState:
     """The part of llama_tensor_get_type_impl() the accepted base ftypes reach.
 
-    Assumes no imatrix, no --output-tensor-type/--token-embedding-type, and not
-    the LLM_TYPE_70B attn_v bump; quantize_with_plan's --dry-run check reports any gap.
+    Assumes no --output-tensor-type/--token-embedding-type, and not the LLM_TYPE_70B
+    attn_v bump; quantize_with_plan's --dry-run check reports any gap. `imatrix` is
+    qs.has_imatrix: it changes ffn_down's type in IQ4_NL/IQ4_XS and Q4_0/Q5_0 files
+    (the IQ3_XXS rules it also touches belong to ftypes lacq does not accept).
     """
 
-    def __init__(self, model: ModelInfo, ftype: str):
-        self.model, self.ftype = model, ftype
+    def __init__(self, model: ModelInfo, ftype: str, imatrix: bool = False):
+        self.model, self.ftype, self.imatrix = model, ftype, imatrix
         names = {t.name for t in model.tensors}
         self.tied = "output.weight" not in names
         self.falcon = model.architecture == "falcon"
@@ -175,12 +191,15 @@ class _QuantState:
             if self.falcon:
                 return "q6_k" if i < n // 16 else "q5_k" if _use_more_bits(i, n) else "q4_k"
             return "q6_k" if _use_more_bits(i, n) else new
-        if f in ("IQ4_NL", "IQ4_XS") and i < n // 8:
-            return "q5_k"
+        if f in ("IQ4_NL", "IQ4_XS"):
+            return "q5_k" if i < n // 8 and not self.imatrix else new
         if f == "Q5_K_M" and _use_more_bits(i, n):
             return "q6_k"
         if f == "Q4_K_S" and not self.falcon and i < n // 8:
             return "q5_k"
+        if f in ("Q4_0", "Q5_0") and self.imatrix and i < n // 8:
+            # "Guard against craziness in the first few ffn_down layers" (only with an imatrix, upstream's words)
+            return "q4_1" if f == "Q4_0" else "q5_1"
         return new
 
 

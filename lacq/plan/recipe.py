@@ -54,7 +54,14 @@ from lacq.errors import RecipeError
 from lacq.fsutil import canonical_hash
 from lacq.model.info import FLOAT_TYPES, ModelInfo, TensorInfo, tensor_nbytes
 from lacq.plan.files import find_file, list_names, load_toml, substitute, undefined_refs, with_overrides
-from lacq.plan.llama_quant import BASE_FTYPES, FTYPE_DEFAULT_TYPE, allows_quantization, predict_types, quantize_order
+from lacq.plan.llama_quant import (
+    BASE_FTYPES,
+    FTYPE_DEFAULT_TYPE,
+    allows_quantization,
+    predict_types,
+    quantize_order,
+    requires_imatrix,
+)
 
 # Types llama-quantize can write; the integer and helper types are not weight types.
 _NOT_WEIGHT_TYPES = {"I8", "I16", "I32", "I64", "F64", "Q8_1", "Q8_K"}
@@ -101,6 +108,12 @@ class Plan:
     predicted_bytes: int
     predicted_bpw: float
     plan_hash: str
+    imatrix: bool = False  # predicted for llama-quantize run with --imatrix
+    needs_imatrix: tuple[str, ...] = ()  # tensors whose type llama-quantize writes only with an imatrix
+
+    def quantized_tensors(self) -> list[str]:
+        """Tensors the plan gives a quantized (not float) type."""
+        return [n for n, t in self.tensor_types.items() if t not in FLOAT_TYPES]
 
     def tensor_type_file_text(self) -> str:
         return "".join(f"{pattern}={qtype}\n" for pattern, qtype in self.rules)
@@ -110,7 +123,7 @@ class Plan:
             "recipe": self.recipe, "params": self.params, "base_ftype": self.base_ftype,
             "rules": [list(r) for r in self.rules], "tensor_types": self.tensor_types,
             "predicted_bytes": self.predicted_bytes, "predicted_bpw": self.predicted_bpw,
-            "plan_hash": self.plan_hash,
+            "plan_hash": self.plan_hash, "imatrix": self.imatrix,
         }
 
 
@@ -157,7 +170,9 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 # --- resolution -----------------------------------------------------------------
 
-def resolve_recipe(recipe: Recipe, model: ModelInfo, overrides: dict[str, str] | None = None) -> Plan:
+def resolve_recipe(recipe: Recipe, model: ModelInfo, overrides: dict[str, str] | None = None, *,
+                   imatrix: bool = False) -> Plan:
+    """The recipe's plan for `model`; `imatrix`: predicted for a run with --imatrix (some mixes differ)."""
     params = with_overrides(recipe.params, overrides, f"recipe '{recipe.name}'")
     base = substitute(recipe.base, params)
     if base not in BASE_FTYPES:
@@ -187,7 +202,7 @@ def resolve_recipe(recipe: Recipe, model: ModelInfo, overrides: dict[str, str] |
 
     ordered = sorted(model.tensors, key=quantize_order)
     rules = tuple((f"^{_escape(t.name)}$", chosen[t.name]) for t in ordered if t.name in chosen)
-    tensor_types = predict_types(model, ftype, chosen, ordered)
+    tensor_types = predict_types(model, ftype, chosen, ordered, imatrix)
     n_bytes = sum(tensor_nbytes(tensor_types[t.name], t.n_elements) for t in model.tensors)
     n_el = sum(t.n_elements for t in model.tensors)
     return Plan(
@@ -198,7 +213,12 @@ def resolve_recipe(recipe: Recipe, model: ModelInfo, overrides: dict[str, str] |
         tensor_types=tensor_types,
         predicted_bytes=n_bytes,
         predicted_bpw=round(8 * n_bytes / n_el, 4) if n_el else 0.0,
-        plan_hash=canonical_hash({"base_ftype": ftype, "rules": [list(r) for r in rules]}),
+        # With an imatrix the same rules make another file: its own hash (plans without one keep theirs).
+        plan_hash=canonical_hash({"base_ftype": ftype, "rules": [list(r) for r in rules],
+                                  **({"imatrix": True} if imatrix else {})}),
+        imatrix=imatrix,
+        needs_imatrix=tuple(t.name for t in ordered if allows_quantization(t)
+                            and requires_imatrix(t.name, tensor_types[t.name], ftype)),
     )
 
 

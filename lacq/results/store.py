@@ -73,8 +73,13 @@ def m004_sweep_claims(db: sqlite3.Connection) -> None:
     )""")
 
 
+def m005_imatrix(db: sqlite3.Connection) -> None:
+    # The sha256 of the importance matrix the measured file was quantized with (NULL: none, or not made by lacq).
+    db.execute("ALTER TABLE results ADD COLUMN imatrix_sha256 TEXT")
+
+
 # Append-only: never edit a migration that has shipped; add a new one.
-MIGRATIONS: list[Migration] = [m001_results, m002_machine, m003_sweep_run, m004_sweep_claims]
+MIGRATIONS: list[Migration] = [m001_results, m002_machine, m003_sweep_run, m004_sweep_claims, m005_imatrix]
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class Result:
     metrics: dict
     machine: dict | None = None  # {"cpu": model name, "ggml_cpu": [features], "arch": ...}
     sweep_run: str | None = None  # the run's key, for a sweep's result (unique per study)
+    imatrix_sha256: str | None = None  # the importance matrix the measured file was quantized with
 
 
 _JSON_COLUMNS = ("kv", "build", "command", "env", "metrics", "machine")
@@ -133,14 +139,17 @@ class Store:
             chunks: int | None = None, env: dict | None = None, wall_seconds: float | None = None,
             machine: dict | None = None) -> int:
         model = Path(model)
+        model_sha = self.sha256(model)
         row = dict(kind=kind, created=time.time(), label=label, study=study, model_path=str(model.resolve()),
-                   model_sha256=self.sha256(model), model_bytes=model.stat().st_size, recipe=recipe,
+                   model_sha256=model_sha, model_bytes=model.stat().st_size, recipe=recipe,
                    plan_hash=plan_hash, kv=json.dumps(kv) if kv is not None else None,
                    corpus_sha256=self.sha256(corpus) if corpus else None, ctx=ctx, chunks=chunks,
                    build=json.dumps(build), command=json.dumps(command),
                    env=json.dumps(env) if env else None, wall_seconds=wall_seconds,
                    host=socket.gethostname(), metrics=json.dumps(metrics),
-                   machine=json.dumps(machine) if machine is not None else None)
+                   machine=json.dumps(machine) if machine is not None else None,
+                   # A file lacq quantized with an importance matrix carries its hash into every result.
+                   imatrix_sha256=self.cache.artifact_info(model, model_sha).get("imatrix_sha256"))
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
         with self.db:

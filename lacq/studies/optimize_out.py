@@ -285,8 +285,10 @@ def plot_pareto(points: Iterable[ParetoPoint], out_png: Path, *, title: str | No
     for name in dict.fromkeys(p.series for p in points):
         pts = sorted((p for p in points if p.series == name), key=lambda p: p.x)
         ys = [max(p.kld, floor) for p in pts]
+        # a series made with an importance matrix ("llama.cpp mix + imatrix") in hollow markers, beside its plain one
         ax.errorbar([p.x for p in pts], ys, yerr=[p.kld_error for p in pts], capsize=2, label=name,
-                    marker="o" if not pts[0].predicted else "s", linestyle="-" if pts[0].predicted else "none")
+                    marker="o" if not pts[0].predicted else "s", linestyle="-" if pts[0].predicted else "none",
+                    **({"markerfacecolor": "none"} if "imatrix" in name else {}))
         for p, y in zip(pts, ys):
             ax.annotate(p.label + (" *" if p.on_front else ""), (p.x, y), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")

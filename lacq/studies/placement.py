@@ -60,7 +60,9 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
                         recipes: tuple[str, ...] = DEMO_RECIPES, mixes: tuple[str, ...] = LLAMA_MIXES,
                         scan_chunks: int = SCAN_CHUNKS, threads: int | None = None,
                         scan_corpus: Path | None = None,
-                        step: Step | None = None) -> PlacementResult:
+                        step: Step | None = None, imatrix: Path | None = None) -> PlacementResult:
+    """`imatrix`: lacq's files (scan candidates, hand and optimized recipes) are quantized with it, and llama.cpp's
+    mixes are made both without it and with it (labelled MIX+imatrix)."""
     sha = store.sha256(model)[:12]
     work = paths.sub("work") / sha
     work.mkdir(parents=True, exist_ok=True)
@@ -73,23 +75,30 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
     else:
         base = model
     base_info = inspect_model(base)
-    study = f"demo2:{sha}:{build.key}:c{ctx}:n{chunks}"
+    tag = f".imatrix-{store.sha256(imatrix)[:12]}" if imatrix else ""
+    study = f"demo2:{sha}:{build.key}:c{ctx}:n{chunks}" + tag.replace(".", ":")
 
-    plans = [(name, "hand recipe", resolve_recipe(load_recipe(name), base_info)) for name in recipes]
+    plans = [(name, "hand recipe", resolve_recipe(load_recipe(name), base_info, imatrix=imatrix is not None))
+             for name in recipes]
     plans += [(mix, "llama.cpp mix", resolve_recipe(parse_recipe(
         {"name": mix, "description": f"stock llama-quantize {mix}", "base": mix.lower()}), base_info))
               for mix in mixes]
+    if imatrix:  # the same mixes made with the same importance matrix, beside them
+        plans += [(f"{mix}+imatrix", "llama.cpp mix + imatrix", resolve_recipe(parse_recipe(
+            {"name": mix, "description": f"stock llama-quantize {mix}", "base": mix.lower()}), base_info, imatrix=True))
+                  for mix in mixes]
 
     # the scan chooses on its own text (default: the judged one); `corpus` judges every file
     scan = scan_weights(build, store, model, base, scan_corpus or corpus, types=list(SCAN_TYPES), units=SCAN_UNITS,
-                        chunks=scan_chunks, ctx=ctx, threads=threads, step=step)
+                        chunks=scan_chunks, ctx=ctx, threads=threads, step=step, imatrix=imatrix)
     sizes = {"Q4_K_M": None, "first8_q8": None}
     for i, (name, kind, plan) in enumerate(plans):
         if step:
             step("quantize", i / len(plans), name)
         # The work directory is lacq's own: a file made by another build is replaced.
-        out = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{model.stem}.{name}.gguf",
-                                 force=True)
+        out = quantize_with_plan(build, store, base, base_info, plan, force=True,
+                                 output=work / f"{model.stem}.{name}{tag if plan.imatrix else ''}.gguf",
+                                 imatrix=imatrix if plan.imatrix else None)
         if name in sizes:
             sizes[name] = out.output.stat().st_size
         plans[i] = (name, kind, plan, out.output, None)
@@ -100,14 +109,14 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
         solution = optimize(scan, size)
         if solution.alternatives:  # the search's proposals measured on the study's tokens, the best kept
             if measure is None:
-                measure, key = weights_runner(build, store, scan, corpus, threads=threads, step=step)
+                measure, key = weights_runner(build, store, scan, corpus, threads=threads, step=step, imatrix=imatrix)
             solution, _, _ = pick_measured(scan, solution, measure, key, chunks)
         name = f"optimized@{target}"
         toml = work / f"{name.replace('@', '_at_')}.toml"
         toml.write_text(weights_recipe_toml(solution, scan, name.replace("@", "_at_"), model=base_info))
-        plan = resolve_recipe(load_recipe(toml), base_info)
-        out = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{model.stem}.{toml.stem}.gguf",
-                                 force=True)
+        plan = resolve_recipe(load_recipe(toml), base_info, imatrix=imatrix is not None)
+        out = quantize_with_plan(build, store, base, base_info, plan, force=True, imatrix=imatrix,
+                                 output=work / f"{model.stem}.{toml.stem}{tag}.gguf")
         plans.append((name, "optimized", plan, out.output, scan.provenance.get("study")))
     if step:
         step("quantize", 1.0, "done")

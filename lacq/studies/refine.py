@@ -55,6 +55,7 @@ from lacq.studies.artifact import Kld, Scan, Unit
 from lacq.studies.executor import Job, run_jobs
 from lacq.studies.optimize import Judged, OptimizeError, Solution, bits_per_weight, partition_units, predict
 from lacq.studies.scan import candidate_files, kv_variant_config, measure_assembled, stored_kld, work_dir
+from lacq.studies.verify import scan_imatrix
 
 SHRINKS = 2
 
@@ -266,8 +267,10 @@ def _measure_many(store: Store, build: Build, scan: Scan, corpus: Path, run: Cal
 
 
 def weights_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, threads: int | None = None,
-                   workers: int = 1, step: Step | None = None) -> tuple[MeasureMany, Callable[[Choice], str]]:
-    """(measure, key) for a weights scan: each choice assembled from the candidate files, KLD against the base."""
+                   workers: int = 1, step: Step | None = None,
+                   imatrix: Path | None = None) -> tuple[MeasureMany, Callable[[Choice], str]]:
+    """(measure, key) for a weights scan: each choice assembled from the candidate files (quantized with
+    `imatrix`, which must be the scan's own where it had one), KLD against the base."""
     if not scan.base.get("path"):
         raise OptimizeError("refining needs the scan's base, and the scan names none")
     base = Path(scan.base["path"])
@@ -277,7 +280,8 @@ def weights_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, thre
         raise OptimizeError(f"{base} is not the file the scan was made from (sha256 differs)")
     base_info = inspect_model(base)
     work = work_dir(scan.base["sha256"])
-    files = candidate_files(build, store, base, base_info, list(scan.types), work, step)
+    files = candidate_files(build, store, base, base_info, list(scan.types), work, step,
+                            imatrix=scan_imatrix(store, scan, imatrix))
     cinfo = {t: inspect_model(p) for t, p in files.items()}
     by_id = {u.id: u for u in scan.units}
 

@@ -128,18 +128,20 @@ def weight_units(info: ModelInfo, unit: str) -> list[tuple[str, str, tuple[str, 
 
 # ---------------------------------------------------------------- weights: the scan
 def candidate_files(build: Build, store: Store, base: Path, base_info: ModelInfo, types: list[str], work: Path,
-                    step: Step | None = None) -> dict[str, Path]:
+                    step: Step | None = None, imatrix: Path | None = None) -> dict[str, Path]:
     """One file per candidate type, every quantizable tensor at that type (llama.cpp's fallbacks apply);
-    cached, so a second scan or a refinement of the same base and build re-uses them."""
+    cached, so a second scan or a refinement of the same base and build re-uses them. With `imatrix`, quantized
+    with it (their own names, beside the files made without one)."""
     files: dict[str, Path] = {}
+    tag = f".imatrix-{store.sha256(imatrix)[:12]}" if imatrix else ""
     for i, t in enumerate(types):
         if step:
             step("quantize candidates", i / len(types), t)
         recipe = parse_recipe({"name": f"scan-{t}", "description": f"every tensor at {t}", "base": t,
                                "rules": [{"tensors": "*", "type": t}]}, source="<scan>")
-        plan = resolve_recipe(recipe, base_info)
-        files[t] = quantize_with_plan(build, store, base, base_info, plan, output=work / f"{base.stem}.all-{t}.gguf",
-                                      force=True).output
+        plan = resolve_recipe(recipe, base_info, imatrix=imatrix is not None)
+        files[t] = quantize_with_plan(build, store, base, base_info, plan, force=True, imatrix=imatrix,
+                                      output=work / f"{base.stem}.all-{t}{tag}.gguf").output
     if step:
         step("quantize candidates", 1.0, "done")
     return files
@@ -160,7 +162,9 @@ class WeightVariant:
 
 def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Path, *, types: list[str],
                  units: tuple[str, ...] = ("block",), chunks: int = 4, ctx: int = 512, threads: int | None = None,
-                 workers: int = 1, include_source_type: bool = False, step: Step | None = None) -> Scan:
+                 workers: int = 1, include_source_type: bool = False, step: Step | None = None,
+                 imatrix: Path | None = None) -> Scan:
+    """`imatrix`: the candidate files are quantized with it (its sha256 joins the study key and the base record)."""
     t0 = time.monotonic()
     info, base_info = inspect_model(model), inspect_model(base)
     check_base(model, info, base, base_info)
@@ -172,11 +176,12 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
     base_sha = store.sha256(base)
     work = work_dir(base_sha)
     _check_disk(work, base_info, cands, chunks, ctx)
-    files = candidate_files(build, store, base, base_info, cands, work, step)
+    files = candidate_files(build, store, base, base_info, cands, work, step, imatrix=imatrix)
+    imatrix_sha = {"imatrix_sha256": store.sha256(imatrix)} if imatrix else {}
     cinfo = {t: inspect_model(p) for t, p in files.items()}
     lowest, highest = cands[0], cands[-1]
     study = "scan-weights:" + canonical_hash({"base": base_sha, "types": cands, "chunks": chunks, "ctx": ctx,
-                                              "build": build.key, "corpus": store.sha256(corpus)})[:16]
+                                              "build": build.key, "corpus": store.sha256(corpus), **imatrix_sha})[:16]
     logits, _ = base_logits(build, store, base, base_info, corpus, ctx=ctx, chunks=chunks, threads=threads,
                             progress=(lambda f, d: step("base logits", f, d)) if step else None)
     unit_list = [u for kind in units for u in weight_units(base_info, kind)]
@@ -225,7 +230,7 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
                                        "n_elements": sum(t.n_elements for t in info.tensors),
                                        # header, metadata and padding: file bytes minus tensor bytes (for bpw)
                                        "overhead_bytes": files[lowest].stat().st_size - cinfo[lowest].total_bytes},
-                base={"path": str(base), "sha256": base_sha, "logits": str(logits)}, types=tuple(cands),
+                base={"path": str(base), "sha256": base_sha, "logits": str(logits), **imatrix_sha}, types=tuple(cands),
                 units=tuple(scanned), uniform={t: kld[f"uniform {t}"] for t in cands}, fixed_cost=fixed,
                 chunks=chunks, ctx=ctx, cost_unit="bytes", excluded_types=excluded, notes=tuple(dict.fromkeys(notes)),
                 provenance={"study": study, "build": build.provenance(), "corpus_sha256": store.sha256(corpus),

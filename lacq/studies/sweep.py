@@ -26,6 +26,7 @@ from typing import Callable
 from lacq.errors import LacqError, SweepError
 from lacq.fsutil import canonical_hash
 from lacq.llama.build import BACKENDS, Build
+from lacq.model.imatrix import read_imatrix
 from lacq.plan.kv.config import KvConfig
 from lacq.plan.kv.flags import kv_from_flags
 from lacq.results.store import Store
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 SWEEP_VERSION = 1
 MEASUREMENTS = ("ppl", "kld", "niah", "bench")
 _TOP_KEYS = {"name", "description", "backend", "source", "models", "recipes", "kv", "contexts", "measurements",
-             "gpus_per_run", "threads", *MEASUREMENTS}
+             "gpus_per_run", "threads", "imatrix", *MEASUREMENTS}
 _KV_KEYS = {"ctk", "ctv", "fa", "boundary", "boundary_type", "boundary_k", "policy"}
 _SECTION_KEYS = {
     "ppl": {"chunks"},
@@ -70,6 +71,7 @@ class Sweep:
     params: dict  # measurement -> its parameters
     gpus_per_run: float
     threads: int | None
+    imatrix: str | None = None  # importance matrix the recipes are quantized with (path; relative to the file)
 
 
 @dataclass(frozen=True)
@@ -173,13 +175,22 @@ def load_sweep(path: Path, *, backend: str | None = None, source: str | None = N
         raise _fail(path, "contexts must be at least 16 tokens")
     recipes = [None if r in ("none", "") else r for r in _list(path, data, "recipes", str, required=False)] or [None]
     kv = tuple(_kv_entry(path, e) for e in (_list(path, data, "kv", None, required=False) or ["f16/f16"]))
+    imatrix = data.get("imatrix")
+    if imatrix is not None:
+        if not isinstance(imatrix, str) or not imatrix:
+            raise _fail(path, f"imatrix must be a path (lacq imatrix MODEL makes one), got {imatrix!r}")
+        imatrix = path.parent / imatrix
+        if not imatrix.is_file():
+            raise _fail(path, f"imatrix {imatrix} does not exist")
+        read_imatrix(imatrix)  # is one (ImatrixError otherwise), before any work
+        imatrix = str(imatrix.resolve())
     gpus = data.get("gpus_per_run", 0 if backend == "cpu" else 1)
     if not isinstance(gpus, (int, float)) or gpus < 0:
         raise _fail(path, f"gpus_per_run must be a number ≥ 0, got {gpus!r}")
     return Sweep(name=name.strip(), description=str(data.get("description", "")), path=path, backend=backend,
                  source=source or data.get("source"), models=tuple(_list(path, data, "models", str)), recipes=tuple(recipes),
                  kv=kv, contexts=tuple(contexts), measurements=tuple(measurements), params=params,
-                 gpus_per_run=float(gpus), threads=data.get("threads"))
+                 gpus_per_run=float(gpus), threads=data.get("threads"), imatrix=imatrix)
 
 
 def describe(run_fields: dict) -> str:

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lacq import paths
+from lacq.errors import ImatrixError
 from lacq.llama.build import Build
 from lacq.measure.kld import measure_kld
 from lacq.model.info import inspect_model
@@ -19,14 +20,30 @@ from lacq.studies.artifact import Scan
 from lacq.studies.optimize import Solution
 
 
+def scan_imatrix(store: Store, scan: Scan, imatrix: Path | None) -> Path | None:
+    """The importance matrix the measured files of a weights scan are quantized with: the one its candidates were
+    made with (`--imatrix` must name it when the scan used one), or the one given for a scan made without."""
+    want = scan.base.get("imatrix_sha256")
+    if want and imatrix is None:
+        raise ImatrixError(f"the scan's candidate files were quantized with an importance matrix (sha256 {want[:16]}); "
+                           "pass it with --imatrix so the measured files are made the same way")
+    if want and imatrix is not None and store.sha256(imatrix) != want:
+        raise ImatrixError(f"{imatrix} is not the importance matrix the scan was made with (sha256 {want[:16]})")
+    return imatrix
+
+
 def verify_weights(build: Build, store: Store, scan: Scan, solution: Solution, recipe_path: Path, corpus: Path, *,
-                   label: str, study: str | None = None, threads: int | None = None) -> tuple[int, float, Path]:
-    """Quantize the scan's base with the recipe and measure it on the scan's tokens; (result id, KLD, file)."""
+                   label: str, study: str | None = None, threads: int | None = None,
+                   imatrix: Path | None = None) -> tuple[int, float, Path]:
+    """Quantize the scan's base with the recipe (and `imatrix`) and measure it on the scan's tokens; (result id, KLD,
+    file)."""
     base = Path(scan.base["path"])
     base_info = inspect_model(base)
-    plan = resolve_recipe(load_recipe(recipe_path), base_info)
-    out = quantize_with_plan(build, store, base, base_info, plan,
-                             output=paths.sub("work") / "optimized" / f"{base.stem}.{plan.recipe}.gguf", force=True)
+    imatrix = scan_imatrix(store, scan, imatrix)
+    plan = resolve_recipe(load_recipe(recipe_path), base_info, imatrix=imatrix is not None)
+    tag = f".imatrix-{store.sha256(imatrix)[:12]}" if imatrix else ""
+    out = quantize_with_plan(build, store, base, base_info, plan, imatrix=imatrix, force=True,
+                             output=paths.sub("work") / "optimized" / f"{base.stem}.{plan.recipe}{tag}.gguf")
     r = measure_kld(build, store, out.output, inspect_model(out.output), base, base_info, KvConfig(), corpus,
                     ctx=scan.ctx, chunks=scan.chunks, threads=threads, label=label, study=study,
                     recipe=plan.recipe, plan_hash=plan.plan_hash, annotations=annotations(solution))

@@ -327,7 +327,7 @@ def test_a_grid_of_another_length_leaves_an_interrupted_grids_journal(cpu_build,
     with pytest.raises(KeyboardInterrupt):
         measure_niah(cpu_build, store, smollm2, info, kv, lengths=[256], progress=stop_after_first, **common)
     (journal,) = (paths.home() / "work" / "niah").glob("*.jsonl")
-    measure_niah(cpu_build, store, smollm2, info, kv, lengths=[128], **common)  # another grid, to the end
+    measure_niah(cpu_build, store, smollm2, info, kv, lengths=[384], **common)  # another grid, to the end
     assert journal.exists() and len(journal.read_text().splitlines()) == 1
     seen = []
     measure_niah(cpu_build, store, smollm2, info, kv, lengths=[256], progress=lambda f, d: seen.append(d), **common)

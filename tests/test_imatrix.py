@@ -101,6 +101,16 @@ def test_argv_asks_for_gguf_whatever_the_output_name():
     assert args[args.index("-t") + 1] == "2"
 
 
+@pytest.mark.parametrize("log,needed", [("quantize_dryrun_needs_imatrix.log", True), ("quantize_dryrun_q4_0.log", False)])
+def test_a_dry_run_says_when_the_real_run_needs_an_imatrix(capture, log, needed):
+    from lacq.llama.tools import quantize
+    report = quantize.parse(capture(log))
+    assert report.needs_imatrix is needed
+    if needed:  # the capture: blk.0.ffn_down at iq2_xxs in a Q4_K_M file, which the mirror refuses as well
+        assert report.types()["blk.0.ffn_down.weight"] == "iq2_xxs"
+        assert requires_imatrix("blk.0.ffn_down.weight", "iq2_xxs", "Q4_K_M")
+
+
 # ---------------------------------------------------------------- the plan mirror
 @pytest.mark.parametrize("name,qtype,ftype,needed", [
     ("blk.0.attn_q.weight", "iq2_xxs", "Q4_K_M", True),

@@ -20,6 +20,8 @@ _TENSOR = re.compile(
 _SIZE = re.compile(r"(model|quant) size\s+=\s+([\d.]+) MiB \(([\d.]+) BPW\)")
 _FALLBACK = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback")
 _FALLBACK_TENSOR = re.compile(r"warning: (\S+)\s+- ncols.*falling back to\s+(\S+)")
+# --dry-run without --imatrix of a plan with types that need one
+_NEEDS_IMATRIX = "actually completing this quantization will require an imatrix"
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class QuantizeReport:
     quant_mib: float | None
     quant_bpw: float | None
     fallbacks: dict[str, str]
+    needs_imatrix: bool = False  # a --dry-run said the real run would need an importance matrix
 
     def types(self) -> dict[str, str]:
         return {t.name: t.final_type for t in self.tensors}
@@ -45,6 +48,7 @@ class QuantizeReport:
 
 def parse(text: str) -> QuantizeReport:
     tensors, sizes, fallbacks = [], {}, {}
+    needs_imatrix = _NEEDS_IMATRIX in text
     for line in message_lines(text):
         if m := _TENSOR.match(line):
             shape = tuple(int(x) for x in m.group(4).split(",") if x.strip())
@@ -64,6 +68,7 @@ def parse(text: str) -> QuantizeReport:
         quant_mib=sizes.get("quant", (None, None))[0],
         quant_bpw=sizes.get("quant", (None, None))[1],
         fallbacks=fallbacks,
+        needs_imatrix=needs_imatrix,
     )
 
 

@@ -18,6 +18,9 @@ TOOL = ["sh", "-c", "echo started; exec sleep 60"]
 WORKER = {
     "run_tool": "from lacq.llama.tools.base import run_tool; run_tool({tool!r})",
     "run_captured": "import os; from lacq.llama.tools.base import run_captured; run_captured({tool!r}, env=os.environ)",
+    # the build's runner: cmake and its compilers, in a process session of their own
+    "build": ("import os, pathlib, tempfile; from lacq.llama.build import _run_logged; "
+              "_run_logged({tool!r}, pathlib.Path(tempfile.mkdtemp()) / 'log', dict(os.environ), None, 0, 1)"),
 }
 
 

@@ -27,7 +27,7 @@ from lacq.fsutil import atomic_directory, canonical_hash, write_text_atomic
 from lacq.llama.elf import PRIVATE_RUNTIME_HINT, private_cxx_runtime
 from lacq.llama.patches import Patch, apply_series, read_series, series_hash
 from lacq.llama.source import Source, resolve_source, source_hash_if_present
-from lacq.llama.tools.base import stop_group
+from lacq.llama.tools.base import _tool_preexec, stop_group
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,10 @@ def _run_logged(cmd: list[str], log_path: Path, env: dict, progress: Progress | 
         logf.write("$ " + " ".join(cmd) + "\n")
         logf.flush()
         # Its own session, stopped as a group on Ctrl-C/SIGTERM: cmake's compilers are its children.
+        # Like a tool, cmake dies with lacq when lacq is killed outright (no handler runs then).
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=_tool_preexec())  # noqa: PLW1509 (see tools.base._tool_preexec)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-import pytest
-
 
 class TypeTraits(ctypes.Structure):
     """struct ggml_type_traits (ggml.h): the fields up to from_float_ref."""
@@ -33,17 +31,21 @@ class TypeTraitsCpu(ctypes.Structure):
     ]
 
 
-def load_ggml_base(path: Path, type_ids: dict[str, int], mode: int = ctypes.DEFAULT_MODE) -> ctypes.CDLL:
-    """libggml-base at `path` with ggml_get_type_traits and ggml_quantize_chunk typed; skips the test when the
-    library lacks one of `type_ids` (name -> ggml type id)."""
+def load_ggml_base(path: Path, mode: int = ctypes.DEFAULT_MODE) -> ctypes.CDLL:
+    """libggml-base at `path` with ggml_get_type_traits and ggml_quantize_chunk typed."""
     lib = ctypes.CDLL(str(path), mode=mode)
     lib.ggml_get_type_traits.restype = ctypes.POINTER(TypeTraits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    for name, tid in type_ids.items():
-        tt = lib.ggml_get_type_traits(tid).contents
-        if tt.type_name is None or tt.type_name.decode() != name:
-            pytest.skip(f"{path} has no {name} type")
     return lib
+
+
+def type_traits(lib: ctypes.CDLL, name: str, type_id: int) -> TypeTraits:
+    """The traits of ggml type `type_id`, which must be `name`: a test that hard-codes an id fails (it is not
+    skipped) when the patches move the type enum."""
+    tt = lib.ggml_get_type_traits(type_id).contents
+    got = tt.type_name.decode() if tt.type_name is not None else None
+    assert got == name, f"ggml type {type_id} is {got!r}, not {name!r}: the type enum moved; update the test's ids"
+    return tt

@@ -67,5 +67,9 @@ def test_kv_bytes_on_the_cpu_build_equal_the_reference_quantizer(e2e_home, tmp_p
     r = kv_bytes.run(tools.tool(kv_bytes.TARGET), "CPU", tmp_path / "kv_bytes.log")
     assert r["types"] == ["tql2", "tql3", "tql4", "tqs2", "tqs3", "tqs4", "turbo2", "turbo3", "turbo4"]
     assert (r["cases"], r["unsupported"], r["differ"]) == (27, 0, 0) and r["blocks"] > 0, r
+    # issue 19, item 7: the counts, with "not supported" apart, and what the CPU's rows can show
+    log = (tmp_path / "kv_bytes.log").read_text()
+    assert "27 cases compared, 0 not supported (not compared)" in log
+    assert "CPU: turbo types are written with the reference quantizer itself" in log
     with pytest.raises(ToolError, match="compared nothing"):
         kv_bytes.run(tools.tool(kv_bytes.TARGET), "MTL0", tmp_path / "wrong.log")

@@ -157,11 +157,15 @@ def test_tqs_types_their_bits_and_their_limits():
     KvConfig("q8_0", "tqs2", "on").check_backend("cuda")  # patch 0012
     with pytest.raises(RecipeError, match="V cache type tqs2 cannot run on the .* CPU and CUDA backends only"):
         KvConfig("q8_0", "tqs2", "on").check_backend("metal")
-    # CUDA flash attention: a tqs V with K q8_0, f16 or the same type; anything else is converted to f16
+    # CUDA flash attention: a tqs type with q8_0 or f16 on either side (as K: patch 0017, the boundary layers of a
+    # tqs K policy) or with itself; anything else is converted to f16
     assert KvConfig("q8_0", "tqs3", "on").slow_pairs("cuda", 2) == {}
     assert KvConfig("tqs4", "tqs4", "on").slow_pairs("cuda", 1) == {}
+    assert KvConfig("tqs3", "tqs3", "on", (), boundary(1, "q8_0")).slow_pairs("cuda", 4) == {}
+    assert KvConfig("tqs3", "f16", "on").slow_pairs("cuda", 1) == {}
     assert KvConfig("turbo3", "tqs3", "on").slow_pairs("cuda", 1) == {("turbo3", "tqs3"): [0]}
-    assert KvConfig("tqs3", "q8_0", "on").slow_pairs("cuda", 1) == {("tqs3", "q8_0"): [0]}
+    assert KvConfig("tqs2", "tqs3", "on").slow_pairs("cuda", 1) == {("tqs2", "tqs3"): [0]}
+    assert KvConfig("tqs3", "q4_0", "on").slow_pairs("cuda", 1) == {("tqs3", "q4_0"): [0]}
 
 
 def test_tql_types_their_bits_and_their_limits():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ggml_ctypes import TypeTraitsCpu, load_ggml_base
+from ggml_ctypes import TypeTraitsCpu, load_ggml_base, type_traits
 
 from lacq.plan.kv import tql_ref, tqs_ref, turbo_ref
 from lacq.plan.kv.types import kv_type
@@ -33,7 +33,7 @@ ROW_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64
 def ggml(cpu_build):
     """(libggml-base, libggml-cpu) of lacq's CPU build (LACQ_GGML_BASE_LIB overrides)."""
     base_path = Path(os.environ.get("LACQ_GGML_BASE_LIB") or cpu_build.bin_dir / "libggml-base.so")
-    base = load_ggml_base(base_path, TYPE_IDS, mode=ctypes.RTLD_GLOBAL)
+    base = load_ggml_base(base_path, mode=ctypes.RTLD_GLOBAL)
     cpu = ctypes.CDLL(str(base_path.with_name("libggml-cpu.so")))
     cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(TypeTraitsCpu)
     cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
@@ -54,6 +54,10 @@ def _data(rng, nrows, ncols):
     x[5, :64] *= np.repeat(np.float32([1e-3, 1.0, 30.0, 0.2]), 16)  # sub-blocks of very different scale
     x[6, :] = np.float32(1e-8) * rng.standard_normal(ncols).astype(np.float32)  # d rounds to 0 or subnormal
     x[7, :64] *= np.repeat(np.float32([1.0, 0.8, 0.6, 0.45, 0.3, 1e-3, 2.0, 0.9]), 8)  # eighths of other scales
+    x[8, 5], x[8, 70], x[8, 128:144] = np.inf, np.nan, -np.inf  # non-finite blocks: stored as zeros
+    x[9, :] *= np.float32(1e5)                            # scales above the largest fp16: stored as 65504
+    x[10, :] *= np.float32(1e30)
+    x[11, :64] = rng.uniform(-3e38, 3e38, 64).astype(np.float32)
     return x
 
 
@@ -68,7 +72,7 @@ def test_quantize_matches_ggml(ggml, name):
     ref_mod = REFS[name]
     bits = ref_mod.TYPE_BITS[name]
     tid = TYPE_IDS[name]
-    tt = base.ggml_get_type_traits(tid).contents
+    tt = type_traits(base, name, tid)
     assert tt.blck_size == 64 == kv_type(name).block_size
     assert tt.type_size == ref_mod.BLOCK_BYTES[bits] == kv_type(name).type_size
     assert tt.is_quantized
@@ -95,6 +99,8 @@ def test_quantize_matches_ggml(ggml, name):
         ROW_FN(fn)(out, _ptr(y), nrows * ncols)
         np.testing.assert_array_equal(y, want)
     assert not np.any(want[:64])                          # all-zero block stays zero
+    assert not np.any(want[8 * ncols:8 * ncols + 192])    # so do the blocks holding inf or NaN
+    assert np.all(np.isfinite(want))
 
 
 def test_reference_mse_on_gaussian_beats_turbo():
@@ -158,3 +164,18 @@ def test_tql_exponents_follow_each_eighth_s_scale():
     d0, e0, i0 = tql_ref.quantize_fields(zero, 3)
     assert d0[0] == 0 and not e0.any() and not i0.any()
     assert not tql_ref.roundtrip(zero, 3).any()
+
+
+@pytest.mark.parametrize("name", sorted(TYPE_IDS))
+def test_non_finite_blocks_are_zeros_and_large_scales_stop_at_the_largest_fp16(name):
+    """As the C quantizers (issue 19, item 6): a block holding inf or NaN is stored as zeros, a super-scale that
+    does not fit an fp16 as 65504 (before, tqs converted NaN to an int: undefined behaviour)."""
+    ref_mod = REFS[name]
+    bits = ref_mod.TYPE_BITS[name]
+    x = np.ones((3, 64), dtype=np.float32)
+    x[0, 5], x[1, 63] = np.inf, np.nan
+    x[2] *= np.float32(1e30)
+    with np.errstate(over="ignore", invalid="ignore"):
+        raw = np.frombuffer(ref_mod.quantize(x, bits), dtype=np.uint8).reshape(3, -1)
+    assert not raw[:2].any()
+    assert raw[2, 0:2].copy().view(np.float16)[0] == np.float16(65504)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ggml_ctypes import load_ggml_base
+from ggml_ctypes import load_ggml_base, type_traits
 
 from lacq.plan.kv import turbo_ref as turbo_ref
 
@@ -25,8 +25,7 @@ TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float
 @pytest.fixture(scope="module")
 def ggml(cpu_build):
     """libggml-base of lacq's CPU build of the patched tree (LACQ_GGML_BASE_LIB overrides)."""
-    return load_ggml_base(Path(os.environ.get("LACQ_GGML_BASE_LIB") or cpu_build.bin_dir / "libggml-base.so"),
-                          TYPE_IDS)
+    return load_ggml_base(Path(os.environ.get("LACQ_GGML_BASE_LIB") or cpu_build.bin_dir / "libggml-base.so"))
 
 
 def _data(rng, nrows, ncols):
@@ -36,6 +35,10 @@ def _data(rng, nrows, ncols):
     x[2, :] *= np.float32(1e-3)                           # small scale
     x[3, :32] = np.linspace(-2, 2, 32, dtype=np.float32)  # values on a grid
     x[4, :] = rng.uniform(-1, 1, ncols).astype(np.float32) * np.float32(40.0)
+    x[5, 3], x[5, 40], x[5, 64:80] = np.inf, np.nan, -np.inf   # non-finite blocks: stored as zeros
+    x[6, :] *= np.float32(1e5)                            # scales above the largest fp16: stored as 65504
+    x[7, :] *= np.float32(1e30)
+    x[8, :32] = rng.uniform(-3e38, 3e38, 32).astype(np.float32)
     return x
 
 
@@ -44,7 +47,7 @@ def _data(rng, nrows, ncols):
 def test_quantize_matches_ggml(ggml, name):
     bits = turbo_ref.TYPE_BITS[name]
     tid = TYPE_IDS[name]
-    tt = ggml.ggml_get_type_traits(tid).contents
+    tt = type_traits(ggml, name, tid)
     assert tt.blck_size == 32
     assert tt.type_size == turbo_ref.BLOCK_BYTES[bits]
     assert tt.is_quantized
@@ -64,6 +67,8 @@ def test_quantize_matches_ggml(ggml, name):
     TO_FLOAT(tt.to_float)(out, y.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), nrows * ncols)
     np.testing.assert_array_equal(y, turbo_ref.dequantize(ref, bits))
     assert not np.any(y[:32])                             # all-zero block stays zero
+    assert not np.any(y[5 * ncols:5 * ncols + 96])        # so do the blocks holding inf or NaN
+    assert np.all(np.isfinite(y))
 
 
 def test_reference_mse_on_gaussian():
@@ -74,3 +79,15 @@ def test_reference_mse_on_gaussian():
         rel = float(((x - y) ** 2).sum() / (x ** 2).sum())
         assert abs(rel - mse) < 0.1 * mse, (bits, rel)
         assert turbo_ref.bits_per_value(bits) == bits + 0.5
+
+
+def test_non_finite_blocks_are_zeros_and_large_scales_stop_at_the_largest_fp16():
+    """As the C quantizers (issue 19, item 6): no NaN/inf scale, no index from a non-finite value."""
+    x = np.ones((3, 32), dtype=np.float32)
+    x[0, 3], x[1, 30] = np.nan, -np.inf
+    x[2] *= np.float32(1e30)
+    for bits in (2, 3, 4):
+        with np.errstate(over="ignore", invalid="ignore"):
+            d, idx = turbo_ref.quantize_indices(x, bits)
+        assert list(d[:2]) == [0, 0] and not idx[:2].any()
+        assert d[2] == np.float32(65504)

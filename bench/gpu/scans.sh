@@ -77,13 +77,15 @@ kernels)
   done
   "$B/test-kv-bytes" -b CUDA0 > "$OUT/kv-bytes-cuda.txt" 2>&1; echo "test-kv-bytes rc=$?: $(tail -n 1 "$OUT/kv-bytes-cuda.txt")"
   MIXED='type_K=turbo2,type_V=(q8_0|f16|turbo3|turbo4),|type_K=turbo3,type_V=(q8_0|f16|turbo2|turbo4),|type_K=turbo4,type_V=(q8_0|f16|turbo2|turbo3),'
-  for m in 1 0; do
+  # GGML_CUDA_FA_MIXED_TURBO=0 hid the mixed-pair kernels for the before/after rows of kernels_cuda.md; the
+  # switch left the dispatch path afterwards (issue 19), so only the run with the kernels remains
+  for m in 1; do
     GGML_CUDA_FA_MIXED_TURBO=$m "$B/test-backend-ops" test -b CUDA0 -o FLASH_ATTN_EXT -p "$MIXED" > "$OUT/tbo-mixed-$m.log" 2>&1
     echo "mixed pairs, GGML_CUDA_FA_MIXED_TURBO=$m: $(grep -c 'FLASH_ATTN_EXT(.*OK' "$OUT/tbo-mixed-$m.log") OK," \
       "$(grep -c 'FAIL' "$OUT/tbo-mixed-$m.log") FAIL, f16-fallback warnings: $(grep -c 'no FlashAttention vector kernel' "$OUT/tbo-mixed-$m.log")"
   done
   [ -f $G/f16.gguf ] || "$B/llama-quantize" --allow-requantize "$MODEL" $G/f16.gguf F16 > /dev/null 2>&1
-  for m in 1 0; do  # decode with K turbo3 and V q8_0 on the four boundary layers
+  for m in 1; do  # decode with K turbo3 and V q8_0 on the four boundary layers
     GGML_CUDA_FA_MIXED_TURBO=$m lacq bench "$MODEL" --backend cuda --source "$SRC" -ngl 99 --ctk turbo3 --ctv turbo3 \
       --boundary 2 --depth 0,4096 --pp 512 --tg 128 -r 3 --label "turbo3 boundary 2 mixed=$m" --format md \
       > "$OUT/bench-mixed-$m.md" 2>/dev/null; cat "$OUT/bench-mixed-$m.md"

@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from lacq.plan.kv.tqs_ref import QK, _codebook, _count_below, ls_sub_scales, pack_indices, pairwise_sum, unpack_indices
+from lacq.plan.kv.turbo_ref import FP16_MAX, finite_blocks
 
 SUB = 8
 SCALE_MULTS = [0.7, 0.9, 1.1]
@@ -60,10 +61,10 @@ def sub_scales(xs: np.ndarray, bits: int) -> np.ndarray:
 
 def quantize_fields(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (..., multiple of 64) -> (d fp16 (nb,), e uint8 (nb, 8), idx uint8 (nb, 64))."""
-    xb = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK)
+    xb = finite_blocks(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK))
     nb = len(xb)
     s = sub_scales(xb.reshape(-1, SUB), bits).reshape(nb, QK // SUB)
-    d = s.max(axis=1).astype(np.float16)
+    d = np.minimum(s.max(axis=1), FP16_MAX).astype(np.float16)
     df = d.astype(np.float32)
     ok = df > 0
     thr = (df[:, None] * THRESHOLDS[None, :]).astype(np.float32)           # (nb, 3)
@@ -84,7 +85,7 @@ def quantize_fields4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     least total error (the first on ties) is kept. Error terms: r = float(x - s*c) (double arithmetic, the
     product exact), squared exactly in double, summed pairwise; so FMA contraction changes nothing."""
     bits = 4
-    xb = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK)
+    xb = finite_blocks(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK))
     nb = len(xb)
     xs = xb.reshape(nb, QK // SUB, SUB)
     s = sub_scales(xs.reshape(-1, SUB), bits).reshape(nb, QK // SUB)
@@ -96,7 +97,7 @@ def quantize_fields4(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     i_out = np.zeros((nb, QK), dtype=np.uint8)
     xd = xs.astype(np.float64)
     for g in SUPER_MULTS4:
-        dh = (smax * g).astype(np.float32).astype(np.float16)
+        dh = np.minimum((smax * g).astype(np.float32), FP16_MAX).astype(np.float16)
         df = dh.astype(np.float32)
         errs, idxs = [], []
         for lv in LEVELS4:

@@ -98,11 +98,11 @@ def sub_scales(xs: np.ndarray, bits: int) -> np.ndarray:
 
 def quantize_fields(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (..., multiple of 64) -> (d fp16 (nb,), u uint8 (nb, 4), idx uint8 (nb, 64))."""
-    xb = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK)
+    xb = turbo_ref.finite_blocks(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK))
     nb = len(xb)
     s = sub_scales(xb.reshape(-1, SUB), bits).reshape(nb, QK // SUB)
     umax = 2 ** SUB_BITS - 1
-    d = (s.max(axis=1) / np.float32(umax)).astype(np.float16)
+    d = np.minimum(s.max(axis=1) / np.float32(umax), turbo_ref.FP16_MAX).astype(np.float16)
     df = d.astype(np.float32)
     ok = df > 0
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -10,7 +10,9 @@ of x/s, computed as the number of thresholds s*mid[t] strictly below x (a tie
 goes to the lower index); the scale is then refit by least squares,
 d = <x,c>/<c,c>, and the candidate with the largest <x,c>^2/<c,c> is kept (the
 first one on ties). Sums run sequentially in float64 over float32 products, as
-in C; thresholds and scales are float32 products.
+in C; thresholds and scales are float32 products. A block holding a non-finite
+value is stored as zeros and a scale above the largest fp16 as 65504, as every
+quantizer of lacq's KV types does (finite_blocks, FP16_MAX).
 
 Layouts (bytes per block): turbo2 10 (2.5 bits/value), turbo3 14 (3.5),
 turbo4 18 (4.5). Value j of a block:
@@ -24,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 QK = 32
+FP16_MAX = np.float32(65504.0)  # the C quantizers store a larger scale as this, not as inf
 
 CENTROIDS = {
     2: [-1.5104, -0.4528, 0.4528, 1.5104],
@@ -47,9 +50,15 @@ def bits_per_value(bits: int) -> float:
     return BLOCK_BYTES[bits] * 8 / QK
 
 
+def finite_blocks(xb: np.ndarray) -> np.ndarray:
+    """xb (nblocks, block) float32 with every block that holds a non-finite value set to zeros: the C quantizers
+    write such a block as zeros (ggml_kv_block_finite), which is what they write for an all-zero block."""
+    return np.where(np.isfinite(xb).all(axis=1, keepdims=True), xb, np.float32(0))
+
+
 def quantize_indices(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """x: (nblocks, 32) float32 -> (scales as float32 before fp16 rounding, indices uint8)."""
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK)
+    x = finite_blocks(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK))
     nb = x.shape[0]
     cent = np.array(CENTROIDS[bits], dtype=np.float32)
     mids = np.array(MIDS[bits], dtype=np.float32)
@@ -82,7 +91,7 @@ def quantize_indices(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     zero = ~(rms > 0)
     best_d[zero] = 0.0
     best_idx[zero] = 0
-    return best_d, best_idx
+    return np.minimum(best_d, FP16_MAX), best_idx
 
 
 def pack(d: np.ndarray, idx: np.ndarray, bits: int) -> bytes:

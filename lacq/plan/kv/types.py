@@ -100,14 +100,15 @@ def backend_problem(name: str, backend: str) -> str | None:
 # extended by patches 0005 and 0009 in ggml/cmake/common.cmake; its configure step prints the list): the stock
 # same-type pairs, and every pair of a turbo type with q8_0, f16 or a turbo type, in either order. Other pairs
 # run, but ggml-cuda converts the layer's whole K and V to f16 at every call (fattn.cu: "converting K and V to
-# f16 instead (slow)"). A tqs or tql V has kernels with K q8_0, f16 or the same type (patches 0012, 0014).
+# f16 instead (slow)"). A tqs or tql type has kernels with q8_0 or f16 on either side and with itself (patches 0012,
+# 0014, 0016 for it as V, 0017 for it as K: the boundary layers of a tqs/tql K policy).
 CUDA_FA_SAME = ("f16", "q4_0", "q8_0", "bf16")
 CUDA_FA_TURBO_PARTNERS = ("q8_0", "f16", *TURBO)
 
 
 def cuda_fa_pair(k: str, v: str) -> bool:
     if v in SUBSCALED or k in SUBSCALED:
-        return v in SUBSCALED and k in ("q8_0", "f16", v)
+        return k == v or (v in SUBSCALED and k in ("q8_0", "f16")) or (k in SUBSCALED and v in ("q8_0", "f16"))
     if k in TURBO or v in TURBO:
         return k in CUDA_FA_TURBO_PARTNERS and v in CUDA_FA_TURBO_PARTNERS
     return k == v and k in CUDA_FA_SAME

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
 from pathlib import Path
 
@@ -249,12 +251,27 @@ def _check_model(ctx, scan, model_spec: str | None) -> None:
         check_scan_matches(scan, open_results(ctx).sha256(resolve_model(model_spec)))
 
 
-def _write(path: Path, text: str, force: bool) -> None:
-    from lacq.errors import OutputExistsError
-    from lacq.fsutil import write_text_atomic
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
-    write_text_atomic(path, text)
+def _preflight(ctx, build: BuildChoice, scan, measuring: bool, outputs, force: bool, imatrix: Path | None = None):
+    """Everything that can refuse the command, checked before any search, measurement or write: the outputs named
+    on the command line and, where it measures (--verify, --refine), the build and the scan's files. The build
+    (None when nothing is measured)."""
+    from lacq.studies.optimize_out import check_outputs
+    from lacq.studies.verify import check_verify_inputs
+    check_outputs([p for p in outputs if p], force=force)
+    if not measuring:
+        return None
+    tools = build.require()
+    check_verify_inputs(open_results(ctx), scan, imatrix)
+    return tools
+
+
+@contextlib.contextmanager
+def _staged(path: Path, text: str):
+    """`text` in a temporary file named like `path`, for --verify to measure before anything is written."""
+    with tempfile.TemporaryDirectory(prefix="lacq-optimize-") as tmp:
+        staged = Path(tmp) / path.name
+        staged.write_text(text)
+        yield staged
 
 
 def _report_solution(s, scan) -> None:
@@ -323,13 +340,13 @@ def _refine_options(fn):
                              "move on the scan's tokens; see lacq/studies/refine.py).")(fn)
 
 
-def _measured(ctx, build: BuildChoice, scan, s, verify: bool, rounds: int, workers: int, threads: int | None,
+def _measured(ctx, tools, scan, s, verify: bool, rounds: int, workers: int, threads: int | None,
               judge: int, imatrix: Path | None = None):
     """--verify: the search's distinct proposals measured, the best kept; --refine: then measured rounds."""
     from lacq.studies.refine import kv_runner, pick_measured, refine, refined_solution, summary, weights_runner
     if not rounds and not (verify and s.alternatives):
         return s
-    tools, store = build.require(), open_results(ctx)
+    store = open_results(ctx)
     runner = weights_runner if scan.kind == "weights" else kv_runner
     table, kept, r = [], None, None
     with progress_bar() as progress:
@@ -384,33 +401,39 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
     """Least predicted KLD within a size budget: one candidate type per scanned unit."""
     from lacq.model.info import inspect_model
     from lacq.studies.optimize import bpw_budget, optimize
-    from lacq.studies.optimize_out import tensor_type_file, weights_recipe_toml
+    from lacq.studies.optimize_out import check_outputs, tensor_type_file, weights_recipe_toml, write_outputs
     scan = _load_scan(ctx, scan_spec)
     _check_model(ctx, scan, model_spec)
     if scan.kind != "weights":
         raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
     if (size_mb is None) == (bpw is None):
         raise LacqError("give exactly one budget: --size-mb or --bpw")
+    measuring = verify or refine_rounds > 0
+    tools = _preflight(ctx, build, scan, measuring, (out, ttf), force, imatrix)
     budget = size_mb * 1e6 if size_mb is not None else bpw_budget(scan, bpw)
     s = optimize(scan, budget, types=comma_list(types) if types else None)
-    _check_judge(scan, strict, verify or refine_rounds > 0)
+    _check_judge(scan, strict, measuring)
     _report_solution(s, scan)
-    s = _measured(ctx, build, scan, s, verify, refine_rounds, workers, threads, judge_chunks, imatrix=imatrix)
+    s = _measured(ctx, tools, scan, s, verify, refine_rounds, workers, threads, judge_chunks, imatrix=imatrix)
     name = name or f"opt_{s.size_mb:.1f}mb".replace(".", "_")
     base = Path(scan.base["path"]) if scan.base.get("path") else None
     text = weights_recipe_toml(s, scan, name, model=inspect_model(base) if base and base.exists() else None)
     out = out or Path(f"{name}.toml")
-    _write(out, text, force)
-    console.print(f"wrote {out}")
-    if ttf:
-        t = tensor_type_file(s, scan)
-        _write(ttf, t.text, force)
-        console.print(f"wrote {ttf} (llama-quantize --tensor-type-file {ttf} BASE.gguf OUT.gguf {t.ftype})")
-    if verify:
+    t = tensor_type_file(s, scan) if ttf else None
+    files = {out: text, **({ttf: t.text} if t else {})}
+    check_outputs(files, force=force)  # the default name is known only now
+    measured = None
+    if verify:  # measured before anything is written: a failure leaves no recipe behind
         from lacq.studies.verify import verify_weights
-        rid, _, path = verify_weights(build.require(), open_results(ctx), scan, s, out, judge_text(),
-                                             label=name, study=f"optimize:{scan.provenance.get('study')}",
-                                             imatrix=imatrix)
+        with _staged(out, text) as staged:
+            measured = verify_weights(tools, open_results(ctx), scan, s, staged, judge_text(), label=name,
+                                      study=f"optimize:{scan.provenance.get('study')}", imatrix=imatrix)
+    write_outputs(files, force=force)
+    console.print(f"wrote {out}")
+    if t:
+        console.print(f"wrote {ttf} (llama-quantize --tensor-type-file {ttf} BASE.gguf OUT.gguf {t.ftype})")
+    if measured:
+        rid, _, path = measured
         console.print(f"measured {_judged(ctx, rid)} ({_judgements(s, scan)}); "
                       f"{path}; result #{rid}")
 
@@ -435,22 +458,29 @@ def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_round
                     model_spec, force, strict, build: BuildChoice):
     """Least predicted KLD within a bits/value budget: one candidate type per KV layer."""
     from lacq.studies.optimize import optimize
-    from lacq.studies.optimize_out import kv_policy_toml
+    from lacq.studies.optimize_out import check_outputs, kv_policy_toml, write_outputs
     scan = _load_scan(ctx, scan_spec)
     _check_model(ctx, scan, model_spec)
     if scan.kind != "kv":
         raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
+    measuring = verify or refine_rounds > 0
+    tools = _preflight(ctx, build, scan, measuring, (out,), force)
     s = optimize(scan, bits, types=comma_list(types) if types else None)
-    _check_judge(scan, strict, verify or refine_rounds > 0)
+    _check_judge(scan, strict, measuring)
     _report_solution(s, scan)
-    s = _measured(ctx, build, scan, s, verify, refine_rounds, workers, threads, judge_chunks)
+    s = _measured(ctx, tools, scan, s, verify, refine_rounds, workers, threads, judge_chunks)
     name = name or f"opt_{s.bits_per_value:.2f}bpv".replace(".", "_")
     out = out or Path(f"{name}.toml")
-    _write(out, kv_policy_toml(s, scan, name), force)
-    console.print(f"wrote {out}")
-    if verify:
+    text = kv_policy_toml(s, scan, name)
+    check_outputs([out], force=force)  # the default name is known only now
+    rid = None
+    if verify:  # measured before anything is written: a failure leaves no policy behind
         from lacq.studies.verify import verify_kv
-        rid, _ = verify_kv(build.require(), open_results(ctx), scan, s, out, judge_text(),
-                                  label=name, study=f"optimize:{scan.provenance.get('study')}")
+        with _staged(out, text) as staged:
+            rid, _ = verify_kv(tools, open_results(ctx), scan, s, staged, judge_text(), label=name,
+                               study=f"optimize:{scan.provenance.get('study')}")
+    write_outputs({out: text}, force=force)
+    console.print(f"wrote {out}")
+    if rid is not None:
         console.print(f"measured {_judged(ctx, rid)} ({_judgements(s, scan)}); "
                       f"result #{rid}")

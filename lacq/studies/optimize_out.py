@@ -1,7 +1,7 @@
 """What the optimizer hands out: a weight recipe, a plain --tensor-type-file, a KV policy, Pareto points and their plot.
 
 Every writer takes a `Solution` and the `Scan` it came from and returns text;
-the caller writes it (atomically). Recipes and policies parse with lacq's own
+the caller writes it (`write_outputs`: atomically, all or none). Recipes and policies parse with lacq's own
 loaders (`parse_recipe`, `load_kv_policy`), which the tests check.
 """
 
@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lacq.fsutil import atomic_output
+from lacq.errors import OutputExistsError
+from lacq.fsutil import atomic_output, write_text_atomic
 from lacq.model.info import FLOAT_TYPES, ModelInfo
 from lacq.plan.llama_quant import BASE_FTYPES, FTYPE_DEFAULT_TYPE
 from lacq.plan.recipe import parse_recipe, resolve_recipe
@@ -23,6 +24,25 @@ from lacq.studies.optimize import OptimizeError, Solution
 
 _TENSOR = re.compile(r"^(?:blk\.(\d+)\.)?(.+?)(?:\.(?:weight|bias|scale))?$")
 _REGEX_SPECIAL = set(r"\.^$|?*+()[]{}")
+
+
+def check_outputs(paths: Iterable[Path], *, force: bool = False) -> None:
+    """Refuse outputs in the way (existing files without `force`, one path named twice), before any is written."""
+    seen: set[Path] = set()
+    for path in paths:
+        if path.resolve() in seen:
+            raise OutputExistsError(f"{path} is named for two outputs; give each its own path")
+        seen.add(path.resolve())
+        if path.exists() and not force:
+            raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
+
+
+def write_outputs(files: dict[Path, str], *, force: bool = False) -> None:
+    """Write each file atomically, after checking them all (`check_outputs`): a refusal writes nothing, never a
+    recipe without its tensor-type file."""
+    check_outputs(files, force=force)
+    for path, text in files.items():
+        write_text_atomic(path, text)
 
 
 def _q(text: str) -> str:

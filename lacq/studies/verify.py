@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lacq import paths
-from lacq.errors import ImatrixError
+from lacq.errors import ImatrixError, LacqError
 from lacq.llama.build import Build
 from lacq.measure.kld import measure_kld
 from lacq.model.info import inspect_model
@@ -30,6 +30,17 @@ def scan_imatrix(store: Store, scan: Scan, imatrix: Path | None) -> Path | None:
     if want and imatrix is not None and store.sha256(imatrix) != want:
         raise ImatrixError(f"{imatrix} is not the importance matrix the scan was made with (sha256 {want[:16]})")
     return imatrix
+
+
+def check_verify_inputs(store: Store, scan: Scan, imatrix: Path | None = None) -> None:
+    """Refuse, before anything runs or is written, a scan that --verify or --refine cannot measure: the file it
+    measured is gone (a weights scan's base, a KV scan's model) or the importance matrix is not the scan's."""
+    role = "base" if scan.kind == "weights" else "model"
+    path = (scan.base if scan.kind == "weights" else scan.model).get("path")
+    if not path or not Path(path).is_file():
+        raise LacqError(f"the scan's {role} file {path} does not exist; --verify and --refine measure on it")
+    if scan.kind == "weights":
+        scan_imatrix(store, scan, imatrix)
 
 
 def verify_weights(build: Build, store: Store, scan: Scan, solution: Solution, recipe_path: Path, corpus: Path, *,

@@ -329,8 +329,8 @@ def _refine_options(fn):
     fn = click.option("--strict", is_flag=True, help="Refuse to judge (--verify, --refine) on text that may "
                       "share tokens with the scan's, instead of warning.")(fn)
     fn = click.option("--judge-chunks", type=click.IntRange(min=1), default=20, show_default=True,
-                      help="Chunks that --verify and --refine judge proposals on (at least the scan's; more, so that "
-                           "the scan's noise does not choose what is kept).")(fn)
+                      help="Chunks that --verify and --refine judge proposals and the answer on (at least the "
+                           "scan's; more, so that the scan's noise does not choose what is kept).")(fn)
     fn = click.option("-t", "--threads", type=int, default=None,
                       help="Threads per llama.cpp run (--verify's proposals, --refine).")(fn)
     fn = click.option("--jobs", "workers", type=int, default=1, show_default=True,
@@ -386,7 +386,7 @@ def _measured(ctx, tools, scan, s, verify: bool, rounds: int, workers: int, thre
               help="Also write the plain --tensor-type-file for stock llama-quantize.")
 @click.option("--verify", is_flag=True,
               help="Measure the search's distinct proposals (the best measured is kept), then quantize with the "
-                   "recipe and measure its KLD on the scan's tokens.")
+                   "recipe and measure its KLD on the judge text (--judge-chunks).")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Importance matrix the measured files (--verify, --refine) are quantized with: the scan's own, "
                    "where its candidates were made with one.")
@@ -427,7 +427,8 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
         from lacq.studies.verify import verify_weights
         with _staged(out, text) as staged:
             measured = verify_weights(tools, open_results(ctx), scan, s, staged, judge_text(), label=name,
-                                      study=f"optimize:{scan.provenance.get('study')}", imatrix=imatrix)
+                                      study=f"optimize:{scan.provenance.get('study')}", imatrix=imatrix,
+                                      judge_chunks=judge_chunks)
     write_outputs(files, force=force)
     console.print(f"wrote {out}")
     if t:
@@ -447,7 +448,7 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
               help="KV policy TOML to write (default: <name>.toml here).")
 @click.option("--verify", is_flag=True,
               help="Measure the search's distinct proposals (the best measured is kept), then run the policy "
-                   "and measure its KLD on the scan's tokens.")
+                   "and measure its KLD on the judge text (--judge-chunks).")
 @_refine_options
 @click.option("--model", "model_spec", default=None, help="Check that the scan was made on this model.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
@@ -478,7 +479,7 @@ def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_round
         from lacq.studies.verify import verify_kv
         with _staged(out, text) as staged:
             rid, _ = verify_kv(tools, open_results(ctx), scan, s, staged, judge_text(), label=name,
-                               study=f"optimize:{scan.provenance.get('study')}")
+                               study=f"optimize:{scan.provenance.get('study')}", judge_chunks=judge_chunks)
     write_outputs({out: text}, force=force)
     console.print(f"wrote {out}")
     if rid is not None:

@@ -1,5 +1,6 @@
 """Measuring an optimized recipe or KV policy: the scan's prediction, the judged and the measured KLD, stored side
-by side, each with its chunk count."""
+by side, each with its chunk count. The measurement is a judgement: on the judge text, at `judge_chunks` chunks
+(never fewer than the scan's), as refine.py judges its proposals."""
 
 from __future__ import annotations
 
@@ -43,11 +44,16 @@ def check_verify_inputs(store: Store, scan: Scan, imatrix: Path | None = None) -
         scan_imatrix(store, scan, imatrix)
 
 
+def judge_chunk_count(scan: Scan, judge_chunks: int | None) -> int:
+    """Chunks a judgement runs on: `judge_chunks`, never fewer than the scan's (None: the scan's)."""
+    return max(scan.chunks, judge_chunks or 0)
+
+
 def verify_weights(build: Build, store: Store, scan: Scan, solution: Solution, recipe_path: Path, corpus: Path, *,
                    label: str, study: str | None = None, threads: int | None = None,
-                   imatrix: Path | None = None) -> tuple[int, float, Path]:
-    """Quantize the scan's base with the recipe (and `imatrix`) and measure it on the scan's tokens; (result id, KLD,
-    file)."""
+                   imatrix: Path | None = None, judge_chunks: int | None = None) -> tuple[int, float, Path]:
+    """Quantize the scan's base with the recipe (and `imatrix`) and measure it on `corpus` (the judge text) at
+    `judge_chunk_count` chunks of the scan's context; (result id, KLD, file)."""
     base = Path(scan.base["path"])
     base_info = inspect_model(base)
     imatrix = scan_imatrix(store, scan, imatrix)
@@ -56,19 +62,22 @@ def verify_weights(build: Build, store: Store, scan: Scan, solution: Solution, r
     out = quantize_with_plan(build, store, base, base_info, plan, imatrix=imatrix, force=True,
                              output=paths.sub("work") / "optimized" / f"{base.stem}.{plan.recipe}{tag}.gguf")
     r = measure_kld(build, store, out.output, inspect_model(out.output), base, base_info, KvConfig(), corpus,
-                    ctx=scan.ctx, chunks=scan.chunks, threads=threads, label=label, study=study,
-                    recipe=plan.recipe, plan_hash=plan.plan_hash, annotations=annotations(solution))
+                    ctx=scan.ctx, chunks=judge_chunk_count(scan, judge_chunks), threads=threads, label=label,
+                    study=study, recipe=plan.recipe, plan_hash=plan.plan_hash, annotations=annotations(solution))
     return r.result_id, r.result.kld_mean, out.output
 
 
 def verify_kv(build: Build, store: Store, scan: Scan, solution: Solution, policy_path: Path, corpus: Path, *,
-              label: str, study: str | None = None, threads: int | None = None) -> tuple[int, float]:
-    """Run the model with the KV policy against its own f16-cache logits, on the scan's tokens."""
+              label: str, study: str | None = None, threads: int | None = None,
+              judge_chunks: int | None = None) -> tuple[int, float]:
+    """Run the model with the KV policy against its own f16-cache logits, on `corpus` (the judge text) at
+    `judge_chunk_count` chunks of the scan's context."""
     model = Path(scan.model["path"])
     info = inspect_model(model)
     kv: KvConfig = load_kv_policy(policy_path).config()
-    r = measure_kld(build, store, model, info, model, info, kv, corpus, ctx=scan.ctx, chunks=scan.chunks,
-                    threads=threads, label=label, study=study, annotations=annotations(solution))
+    r = measure_kld(build, store, model, info, model, info, kv, corpus, ctx=scan.ctx,
+                    chunks=judge_chunk_count(scan, judge_chunks), threads=threads, label=label, study=study,
+                    annotations=annotations(solution))
     return r.result_id, r.result.kld_mean
 
 

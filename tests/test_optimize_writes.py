@@ -31,7 +31,10 @@ def _scan(tmp_path, kind: str, file_there: bool = False):
         budget = ["--size-mb", f"{(TINY.fixed_cost + 7000) / 1e6:.6f}"]
     else:
         scan, budget = _kv_scan(str(measured)), ["--bits", "6"]
-    return scan.write(tmp_path / f"scan-{kind}.json"), budget
+    from lacq.cache import Cache
+    from lacq.corpus import scan_text
+    prov = {"study": "s", "corpus_sha256": Cache.open().sha256(scan_text())}  # the judge text has not seen it
+    return Scan(**{**scan.__dict__, "provenance": prov}).write(tmp_path / f"scan-{kind}.json"), budget
 
 
 def _one_line_failure(r, needle: str) -> None:

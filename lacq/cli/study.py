@@ -251,15 +251,17 @@ def _check_model(ctx, scan, model_spec: str | None) -> None:
         check_scan_matches(scan, open_results(ctx).sha256(resolve_model(model_spec)))
 
 
-def _preflight(ctx, build: BuildChoice, scan, measuring: bool, outputs, force: bool, imatrix: Path | None = None):
+def _preflight(ctx, build: BuildChoice, scan, measuring: bool, strict: bool, outputs, force: bool,
+               imatrix: Path | None = None):
     """Everything that can refuse the command, checked before any search, measurement or write: the outputs named
-    on the command line and, where it measures (--verify, --refine), the build and the scan's files. The build
-    (None when nothing is measured)."""
+    on the command line and, where it measures (--verify, --refine), the judge text, the build and the scan's
+    files. The build (None when nothing is measured)."""
     from lacq.studies.optimize_out import check_outputs
     from lacq.studies.verify import check_verify_inputs
     check_outputs([p for p in outputs if p], force=force)
     if not measuring:
         return None
+    _check_judge(scan, strict)
     tools = build.require()
     check_verify_inputs(open_results(ctx), scan, imatrix)
     return tools
@@ -307,10 +309,10 @@ def kld_columns(k) -> str:
     return out
 
 
-def _check_judge(scan, strict: bool, judging: bool) -> None:
+def _check_judge(scan, strict: bool) -> None:
     """Warn (refuse with --strict) when the judge text may share tokens with the scan's text."""
     from lacq.corpus import judge_overlap
-    problem = judging and judge_overlap(judge_text(), sha256=scan.provenance.get("corpus_sha256"))
+    problem = judge_overlap(judge_text(), sha256=scan.provenance.get("corpus_sha256"))
     if problem and strict:
         raise LacqError(f"{problem}; --strict refuses to judge on it")
     if problem:
@@ -409,10 +411,9 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
     if (size_mb is None) == (bpw is None):
         raise LacqError("give exactly one budget: --size-mb or --bpw")
     measuring = verify or refine_rounds > 0
-    tools = _preflight(ctx, build, scan, measuring, (out, ttf), force, imatrix)
+    tools = _preflight(ctx, build, scan, measuring, strict, (out, ttf), force, imatrix)
     budget = size_mb * 1e6 if size_mb is not None else bpw_budget(scan, bpw)
     s = optimize(scan, budget, types=comma_list(types) if types else None)
-    _check_judge(scan, strict, measuring)
     _report_solution(s, scan)
     s = _measured(ctx, tools, scan, s, verify, refine_rounds, workers, threads, judge_chunks, imatrix=imatrix)
     name = name or f"opt_{s.size_mb:.1f}mb".replace(".", "_")
@@ -465,9 +466,8 @@ def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_round
     if scan.kind != "kv":
         raise LacqError(f"{scan_spec} is a {scan.kind} scan; use `lacq optimize {scan.kind}`")
     measuring = verify or refine_rounds > 0
-    tools = _preflight(ctx, build, scan, measuring, (out,), force)
+    tools = _preflight(ctx, build, scan, measuring, strict, (out,), force)
     s = optimize(scan, bits, types=comma_list(types) if types else None)
-    _check_judge(scan, strict, measuring)
     _report_solution(s, scan)
     s = _measured(ctx, tools, scan, s, verify, refine_rounds, workers, threads, judge_chunks)
     name = name or f"opt_{s.bits_per_value:.2f}bpv".replace(".", "_")

@@ -10,9 +10,9 @@ from lacq.llama.tools import perplexity
 from lacq.llama.tools.base import run_tool
 from lacq.measure.common import prepare_kv
 from lacq.model.info import inspect_model
+from lacq.plan.kv.cells import kv_cells, layer_values
 from lacq.plan.kv.flags import kv_from_flags
 from lacq.plan.kv.types import kv_type
-from lacq.studies.scan import kv_cells, layer_values
 
 pytestmark = pytest.mark.e2e
 

@@ -19,10 +19,33 @@ def test_boundary_on_sixteen_kv_layers_is_by_ordinal():
     assert [i for i, (_, v) in enumerate(cfg.per_layer(16)) if v == "q8_0"] == [0, 1, 14, 15]
 
 
-def test_bits_per_value_boundary():
-    k, v = KvConfig("q8_0", "q4_0", "on", (), boundary(2, "q8_0")).bits_per_value(30)
+def _model(tmp_path, n_blocks: int, **kw):
+    from synth import write_synthetic_gguf
+
+    from lacq.model.info import inspect_model
+    return inspect_model(write_synthetic_gguf(tmp_path / "m.gguf", n_blocks=n_blocks, **kw))
+
+
+def test_bits_per_value_boundary(tmp_path):
+    k, v = KvConfig("q8_0", "q4_0", "on", (), boundary(2, "q8_0")).bits_per_value(_model(tmp_path, 30), 512)
     assert k == pytest.approx(8.5)
     assert v == pytest.approx((26 * 4.5 + 4 * 8.5) / 30)
+
+
+def test_bits_per_value_prices_sliding_window_layers_at_their_cells(tmp_path):
+    """gemma-3-270m's shape: 18 KV layers, every sixth global, window 512. At -c 4096 its sliding-window layers
+    hold 1024 cells (window + ubatch, padded), the global ones 4096: boundary_v2 (V q8_0 on ordinals 0, 1, 16,
+    17, the rest q4_0) is V 5.5370 bits/value, what the patch counted from allocated bytes; counting layers alike
+    gives 5.389. At -c 512 every layer holds 512 cells, and both counts agree."""
+    from lacq.plan.kv.policy import load_kv_policy
+    info = _model(tmp_path, 18, arch="gemma3", n_head=4, n_head_kv=1, n_embd=256,
+                  extra_kv={"{arch}.attention.sliding_window": 512})
+    assert info.is_iswa and [b for b in info.kv_blocks if b not in info.swa_blocks] == [5, 11, 17]
+    cfg = load_kv_policy("boundary_v2").config(ctk="q8_0", ctv="q4_0")
+    k, v = cfg.bits_per_value(info, 4096)
+    assert k == pytest.approx(8.5) and round(v, 4) == 5.5370
+    assert cfg.bits_per_value(info, 512)[1] == pytest.approx((14 * 4.5 + 4 * 8.5) / 18)  # 5.389
+    assert cfg.bits_per_value(info)[1] == pytest.approx((14 * 4.5 + 4 * 8.5) / 18)  # context unknown: per cell
 
 
 def test_parse_overrides_round_trip():
@@ -109,7 +132,7 @@ def test_kv_policy_errors(tmp_path):
         cfg.per_layer(3)
 
 
-def test_turbo_types_and_their_bits():
+def test_turbo_types_and_their_bits(tmp_path):
     assert kv_type("turbo2").bits_per_value == 2.5
     assert kv_type("turbo3").bits_per_value == 3.5
     assert kv_type("turbo4").bits_per_value == 4.5
@@ -118,7 +141,7 @@ def test_turbo_types_and_their_bits():
     from lacq.plan.kv.policy import load_kv_policy
     cfg = load_kv_policy("boundary_v2_turbo").config()
     assert (cfg.k, cfg.v) == ("q8_0", "turbo2")
-    assert cfg.bits_per_value(30)[1] == pytest.approx((26 * 2.5 + 4 * 8.5) / 30)
+    assert cfg.bits_per_value(_model(tmp_path, 30), 512)[1] == pytest.approx((26 * 2.5 + 4 * 8.5) / 30)
     cfg = load_kv_policy("boundary_v2_turbo4").config()
     assert [v for _, v in cfg.per_layer(30)].count("turbo4") == 4
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from lacq import cache, paths
 from lacq.model.info import inspect_model
+from lacq.plan.kv.cells import kv_cells, layer_values
 from lacq.results.store import Store
 from lacq.studies import scan
 
@@ -60,15 +61,15 @@ def test_kv_cells_are_what_the_captured_iswa_run_allocated(tmp_path, capture):
     window = int(re.search(r"n_swa\s+= (\d+)", log).group(1))
     ctx = int(re.search(r"calculating perplexity over \d+ chunks, n_ctx=(\d+)", log).group(1))
     full, swa = (int(n) for n in re.findall(r"creating +(?:non-SWA|SWA) KV cache, size = (\d+) cells", log))
-    assert scan.kv_cells(_iswa_model(tmp_path, window), ctx) == (full, swa)
+    assert kv_cells(_iswa_model(tmp_path, window), ctx) == (full, swa)
 
 
 def test_sliding_window_layers_are_priced_at_their_window(tmp_path):
     info = _iswa_model(tmp_path, 512, n_blocks=6)  # gemma3's pattern: blocks 0-4 sliding, 5 global
     assert info.swa_blocks == (0, 1, 2, 3, 4)
     # llama.cpp's SWA cache: the window + one ubatch (512), padded to 256 cells, never more than the context
-    assert scan.kv_cells(info, 4096) == (4096, 1024)
-    assert scan.kv_cells(info, 512) == (512, 512)
+    assert kv_cells(info, 4096) == (4096, 1024)
+    assert kv_cells(info, 512) == (512, 512)
     per_cell = info.head_dim_v  # one KV head
-    assert scan.layer_values(info, 4096, "v") == [1024.0 * per_cell] * 5 + [4096.0 * per_cell]
-    assert scan.layer_values(info, 4096, "both") == [2 * v for v in scan.layer_values(info, 4096, "v")]
+    assert layer_values(info, 4096, "v") == [1024.0 * per_cell] * 5 + [4096.0 * per_cell]
+    assert layer_values(info, 4096, "both") == [2 * v for v in layer_values(info, 4096, "v")]

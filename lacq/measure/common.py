@@ -78,9 +78,9 @@ def machine_record(tool_output: str | None) -> dict:
             "devices": tool_devices(tool_output) if tool_output else []}
 
 
-def kv_record(kv: KvConfig, info: ModelInfo | None) -> dict:
+def kv_record(kv: KvConfig, info: ModelInfo | None, ctx: int | None = None) -> dict:
     """The KV configuration as stored: its settings and, given the model, the per-layer map
-    (block, KV-layer ordinal, K and V type, and the cache of iSWA models) and bits/value."""
+    (block, KV-layer ordinal, K and V type, and the cache of iSWA models) and bits/value (at `ctx`)."""
     out = kv.to_dict()
     if info is None or not info.kv_blocks:
         return out
@@ -88,7 +88,7 @@ def kv_record(kv: KvConfig, info: ModelInfo | None) -> dict:
     out["layers"] = [{"block": b, "ordinal": i, "k": k, "v": v,
                       **({"cache": "swa" if b in swa else "full"} if info.is_iswa else {})}
                      for i, (b, (k, v)) in enumerate(zip(info.kv_blocks, kv.per_layer(len(info.kv_blocks))))]
-    out["k_bits_per_value"], out["v_bits_per_value"] = kv.bits_per_value(len(info.kv_blocks))
+    out["k_bits_per_value"], out["v_bits_per_value"] = kv.bits_per_value(info, ctx)
     return out
 
 
@@ -100,6 +100,6 @@ def record(store: Store, *, kind: str, label: str, model: Path, build: Build, kv
     where `info` is given), the environment it set and the machine (CPU features from
     `tool_output`, the tool's log)."""
     return store.add(kind=kind, label=label, model=model, build=build.provenance(), command=command,
-                     metrics=metrics, study=study, recipe=recipe, plan_hash=plan_hash, kv=kv_record(kv, info),
+                     metrics=metrics, study=study, recipe=recipe, plan_hash=plan_hash, kv=kv_record(kv, info, ctx),
                      corpus=corpus, ctx=ctx, chunks=chunks, env=kv.env(), wall_seconds=wall_seconds,
                      machine=machine_record(tool_output))

@@ -34,7 +34,7 @@ def measure_ppl(build: Build, store: Store, model: Path, info: ModelInfo, kv: Kv
     check_context(ctx, info, allow_long_context)
     check_length(corpus, chunks, ctx)
     kv = prepare_kv(build, kv, info)
-    k_bpv, v_bpv = kv.bits_per_value(len(info.kv_blocks))
+    k_bpv, v_bpv = kv.bits_per_value(info, ctx)  # the patch's own count, where it reports one, wins
     args = perplexity.argv(build.tool("llama-perplexity"), model, corpus, ctx=ctx, chunks=chunks,
                            threads=threads, ngl=ngl, kv_args=kv.argv())
     expected = chunks or 0

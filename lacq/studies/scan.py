@@ -31,6 +31,7 @@ from lacq.measure.kld import base_logits, check_kld_tokens, measure_kld
 from lacq.model.assemble import assemble, assembly_hash
 from lacq.model.info import FLOAT_TYPES, ModelInfo, inspect_model
 from lacq.model.tokenizer import tokenizer_fingerprint
+from lacq.plan.kv.cells import layer_values
 from lacq.plan.kv.config import KvConfig, Override, check_kv_type
 from lacq.plan.kv.types import kv_type
 from lacq.plan.llama_quant import BASE_FTYPES, allows_quantization
@@ -403,33 +404,3 @@ def kv_variant_config(cache: str, other: str, default: str, layers: dict[int, st
     k = default if cache in ("k", "both") else other
     v = default if cache in ("v", "both") else other
     return KvConfig(k, v, "auto", over if cache in ("k", "both") else (), over if cache in ("v", "both") else ())
-
-
-# What lacq's llama-perplexity runs keep of llama.cpp's defaults (common/common.h): -b 2048, -ub 512.
-PERPLEXITY_BATCH, PERPLEXITY_UBATCH = 2048, 512
-KV_PAD = 256  # llama_context pads n_ctx and n_ctx_seq to 256 cells; llama_kv_cache_iswa its SWA cache too
-
-
-def kv_cells(info: ModelInfo, ctx: int) -> tuple[int, int]:
-    """(cells of the full-context cache, cells of the sliding-window cache) that llama-perplexity allocates per
-    sequence for chunks of `ctx` tokens, as the pinned llama.cpp sizes them: tools/perplexity (n_batch / ctx
-    sequences of ctx tokens), llama_context (n_ctx padded, n_ctx_seq = n_ctx / sequences padded, n_ubatch =
-    min(n_batch, 512)) and llama_kv_cache_iswa (the SWA cache: min(n_ctx_seq, n_swa + n_ubatch), padded)."""
-    pad = lambda n: -(-n // KV_PAD) * KV_PAD
-    n_seq = max(1, PERPLEXITY_BATCH // ctx)
-    full = pad(pad(n_seq * ctx) // n_seq)
-    n_ubatch = min(PERPLEXITY_BATCH, n_seq * ctx, PERPLEXITY_UBATCH)
-    return full, pad(min(full, info.swa_window + n_ubatch)) if info.is_iswa else full
-
-
-def layer_values(info: ModelInfo, ctx: int, cache: str) -> list[float]:
-    """Values each KV layer's scanned cache(s) hold for chunks of `ctx` tokens: its cells (`kv_cells`: an iSWA
-    model's sliding-window layers hold their window, not the context) × its K and/or V values per cell."""
-    full, window = kv_cells(info, ctx)
-    out = []
-    for block in info.kv_blocks:
-        heads = info.n_head_kv[block] if isinstance(info.n_head_kv, tuple) else info.n_head_kv
-        per_token = heads * ((info.head_dim if cache in ("k", "both") else 0) +
-                             (info.head_dim_v if cache in ("v", "both") else 0))
-        out.append(float(per_token * (window if block in info.swa_blocks else full)))
-    return out

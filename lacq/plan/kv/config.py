@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 
 from lacq.errors import RecipeError
+from lacq.model.info import ModelInfo
+from lacq.plan.kv.cells import layer_values
 from lacq.plan.kv.types import ROTATED, backend_problem, cuda_fa_pair, kv_type, pair_problem, valid_names
 
 ENV_K = "LLAMA_KV_TYPES_K"
@@ -147,12 +149,19 @@ class KvConfig:
                     types[i] = o.type
         return list(zip(ks, vs))
 
-    def bits_per_value(self, n_kv: int) -> tuple[float, float]:
-        """Mean bits/value of K and V over the KV layers (all layers equal in size)."""
-        layers = self.per_layer(n_kv)
-        k = sum(kv_type(k).bits_per_value for k, _ in layers) / n_kv
-        v = sum(kv_type(v).bits_per_value for _, v in layers) / n_kv
-        return k, v
+    def bits_per_value(self, info: ModelInfo, ctx: int | None = None) -> tuple[float, float]:
+        """Mean bits/value of K and V over the values the KV layers hold for chunks of `ctx` tokens
+        (`cells.layer_values`: an iSWA model's sliding-window layers hold fewer cells than its global ones, and
+        layers may differ in heads); `ctx` None: every layer as many cells."""
+        layers = self.per_layer(len(info.kv_blocks))
+        out = []
+        for role, cache in ((0, "k"), (1, "v")):
+            values = layer_values(info, ctx, cache)
+            total = sum(values)
+            types = [kv_type(pair[role]).bits_per_value for pair in layers]
+            out.append(sum(b * n for b, n in zip(types, values)) / total if total else
+                       kv_type((self.k, self.v)[role]).bits_per_value)
+        return out[0], out[1]
 
     def argv(self) -> list[str]:
         return ["-ctk", self.k, "-ctv", self.v, "-fa", self.flash_attn]

@@ -125,18 +125,22 @@ class Cache:
         self.path = Path(path)
         self.db = connect(self.path, CACHE_MIGRATIONS, "cache database")
         self._stand_ins: dict[str, str] = {}  # path -> the hash it answers to, while `stand_in` holds
+        self._stand_in_info: dict[str, dict] = {}  # path -> what made it (artifact_info), while `stand_in` holds
 
     @contextlib.contextmanager
-    def stand_in(self, path: Path, digest: str):
+    def stand_in(self, path: Path, digest: str, info: dict | None = None):
         """Within: `path` hashes to `digest` (the hash of the recipe that determines its bytes), without
-        reading it or keeping its path in the cache. For temporary files such as a scan's assembled
-        variants: hashing each in full is slow, and their rows would outlive the files."""
+        reading it or keeping its path in the cache, and `artifact_info` answers `info` for it. For temporary
+        files such as a scan's assembled variants: hashing each in full is slow, and their rows would outlive
+        the files."""
         key = os.path.abspath(path)
         self._stand_ins[key] = digest
+        self._stand_in_info[key] = info or {}
         try:
             yield
         finally:
             self._stand_ins.pop(key, None)
+            self._stand_in_info.pop(key, None)
 
     # -- file hashes (cached by size and mtime, so a 270 MB model hashes once)
     def sha256(self, path: Path) -> str:
@@ -181,6 +185,8 @@ class Cache:
 
     def artifact_info(self, path: Path, sha256: str) -> dict:
         """What lacq recorded when it made the file at `path` with these bytes ({} if it did not make it)."""
+        if self._stand_ins.get(os.path.abspath(path)) == sha256:
+            return self._stand_in_info[os.path.abspath(path)]
         row = self.db.execute("SELECT info FROM artifacts WHERE path = ? AND sha256 = ? ORDER BY created DESC",
                               (str(Path(path).resolve()), sha256)).fetchone()
         return json.loads(row["info"] or "{}") if row else {}

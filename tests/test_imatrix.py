@@ -274,3 +274,16 @@ def test_results_of_a_file_quantized_with_an_imatrix_carry_its_hash(model, tmp_p
     assert store.get(plain).imatrix_sha256 is None and store.get(made).imatrix_sha256 == "ab" * 32
     q.write_bytes(model.read_bytes() + b"\0")  # other bytes at that path: not the file made with it
     assert store.get(store.add(kind="kld", label="x", model=q, build={}, command=[], metrics={})).imatrix_sha256 is None
+
+
+def test_a_stand_in_file_answers_the_imatrix_of_the_files_it_was_assembled_from(model, tmp_path):
+    """A scan's assembled variant (a temporary file standing in for its recipe's hash) is filed with the imatrix
+    hash of its candidate files."""
+    from lacq.results.store import open_store
+    store = open_store()
+    variant = tmp_path / "variant.gguf"
+    variant.write_bytes(model.read_bytes())
+    with store.cache.stand_in(variant, "cd" * 32, {"imatrix_sha256": "ab" * 32}):
+        rid = store.add(kind="kld", label="v", model=variant, build={}, command=[], metrics={})
+    assert store.get(rid).imatrix_sha256 == "ab" * 32
+    assert store.cache.artifact_info(variant, "cd" * 32) == {}  # only while it stands in

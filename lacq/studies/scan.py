@@ -267,7 +267,9 @@ def measure_assembled(build: Build, store: Store, files: dict[str, Path], cinfo:
     digest = assembly_hash(store.sha256(files[default]), {t: store.sha256(f) for t, f in sources.items()}, tensors)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         path = assemble(files[default], sources, tensors, Path(tmp) / "variant.gguf")
-        with store.cache.stand_in(path, digest):
+        # made from candidate files quantized with an importance matrix (or none): its results say which
+        made = store.cache.artifact_info(files[default], store.sha256(files[default]))
+        with store.cache.stand_in(path, digest, {k: v for k, v in made.items() if k == "imatrix_sha256"}):
             return measure_kld(build, store, path, inspect_model(path), base, base_info, KvConfig(), corpus, ctx=ctx,
                                chunks=chunks, threads=threads, label=label, study=study).result_id
 

@@ -190,3 +190,33 @@ def test_niah_and_bench_json_is_the_stored_result_alone(model, monkeypatch, name
 def test_json_flag_and_another_format_are_refused(model):
     r = _invoke("bench", model, "--json", "--format", "md")
     assert r.exit_code == 1 and "--json is --format json" in r.output and "Traceback" not in r.output
+
+
+@pytest.fixture
+def demo_cmd(model, monkeypatch, tmp_path):
+    """`lacq demo` returning a canned placement study (the bench scan as its scan; nothing built or measured)."""
+    import pandas as pd
+
+    from lacq.studies.artifact import Scan
+    from lacq.studies.placement import PlacementResult
+    table = pd.DataFrame([
+        {"configuration": "first8_q8", "kind": "recipe", "size_mb": 100.123456, "kld_mean": 0.0812345678,
+         "kld_mean_error": 0.00123456, "ppl": 20.123456, "ppl_error": 0.3456, "ppl_delta_pct": 3.14159, "mark": "★"},
+        {"configuration": "Q4_K_M", "kind": "llama.cpp", "size_mb": 105.5, "kld_mean": 0.09, "kld_mean_error": 0.0011,
+         "ppl": 20.5, "ppl_error": 0.35, "ppl_delta_pct": 4.5, "mark": ""}])
+    result = PlacementResult("demo-1", table, model, Scan.read(SCANS["weights"]), (tmp_path / "pareto.png",))
+    monkeypatch.setattr("lacq.cli.study.run_build", lambda spec, source, progress=None: FakeBuild())
+    monkeypatch.setattr("lacq.model.resolve.resolve_model", lambda spec: model)
+    monkeypatch.setattr("lacq.studies.placement.run_placement_study", lambda *a, **kw: result)
+    return lambda *args: _invoke("demo", *args)
+
+
+def test_demo_json_is_the_table_alone_on_stdout(demo_cmd):
+    r = demo_cmd("--format", "json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)  # nothing but the document
+    assert [x["configuration"] for x in rows] == ["first8_q8", "Q4_K_M"] and rows[0]["kld_mean"] == 0.0812345678
+    assert "study demo-1" in r.stderr and "wrote" in r.stderr and "scan (" in r.stderr  # the sentences on stderr
+    table = demo_cmd()
+    assert table.exit_code == 0, table.output
+    assert "first8_q8" in table.stdout and "study demo-1" in table.stdout  # beside a table for people they stay

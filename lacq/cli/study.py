@@ -63,15 +63,16 @@ def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, imatrix, fmt, build:
     from lacq.studies.sensitivity import classify, partitions
     render(result.table, fmt, console, columns=PLACEMENT_COLUMNS,
            title=f"{model.name} from its F16 base: KL-divergence on WikiText-2, {chunks}×{ctx_len} tokens")
+    notes = message_console(fmt)  # json and csv: the table alone on stdout, these sentences on stderr
     for kinds in partitions(result.scan):
         pattern, advice = classify(result.scan, kinds)
-        console.print(f"scan ({result.scan.chunks} chunks), {kinds[0]}s: [bold]{pattern}[/bold]. {advice}.")
+        notes.print(f"scan ({result.scan.chunks} chunks), {kinds[0]}s: [bold]{pattern}[/bold]. {advice}.")
     for note in result.scan.notes:
-        console.print(f"[yellow]note[/yellow]: {note}")
+        notes.print(f"[yellow]note[/yellow]: {note}")
     for plot in result.plots:
-        console.print(f"wrote {plot}", soft_wrap=True)
-    console.print(f"study {result.study}; {time.monotonic() - t0:.0f} s. Sorted by mean KLD (± its standard error); "
-                  f"★ = lowest KLD at ≤ first8_q8's size, only where it leads by more than 2× the combined ±.")
+        notes.print(f"wrote {plot}", markup=False, highlight=False, soft_wrap=True)
+    notes.print(f"study {result.study}; {time.monotonic() - t0:.0f} s. Sorted by mean KLD (± its standard error); "
+                f"★ = lowest KLD at ≤ first8_q8's size, only where it leads by more than 2× the combined ±.")
 
 
 def comma_list(text: str) -> list[str]:

@@ -26,16 +26,74 @@ from common import RESULTS, emit_table, parser, results_header, run_script
 from lacq import paths
 from lacq.llama.build import BuildSpec, require_build
 from lacq.llama.tools import kld
+from lacq.measure.kld import base_logits
+from lacq.model.info import inspect_model
 from lacq.model.resolve import resolve_model
+from lacq.plan.kv.config import KvConfig
 from lacq.quantize import convert_ftype
 from lacq.results.store import Store
-from lacq.studies.scan import scan_weights
+from lacq.studies.engine import EngineSession
+from lacq.studies.scan import (
+    WeightVariant,
+    candidate_files,
+    engine_tensors,
+    measure_assembled,
+    scan_weights,
+    weight_units,
+    work_dir,
+)
 
 
 def timed(argv: list[str]) -> float:
     t0 = time.perf_counter()
     subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     return time.perf_counter() - t0
+
+
+def interleaved(build, base: Path, kw: dict, pairs: int, bare_argv_for) -> tuple[list[str], dict]:
+    """`pairs` group variants, each measured the former way, then by the engine, then one bare KLD process, in turn
+    (a shared machine's load moves; each ratio compares neighbours). Returns table lines."""
+    store = Store(Path(kw.pop("db")))
+    info = inspect_model(base)
+    cands = kw["types"]
+    work = work_dir(store.sha256(base))
+    files = candidate_files(build, store, base, info, cands, work)
+    cinfo = {t: inspect_model(p) for t, p in files.items()}
+    corpus = paths.default_corpus()
+    logits, _ = base_logits(build, store, base, info, corpus, ctx=kw["ctx"], chunks=kw["chunks"], threads=kw["threads"])
+    lowest, highest = cands[0], cands[-1]
+    units = weight_units(info, "group")[:pairs]
+    session = EngineSession(build, files[lowest], cinfo[lowest], logits, {t: files[t] for t in cands[1:]},
+                            ctx=kw["ctx"], threads=kw["threads"])
+    bare_argv = bare_argv_for(files[lowest], logits)
+    rows = []
+    try:
+        session.evaluate("warm", {}, KvConfig())
+        timed(bare_argv)
+        for uid, _, names, _ in units:
+            v = WeightVariant(lowest, names, highest)
+            t0 = time.perf_counter()
+            measure_assembled(build, store, files, cinfo, v.default, {n: v.type for n in v.tensors}, base, info, corpus,
+                              work, ctx=kw["ctx"], chunks=kw["chunks"], threads=kw["threads"], label=f"old {uid}",
+                              study="bench-engine")
+            old = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            session.measure(store, label=f"engine {uid}", study="bench-engine",
+                            tensors=engine_tensors(v, cinfo, lowest), kv=KvConfig(), corpus=corpus,
+                            record_model=files[v.default])
+            eng = time.perf_counter() - t0
+            rows.append((uid, old, eng, timed(bare_argv)))
+    finally:
+        session.close()
+    lines = ["| variant (raise to " + highest + ") | former path (s) | engine (s) | bare KLD process (s) | engine / bare | "
+             "former / bare |", "| --- | --- | --- | --- | --- | --- |"]
+    for uid, old, eng, bare in rows:
+        lines.append(f"| {uid} | {old:.2f} | {eng:.2f} | {bare:.2f} | {eng / bare:.2f}x | {old / bare:.2f}x |")
+    med = {k: statistics.median(r[i] for r in rows) for i, k in ((1, "old"), (2, "engine"), (3, "bare"))}
+    ratio = statistics.median(r[2] / r[3] for r in rows)
+    lines.append(f"| median | {med['old']:.2f} | {med['engine']:.2f} | {med['bare']:.2f} | {ratio:.2f}x | "
+                 f"{statistics.median(r[1] / r[3] for r in rows):.2f}x |")
+    return lines, {"bare": " ".join(Path(a).name if os.sep in a else a for a in bare_argv)}
 
 
 def main() -> None:
@@ -47,6 +105,9 @@ def main() -> None:
     ap.add_argument("--types", default="q4_0,q8_0")
     ap.add_argument("--bare", type=int, default=3, help="runs of the bare KLD process (median)")
     ap.add_argument("--skip-old", action="store_true", help="time only the engine's scan")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="instead of whole scans: this many group variants, former path, engine and a bare process "
+                         "in turn (for a shared machine whose load moves)")
     args = ap.parse_args()
     out = args.out or RESULTS / ("engine_cuda.md" if args.backend == "cuda" else "engine_cpu.md")
     build = require_build(BuildSpec(backend=args.backend), args.source)
@@ -56,6 +117,18 @@ def main() -> None:
             build, Store(Path(tmp) / "convert.sqlite"), model, paths.sub("models") / f"{model.stem}.f16.gguf")
         kw = {"types": args.types.split(","), "units": tuple(args.units.split(",")), "chunks": args.chunks,
               "ctx": args.ctx, "threads": args.threads}
+        if args.pairs:
+            def bare_for(q4, logits):
+                return kld.argv(build.tool("llama-perplexity"), q4, logits, ctx=args.ctx, threads=args.threads,
+                                ngl=args.ngl)
+            kw.pop("units")
+            table, info = interleaved(build, base, {**kw, "db": Path(tmp) / "pairs.sqlite"}, args.pairs, bare_for)
+            lines = results_header(f"{model.name}, {args.chunks}x{args.ctx}, candidates {args.types}: one variant at "
+                                   "a time, former path, engine and a bare KLD process in turn", build, sys.argv)
+            lines += table + ["", (f"bare KLD process: `{info['bare']}` (the lowest candidate's file, the same tokens); "
+                              f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")]
+            emit_table(lines, out)
+            return
         rows = {}
         for name, engine in (("assembled files (--no-engine)", False), ("engine", True)):
             if not engine and args.skip_old:

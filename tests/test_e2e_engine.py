@@ -19,11 +19,18 @@ from lacq.measure.kld import base_logits
 from lacq.model.assemble import assemble
 from lacq.model.info import inspect_model
 from lacq.results.store import open_store
+from lacq.studies.engine import engine_available
 from lacq.studies.scan import WeightVariant, candidate_files, engine_tensors, kv_variant_config, scan_weights
 
 pytestmark = pytest.mark.e2e
 CTX, CHUNKS = 128, 2
 ENGINE_NAME = "llama-perplexit"  # /proc's command name: the first 15 characters
+
+
+@pytest.fixture(autouse=True)
+def _engine_built(cpu_build):
+    if not engine_available(cpu_build):
+        pytest.skip("this build lacks the evaluation engine patch (*-evaluation-engine-*)")
 
 
 def _statistics(text: str) -> list[str]:

@@ -62,3 +62,27 @@ def test_a_second_layer_recovering_much_alone_is_not_a_single_bottleneck():
 ])
 def test_other_patterns_are_unchanged(lo, raised, lowered, expected):
     assert pattern(kv_scan(raised, lowered, lo=lo, hi=0.001))[0] == expected
+
+
+# The real scan: `lacq scan kv qwen2.5-coder-1.5b --cache k --types q4_0,q8_0 --other f16 --chunks 1 -t 2`
+# on 2 CPU cores (bench/results/qwen_kv_cpu.md; about half an hour, too slow for CI).
+QWEN_SCAN = REPO / "bench" / "results" / "kv-cpu" / "scan_kv_qwen25_coder_k.json"
+
+
+def test_qwen25_coder_k_cache_scan_finds_the_layer_0_bottleneck():
+    scan = Scan.read(QWEN_SCAN)
+    assert scan.model["architecture"] == "qwen2" and scan.model["n_kv_layers"] == 28
+    assert scan.uniform["q4_0"].kld > 1.0 and scan.uniform["q8_0"].kld < 0.01  # K q4_0 destroys the model
+    name, advice = pattern(scan)
+    assert name == "single bottleneck"
+    assert advice.startswith("kv.0 carries ")
+
+
+def test_qwen25_coder_optimizer_protects_layer_0_first():
+    from lacq.studies.optimize import curve
+    scan = Scan.read(QWEN_SCAN)
+    one_layer = (8.5 - 4.5) / 28  # bits/value one KV layer's K at q8_0 adds over q4_0
+    sols = curve(scan, [4.5 + one_layer + 1e-6, 4.5 + 2 * one_layer + 1e-6])
+    assert [u for u, t in sols[0].choice.items() if t == "q8_0"] == ["kv.0"]
+    assert sols[0].kld < scan.uniform["q4_0"].kld / 20
+    assert "kv.0" in [u for u, t in sols[1].choice.items() if t == "q8_0"]

@@ -91,3 +91,31 @@ def test_a_text_too_short_for_the_chunks_is_refused(cpu_build, smollm2_f16, tmp_
     assert_one_error_line(r, "tokenizes to 455 tokens; llama-imatrix needs at least 1024 for a context of 512")
     assert not out.exists()
 
+
+
+def test_a_scan_with_an_imatrix_and_optimize_verify_measure_files_made_with_it(cpu_build, smollm2, smollm2_f16,
+                                                                             imatrix, tmp_path):
+    """`scan weights --imatrix`: candidate files quantized with it, its hash in the scan and in every variant's
+    result; `optimize --verify` of that scan refuses to measure without it, and with it files the verified
+    recipe's result with the hash."""
+    from lacq import paths
+    from lacq.results.store import open_store
+    from lacq.studies.scan import scan_weights
+    store = open_store()
+    sha = store.sha256(imatrix)
+    scan = scan_weights(cpu_build, store, smollm2, smollm2_f16, paths.default_corpus(), types=["q4_0", "q8_0"],
+                        units=("group",), chunks=2, ctx=128, imatrix=imatrix)
+    assert scan.base["imatrix_sha256"] == sha
+    assert all(f".imatrix-{sha[:12]}" in f for f in scan.provenance["files"].values())
+    variants = store.results(kind="kld", study=scan.provenance["study"])
+    assert variants and {r.imatrix_sha256 for r in variants} == {sha}
+    out = scan.write(tmp_path / "scan.json")
+    q80, q40 = (sum(u.cost[t] for u in scan.units) + scan.fixed_cost for t in ("q8_0", "q4_0"))
+    args = ["optimize", "weights", str(out), "--size-mb", f"{(q40 + (q80 - q40) / 2) / 1e6:.2f}", "-o",
+            str(tmp_path / "opt.toml"), "--verify", "--judge-chunks", "2", "--force"]
+    refused = CliRunner().invoke(cli, args)
+    assert_one_error_line(refused, "quantized with an importance matrix")
+    done = CliRunner().invoke(cli, [*args, "--imatrix", str(imatrix)])
+    assert done.exit_code == 0, done.output
+    (verified,) = [r for r in open_store().results(kind="kld") if (r.study or "").startswith("optimize:")]
+    assert verified.imatrix_sha256 == sha

@@ -10,6 +10,8 @@ history, from registry inputs only:
          train.npy / val.npy (uint16 token streams, documents separated by <|endoftext|>) and
          heldout.txt (held-out prose for the llama.cpp-vs-torch check). WikiText is never used:
          it is lacq's judge text.
+  pack   train.npy.xz (lzma, at most --max-tokens tokens in evenly spaced blocks) and val.npy in
+         --pack-dir, for a GPU host that takes at most 64 MiB a call with the repository.
   train  train the model with torch (--device cuda or cpu) for a fixed time budget and/or step
          count, bf16 autocast on CUDA; write weights.npz (F16 matrices, F32 norms).
   gguf   write the F16 GGUF with gguf-py: general.architecture llama, the llama.* hyperparameters
@@ -37,7 +39,9 @@ import argparse
 import gzip
 import hashlib
 import html.parser
+import io
 import json
+import lzma
 import math
 import os
 import re
@@ -565,6 +569,24 @@ def torch_ppl(cfg: Config, weights: dict[str, np.ndarray], tokens: np.ndarray, c
     return {"chunks": n, "tokens_scored": count, "ppl": math.exp(nll / count)}
 
 
+def pack_for_gpu(work: Path, dest: Path, max_tokens: int) -> None:
+    """train.npy.xz (lzma) and val.npy in `dest`, for a GPU host whose uploads are limited: at most `max_tokens`
+    training tokens, taken as evenly spaced blocks of 2^19 so that every source package stays in."""
+    tokens = np.load(work / "train.npy")
+    block = 1 << 19
+    n_blocks = tokens.size // block
+    keep = min(n_blocks, max_tokens // block)
+    picks = np.linspace(0, n_blocks - 1, keep).round().astype(int) if keep < n_blocks else np.arange(n_blocks)
+    subset = np.concatenate([tokens[i * block:(i + 1) * block] for i in picks])
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest / "train.npy.xz", "wb") as out:
+        buf = io.BytesIO()
+        np.save(buf, subset)
+        out.write(lzma.compress(buf.getvalue(), preset=6))
+    shutil.copy(work / "val.npy", dest / "val.npy")
+    print(f"{dest}: {subset.size} training tokens, {(dest / 'train.npy.xz').stat().st_size / 1e6:.1f} MB")
+
+
 CHUNKS_E2E = 4  # the e2e test's llama-perplexity run: short on 2 cores
 
 
@@ -605,7 +627,7 @@ def _smollm2(path: str | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=["data", "train", "gguf", "card", "ppl", "all"])
+    ap.add_argument("stage", choices=["data", "pack", "train", "gguf", "card", "ppl", "all"])
     ap.add_argument("--work", default="build/clean-base", help="work folder (data, weights)")
     ap.add_argument("--smollm2", help="SmolLM2 GGUF with the tokenizer (default: lacq's named model smollm2)")
     ap.add_argument("--device", default="cpu", help="torch device for train: cpu or cuda")
@@ -624,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", help="ppl: text file (default WORK/heldout.txt)")
     ap.add_argument("--model", help="ppl: a GGUF to read the weights from instead of weights.npz")
     ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--pack-dir", default=".gpu/clean-base", help="pack: where the GPU host's inputs go (ignored)")
+    ap.add_argument("--max-tokens", type=int, default=16_000_000, help="pack: training tokens to carry")
     args = ap.parse_args(argv)
     if args.steps == 0 and args.budget_s == 0:
         ap.error("give --steps or --budget-s")
@@ -635,10 +659,14 @@ def main(argv: list[str] | None = None) -> int:
             print("make_clean_base: the data stage needs apt-get and dpkg-deb (a Debian system)", file=sys.stderr)
             return 2
         make_data(work, _smollm2(args.smollm2))
+    if args.stage == "pack":
+        pack_for_gpu(work, Path(args.pack_dir), args.max_tokens)
     if args.stage in ("train", "all"):
-        for name in ("train.npy", "val.npy"):  # carried to a GPU host in parts
+        for name in ("train.npy", "val.npy"):  # carried to a GPU host in parts, or lzma-compressed (46%)
             if not (work / name).exists() and (work / f"{name}.part00").exists():
                 join_parts(work / f"{name}.part00", work / name)
+            if not (work / name).exists() and (work / f"{name}.xz").exists():
+                (work / name).write_bytes(lzma.decompress((work / f"{name}.xz").read_bytes()))
         train(cfg, work, work, args.device, args.budget_s, args.steps, args.batch, args.lr, args.seed, args.eval_every,
               args.warmup)
     weights_path = Path(args.weights) if args.weights else work / "weights.npz"

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import lacq.studies.engine as studies_engine
 from lacq.errors import ToolError
 from lacq.llama.tools import engine as tool
 from lacq.llama.tools import kld
@@ -158,3 +159,17 @@ def test_a_variant_swaps_only_the_tensors_that_differ_from_the_engine_s_model():
     assert engine_tensors(WeightVariant("q8_0", ("a",), "q4_0"), cinfo, "q4_0") == {"b": "q8_0"}
     assert engine_tensors(WeightVariant("q8_0", (), "q8_0"), cinfo, "q4_0") == {"a": "q8_0", "b": "q8_0"}
     assert engine_tensors(WeightVariant("q4_0", ("c",), "q8_0"), cinfo, "q4_0") == {}
+
+
+def test_a_scan_that_cannot_fit_is_refused_before_any_engine_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(studies_engine, "host_available", lambda: 512 * 10**6)
+    model, cand = tmp_path / "m.gguf", tmp_path / "q8.gguf"
+    model.write_bytes(b"0" * 1000)
+    cand.write_bytes(b"0" * 2000)
+    said = []
+    build = SimpleNamespace(tool=lambda name: Path("/nonexistent/llama-perplexity"))
+    with pytest.raises(EngineError, match=r"needs 0\.00 GB of host memory .* 0\.51 GB are available") as e:
+        EngineSession(build, model, None, tmp_path / "l.logits", {"q8_0": cand}, ctx=128, note=said.append)
+    assert "\n" not in str(e.value)
+    assert said == [("engine memory: host 0.00 GB (model and candidate files, mmap'd; tensors llama.cpp repacks for "
+                    "this CPU are copied); free: host 0.51 GB")]

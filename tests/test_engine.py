@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -84,6 +86,8 @@ print('{"candidates":{"q8_0":1},"engine":"ready","model_bytes":2}', flush=True)
 result = json.loads(open(os.environ["RESULT"]).read())
 for line in sys.stdin:
     v = json.loads(line)
+    if v["id"] == os.environ.get("HANG_ON"):
+        import time; time.sleep(60)
     if v["id"] == os.environ.get("CRASH_ON") and not os.path.exists(os.environ["MARKER"]):
         open(os.environ["MARKER"], "w").close()
         os._exit(137)
@@ -173,3 +177,25 @@ def test_a_scan_that_cannot_fit_is_refused_before_any_engine_starts(tmp_path, mo
     assert "\n" not in str(e.value)
     assert said == [("engine memory: host 0.00 GB (model and candidate files, mmap'd; tensors llama.cpp repacks for "
                     "this CPU are copied); free: host 0.51 GB")]
+
+
+def test_ctrl_c_during_a_variant_stops_the_engine_at_once(stand_in, monkeypatch):
+    monkeypatch.setenv("HANG_ON", "slow")
+    eng = tool.Engine(stand_in)
+    eng.start()
+    proc = eng.proc
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            eng.evaluate("slow")
+        t0 = time.monotonic()
+        eng.close()
+        assert time.monotonic() - t0 < 5 and proc.poll() is not None  # not left to finish its 60 s variant
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

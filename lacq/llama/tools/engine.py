@@ -103,13 +103,14 @@ class Engine:
         self.args, self.env, self.log_path = args, env, log_path
         self.proc: subprocess.Popen | None = None
         self._log = None
+        self._in_flight = False  # a variant sent and not answered: closing then stops the engine at once
         self.ready: Ready | None = None
         self.startup_output = ""
 
-    def _read_until_event(self) -> tuple[Ready | VariantOutcome | None, str]:
-        assert self.proc is not None and self.proc.stdout is not None
+    def _read_until_event(self, proc: subprocess.Popen) -> tuple[Ready | VariantOutcome | None, str]:
+        assert proc.stdout is not None
         lines = []
-        for line in self.proc.stdout:
+        for line in proc.stdout:
             lines.append(line)
             if self._log:
                 self._log.write(line)
@@ -131,7 +132,7 @@ class Engine:
         except OSError as exc:
             raise ToolError(f"could not start the engine ({Path(self.args[0]).name}): {exc}") from None
         try:
-            event, text = self._read_until_event()
+            event, text = self._read_until_event(self.proc)
         except BaseException:
             self.close()
             raise
@@ -145,26 +146,32 @@ class Engine:
     def evaluate(self, vid: str, tensors: Mapping[str, str] | None = None, args: list[str] | None = None,
                  env: Mapping[str, str] | None = None) -> tuple[VariantOutcome, str, float]:
         """One variant's outcome, the engine's output for it, and its wall seconds (as lacq saw them)."""
-        assert self.proc is not None and self.proc.stdin is not None
+        proc = self.proc
+        assert proc is not None and proc.stdin is not None
         t0 = time.monotonic()
+        self._in_flight = True
         try:
-            self.proc.stdin.write(variant_line(vid, tensors, args, env))
-            self.proc.stdin.flush()
+            proc.stdin.write(variant_line(vid, tensors, args, env))
+            proc.stdin.flush()
         except BrokenPipeError:
             pass  # it died; reading says so
-        event, text = self._read_until_event()
+        event, text = self._read_until_event(proc)
+        self._in_flight = False
         if not isinstance(event, VariantOutcome):
-            code = self.proc.wait()
+            code = proc.wait()
             raise EngineCrashed(f"the engine ended (exit status {code}) while measuring {vid}:\n{tail(text, 8)}")
         if event.id != vid:
             raise ToolError(f"the engine answered for {event.id!r} while measuring {vid!r}")
         return event, text, time.monotonic() - t0
 
     def close(self) -> None:
-        """End of input: the engine finishes and exits; stopped if it does not within 10 s."""
+        """End of input: an idle engine exits (stopped if it does not within 10 s); one measuring a variant
+        (Ctrl-C, SIGTERM, an error in lacq) is stopped at once."""
         proc, self.proc = self.proc, None
         if proc is not None:
             try:
+                if self._in_flight:
+                    stop_group(proc)
                 if proc.stdin:
                     proc.stdin.close()
                 proc.wait(timeout=10)

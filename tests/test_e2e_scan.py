@@ -98,7 +98,7 @@ def test_refine_measures_each_single_unit_move_and_keeps_only_a_measured_gain(cp
     """`--refine 1`: every unit moved alone from the optimizer's choice is measured (journaled under the refine
     study), the recipe written is the refined choice, and llama-quantize's file of that recipe measures the KLD
     the refinement measured on its assembled file (the same bytes), no worse than the optimizer's own choice.
-    (Judged on the scan's own chunks here, so that both measure the same tokens; the default judges on 20.)"""
+    (Judged on the judge part at the scan's chunk count here; the default judges on 20 chunks.)"""
     store = open_store()
     scan = scan_weights(cpu_build, store, smollm2, smollm2_f16, paths.default_corpus(), types=["q4_0", "q8_0"],
                         units=("group",), chunks=CHUNKS, ctx=CTX)
@@ -110,7 +110,8 @@ def test_refine_measures_each_single_unit_move_and_keeps_only_a_measured_gain(cp
                                       "--verify"])
     assert result.exit_code == 0, result.output
     from lacq.studies.refine import journal_study
-    journal = journal_study(scan, cpu_build, open_store().sha256(paths.default_corpus()), CHUNKS)
+    from lacq.corpus import judge_text
+    journal = journal_study(scan, cpu_build, open_store().sha256(judge_text()), CHUNKS)  # refine judges there
     refined = [r for r in open_store().results(kind="kld") if r.study == journal]
     # the start, one variant per unit moved to the other type (some may be the same file), at least one proposal
     assert len({r.label for r in refined}) >= 1 + len(scan.units) - 2
@@ -133,7 +134,8 @@ def test_refine_needs_the_scan_s_base_here(cpu_build, smollm2, smollm2_f16, tmp_
     q40 = sum(u.cost["q4_0"] for u in scan.units) + scan.fixed_cost
     result = CliRunner().invoke(cli, ["optimize", "weights", str(tmp_path / "scan.json"), "--size-mb",
                                       f"{q40 * 1.2 / 1e6:.2f}", "-o", str(tmp_path / "opt.toml"), "--refine", "1"])
-    assert result.exit_code == 1 and "refining needs the scan's base" in result.output
+    assert result.exit_code == 1 and "elsewhere.f16.gguf does not exist; --verify and --refine measure on it" \
+        in " ".join(result.output.split())
     assert "Traceback" not in result.output and not (tmp_path / "opt.toml").exists()
 
 

@@ -191,3 +191,19 @@ def test_inspect_refuses_hostile_files_in_one_line(tmp_path):
         result = run_cli("inspect", bad)
         assert_clean_error(result, needle)
         assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_hostile_block_count_is_refused_before_any_per_block_list(tmp_path):
+    """A block count of four billion (one overwritten u32) once built per-block lists until the machine ran out of
+    memory (the fuzzer found it on llama.cpp's vocab GGUF); it is refused by name instead."""
+    path = write_synthetic_gguf(tmp_path / "b.gguf", n_blocks=1)
+    key = b"llama.block_count"
+    at = path.read_bytes().index(key) + len(key) + 4  # after the value type
+    path = _patched(path, at, (0xFFFFFFF0).to_bytes(4, "little"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(GGUFError, match=r"llama.block_count = 4294967280 is not a block count"):
+            inspect_model(path)
+        assert tracemalloc.get_traced_memory()[1] < 32 << 20
+    finally:
+        tracemalloc.stop()

@@ -56,6 +56,9 @@ from typing import Any
 import gguf
 
 from lacq.errors import GGUFError
+
+# Far above any real model (the largest have a few hundred blocks); bounds the per-block lists.
+MAX_BLOCKS = 65536
 from lacq.model.reader import RawTensor, read_gguf
 
 log = logging.getLogger(__name__)
@@ -194,6 +197,10 @@ def inspect_model(path: str | os.PathLike) -> ModelInfo:
     n_blocks = meta.get(key(gguf.Keys.LLM.BLOCK_COUNT))
     if not isinstance(n_blocks, int):
         raise GGUFError(f"{path}: no {key(gguf.Keys.LLM.BLOCK_COUNT)}")
+    # Lists are built per block below: a hostile count must not become a list of billions.
+    if not 0 <= n_blocks <= MAX_BLOCKS:
+        raise GGUFError(f"{path}: {key(gguf.Keys.LLM.BLOCK_COUNT)} = {n_blocks} is not a block count "
+                        f"(0 to {MAX_BLOCKS})")
     n_embd = int(meta.get(key(gguf.Keys.LLM.EMBEDDING_LENGTH), 0))
     n_head = _int_or_tuple(meta.get(key(gguf.Keys.Attention.HEAD_COUNT), 0))
     n_head_kv = _int_or_tuple(meta.get(key(gguf.Keys.Attention.HEAD_COUNT_KV), n_head))

@@ -3,8 +3,10 @@ ids overwritten), read with a clean GGUFError or a result, in bounded time and m
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import resource
 import time
 import tracemalloc
 from pathlib import Path
@@ -90,13 +92,30 @@ _names = itertools.count()
 OUTCOMES: dict[str, int] = {}  # what the examples ended in, printed with -s
 
 
+@contextlib.contextmanager
+def _address_space_cap(extra: int = 1 << 30):
+    """Cap this process's address space at what it uses now plus `extra` while an example runs: a mutation that
+    makes the reader allocate without bound then fails the example with MemoryError, instead of running the
+    machine (and the CI job with it) out of memory before the tracemalloc check can look."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as status:
+        used = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+    cap = used + extra if hard == resource.RLIM_INFINITY else min(hard, used + extra)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def _read_mutated(tmp: Path, data: bytes) -> None:
     path = tmp / f"m{next(_names)}.gguf"  # a new name each time: the reader caches by path, size and mtime
     path.write_bytes(data)
     tracemalloc.start()
     start = time.perf_counter()
     try:
-        inspect_model(path)  # the reader, then what lacq makes of its tensor table and metadata
+        with _address_space_cap():
+            inspect_model(path)  # the reader, then what lacq makes of its tensor table and metadata
         outcome = "read"
     except GGUFError as e:
         assert str(e) and "\n" not in str(e)

@@ -80,6 +80,16 @@ def message_lines(text: str) -> list[str]:
     return [strip_prefix(line) for line in text.splitlines()]
 
 
+_ERROR_LINE = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?E ")
+# "Final estimate: PPL = 27.8018 +/- 0.61" (llama-perplexity and llama-imatrix alike)
+FINAL_PPL = re.compile(r"Final estimate: PPL = ([\d.]+|nan|inf) \+/- ([\d.]+|nan|inf)")
+
+
+def error_lines(text: str) -> list[str]:
+    """A tool's error-level log lines, without the log prefix."""
+    return [strip_prefix(line) for line in text.splitlines() if _ERROR_LINE.match(line)]
+
+
 @dataclass(frozen=True)
 class ToolRun:
     argv: tuple[str, ...]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lacq.errors import ToolError
-from lacq.llama.tools.base import LineHook, ToolRun, message_lines, run_tool, strip_prefix, thread_gpu_args
+from lacq.llama.tools.base import FINAL_PPL, LineHook, ToolRun, error_lines, message_lines, run_tool, thread_gpu_args
 
 # "compute_imatrix: computing over 4 chunks, n_ctx=512, batch_size=2048, n_seq=4"
 _COMPUTING = re.compile(r"computing over (\d+) chunks, n_ctx=(\d+)")
@@ -15,9 +15,7 @@ _COMPUTING = re.compile(r"computing over (\d+) chunks, n_ctx=(\d+)")
 # "compute_imatrix: the data file you provided tokenizes to only 700 tokens"
 _NEED = re.compile(r"you need at least (\d+) tokens for a context of (\d+) tokens")
 _ONLY = re.compile(r"tokenizes to only (\d+) tokens")
-_FINAL = re.compile(r"Final estimate: PPL = ([\d.]+|nan|inf) \+/- ([\d.]+|nan|inf)")
 _PASS = re.compile(r"([\d.]+) seconds per pass")
-_ERROR_LINE = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?E ")
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class ImatrixLog:
 
 def parse(text: str) -> ImatrixLog:
     values: dict = {}
-    errors = tuple(strip_prefix(l) for l in text.splitlines() if _ERROR_LINE.match(l))
+    errors = tuple(error_lines(text))
     for line in message_lines(text):
         if m := _COMPUTING.search(line):
             values["chunks"], values["n_ctx"] = int(m.group(1)), int(m.group(2))
@@ -42,7 +40,7 @@ def parse(text: str) -> ImatrixLog:
             values["tokens_needed"], values["n_ctx"] = int(m.group(1)), int(m.group(2))
         elif m := _ONLY.search(line):
             values["tokens_found"] = int(m.group(1))
-        elif m := _FINAL.search(line):
+        elif m := FINAL_PPL.search(line):
             values["ppl"], values["ppl_error"] = float(m.group(1)), float(m.group(2))
         elif m := _PASS.search(line):
             values["seconds_per_pass"] = float(m.group(1))

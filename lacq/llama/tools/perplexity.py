@@ -7,10 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lacq.errors import ToolError
-from lacq.llama.tools.base import LineHook, ToolRun, message_lines, run_tool, strip_prefix, thread_gpu_args
+from lacq.llama.tools.base import FINAL_PPL, LineHook, ToolRun, error_lines, message_lines, run_tool, thread_gpu_args
 
-_ERROR_LINE = re.compile(r"^(?:\d+\.\d+\.\d+\.\d+ )?E ")
-_FINAL = re.compile(r"Final estimate: PPL = ([\d.]+|nan|inf) \+/- ([\d.]+|nan|inf)")
 _CHUNK = re.compile(r"\[(\d+)\]([\d.]+|nan|inf|-nan),")
 _KV_BUF = re.compile(r"llama_kv_cache:\s+(\S+) KV buffer size =\s+([\d.]+) MiB")
 _KV_SIZE = re.compile(r"llama_kv_cache: size =\s+([\d.]+) MiB \(\s*(\d+) cells,\s+(\d+) layers.*K \((\S+)\):\s+([\d.]+) MiB, V \((\S+)\):\s+([\d.]+) MiB")
@@ -60,7 +58,7 @@ def parse(text: str) -> PerplexityResult:
     final, chunks, values = None, [], {}
     layers: list[KvLayer] = []
     for line in message_lines(text):
-        if m := _FINAL.search(line):
+        if m := FINAL_PPL.search(line):
             final = (_float(m.group(1)), _float(m.group(2)))
         elif line.startswith("[") and _CHUNK.match(line):
             chunks.extend(_float(v) for _, v in _CHUNK.findall(line))
@@ -85,7 +83,7 @@ def parse(text: str) -> PerplexityResult:
         elif m := _NCTX.search(line):
             values["n_chunks"], values["n_ctx"] = int(m.group(1)), int(m.group(2))
     if final is None:
-        errors = [strip_prefix(l) for l in text.splitlines() if _ERROR_LINE.match(l)]
+        errors = error_lines(text)
         why = "\n".join(errors[-4:]) or "(it printed no error; too few tokens for one chunk?)"
         raise ToolError(f"llama-perplexity finished without a final estimate:\n{why}")
     return PerplexityResult(

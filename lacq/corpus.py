@@ -19,7 +19,8 @@ Each part is written once into lacq's home (`corpus/`), atomically, under a name
 corpus's sha256, so an edited corpus gets a new part and never a stale one.
 
 `judge_overlap` says whether a text (the scan's, known by its sha256; or a calibration file) shares lines
-with a judge text, so that a judgement on seen text is flagged; `check_length` refuses a text too short for
+with a judge text, so that a judgement on seen text is flagged; `calibration_overlap` whether an importance
+matrix's text shares lines with the judge or scan part; `check_length` refuses a text too short for
 the chunks asked before any tool runs.
 """
 
@@ -152,6 +153,24 @@ def judge_overlap(judge: Path, *, text: Path | None = None, sha256: str | None =
         return None
     return (f"the judge text ({_name(Path(judge))}) shares {n} line(s) with the {what}'s text ({_name(Path(text))}): "
             f"it judges on tokens the {what} has seen")
+
+
+def calibration_overlap(text: Path, corpus: Path | None = None) -> str | None:
+    """Which parts of the corpus that measure a quantization (judge, scan) share lines with the calibration
+    `text`, as one sentence; None when neither does (or there is no corpus to compare with).
+
+    An importance matrix made from text the scan or the judge reads tunes the files on the tokens that
+    measure them."""
+    corpus = Path(corpus) if corpus else paths.default_corpus()
+    if not corpus.is_file():
+        return None
+    data = Path(text).read_bytes()
+    found = [f"{n:,} line(s) with the {part} part" for part in ("judge", "scan")
+             if (n := shared_lines(data, split_text(part, corpus).read_bytes()))]
+    if not found:
+        return None
+    return (f"the calibration text ({_name(Path(text))}) shares {' and '.join(found)} of the corpus: "
+            "an importance matrix from it is tuned on tokens that measure the quantization")
 
 
 # ---------------------------------------------------------------- length

@@ -71,17 +71,26 @@ def quantize_cmd(ctx, model_spec, recipe_name, output, sets, imatrix, dry_run, s
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output GGUF (default: under lacq's home, named by model and cache key).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--strict", is_flag=True, help="Refuse a --text that shares lines with the judge or scan part of "
+              "the corpus, instead of warning.")
 @click.option("-t", "--threads", type=int, default=None)
 @build_options
 @click.pass_context
 @handle_errors
-def imatrix_cmd(ctx, model_spec, text, chunks, ctx_len, output, force, threads, build: BuildChoice):
+def imatrix_cmd(ctx, model_spec, text, chunks, ctx_len, output, force, strict, threads, build: BuildChoice):
     """Make MODEL's importance matrix with llama-imatrix (cached by model, text, chunks and build)."""
-    from lacq.corpus import calibration_text
+    from lacq.corpus import calibration_overlap, calibration_text, check_length
+    from lacq.errors import LacqError
     from lacq.measure.imatrix import DEFAULT_CHUNKS, make_imatrix
     from lacq.model.resolve import resolve_model
     model = resolve_model(model_spec)
     text = text or calibration_text()
+    check_length(text, chunks or DEFAULT_CHUNKS, ctx_len)  # before the build: llama-imatrix starts slowly
+    problem = calibration_overlap(text)
+    if problem and strict:
+        raise LacqError(f"{problem}; --strict refuses to calibrate on it")
+    if problem:
+        err_console.print(f"[yellow]warning[/yellow]: {problem}", highlight=False)
     tools = build.require()
     store = open_results(ctx)
     with progress_bar() as progress:

@@ -12,14 +12,19 @@
 #   train [S]     the rest of the tokens; the clean base's training detached; then wait up to S s for the build
 #   wait [S]      wait up to S s for the build and the training; weights.npz in parts to $OUT when trained
 #   kvchecks      bench/gpu/kv_checks.sh's checks (test-kv-bytes, test-backend-ops on the KV ops) on this build
-#   engine        lacq scan weights of the SmolLM2-shaped random model, tensor units, six k-quant candidates:
-#                 the engine against one process per variant
+#   engine        lacq scan weights of the SmolLM2-shaped random model, tensor units, the six candidates of the
+#                 committed 1392-variant CUDA scan (bench/results/scans_tensor_cuda.md), through the engine; a bare
+#                 4-chunk KLD process of its q4_0 candidate for the per-variant ratio
+#   synth8b       the synthetic 8B (bench/gpu/synth8b.py, detached), then lacq scan weights --unit tensor
+#                 --types q4_0,q8_0 through the engine (detached; `poll` shows it), peak GPU memory sampled
+#   poll [S]      wait up to S s for the 8B scan; copy its outputs
+#   kvspeed       llama-bench decode at depths 0/16384/32768 of q8_0 K with six V types on the 8B's q4_0 file
 set -uo pipefail
 export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 G=/tmp/g; SRC=$G/llama.cpp; CB=/tmp/cb; E=/tmp/e
-bin() { python3 -m lacq build --backend cuda --cuda-arch 90 --source "$SRC" --target test-backend-ops \
+bin() { python3 -m lacq build --backend cuda --source "$SRC" --target test-backend-ops \
           --target test-kv-bytes --print-path; }
 build_done() { grep -q '^rc=' /tmp/build.log 2>/dev/null; }
 train_done() { [ -f $CB/train.json ]; }
@@ -40,7 +45,7 @@ start)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   mkdir -p $G $CB $E && tar -C $G -xJf .gpu/s1/llama-src.tar.xz && cp .gpu/s1/train.npy.xz.part00 $CB/
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
-  setsid nohup bash -c "python3 -m lacq build --backend cuda --cuda-arch 90 --source $SRC --target test-backend-ops \
+  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC --target test-backend-ops \
     --target test-kv-bytes; echo rc=\$?" > /tmp/build.log 2>&1 < /dev/null &
   sleep 15; tail -n 3 /tmp/build.log ;;
 train)
@@ -71,4 +76,49 @@ kvchecks)
     grep -h 'FAIL' /tmp/tbo-*.log | head -20
   } 2>&1 | tee "$OUT/kvchecks.txt"
   xz -c /tmp/tbo-FLASH_ATTN_EXT.log > "$OUT/tbo-FLASH_ATTN_EXT.log.xz" ;;
+engine)
+  B=$(bin) || exit 1
+  python3 bench/gpu/engine_synth.py $E/kv.bin $E/shapes.json $E/smol-f16.gguf
+  s=$EPOCHREALTIME
+  python3 -m lacq scan weights $E/smol-f16.gguf --base $E/smol-f16.gguf --unit tensor \
+    --types iq4_nl,q4_k,q5_0,q5_k,q6_k,q8_0 --chunks 4 --backend cuda --source "$SRC" -o $OUT/scan_smol_engine.json \
+    > $OUT/scan_smol_engine.txt 2> /tmp/scan_smol.err
+  echo "lacq scan (engine), exit $?: $(python3 -c "print(round($EPOCHREALTIME - $s, 1))") s wall, all stages"
+  grep -iE 'engine|variants|memory' /tmp/scan_smol.err | tail -n 4
+  python3 - $OUT/scan_smol_engine.json <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1])); p = d["provenance"]
+print("units", len(d["units"]), "scan seconds", p.get("seconds"), "notes", [n for n in d["notes"] if "measured once" in n])
+PY
+  q4=$(ls $LACQ_HOME/work/scan/*/smol-f16.all-q4_k.gguf 2>/dev/null | head -n 1); lg=$(ls $LACQ_HOME/logits/*.logits 2>/dev/null | head -n 1)
+  ls $LACQ_HOME/work/scan/*/ $LACQ_HOME/logits 2>/dev/null | head -20
+  for i in 1 2 3; do
+    s=$EPOCHREALTIME; $B/llama-perplexity -m "$q4" --kl-divergence-base "$lg" --kl-divergence -c 512 > /tmp/bare$i.log 2>&1
+    echo "bare KLD process of $(basename "$q4"): $(python3 -c "print(round($EPOCHREALTIME - $s, 3))") s"
+  done
+  grep -E 'seconds per pass|Mean +KLD' /tmp/bare1.log ;;
+synth8b)
+  B=$(bin) || exit 1
+  mkdir -p /tmp/s8 && xz -dc .gpu/s2/ggml-vocab-llama-bpe.gguf.xz > /tmp/s8/vocab.gguf 2>/dev/null \
+    || xz -dc /tmp/e/ggml-vocab-llama-bpe.gguf.xz > /tmp/s8/vocab.gguf
+  setsid nohup bash -c "
+    python3 bench/gpu/synth8b.py /tmp/s8/vocab.gguf /tmp/s8/f16.gguf && df -h /tmp | tail -n 1 &&
+    /usr/bin/time -v python3 -m lacq scan weights /tmp/s8/f16.gguf --base /tmp/s8/f16.gguf --unit tensor \
+      --types q4_0,q8_0 --chunks 4 --backend cuda --source $SRC -o /tmp/s8/scan8b.json > /tmp/s8/scan8b.txt; echo rc=\$?
+  " > /tmp/s8/run.log 2>&1 < /dev/null &
+  setsid nohup bash -c "while sleep 2; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; done" \
+    > /tmp/s8/gpumem.log 2>&1 < /dev/null &
+  sleep 5; tail -n 3 /tmp/s8/run.log ;;
+poll)
+  for _ in $(seq 1 $(( ${2:-0} / 10 ))); do grep -q '^rc=' /tmp/s8/run.log && break; sleep 10; done
+  tail -n 25 /tmp/s8/run.log; tail -n 3 /tmp/s8/scan8b.txt 2>/dev/null
+  echo "peak GPU memory used (MiB, sampled every 2 s): $(sort -n /tmp/s8/gpumem.log | tail -n 1)"
+  cp /tmp/s8/scan8b.json /tmp/s8/scan8b.txt /tmp/s8/run.log /tmp/s8/gpumem.log $OUT/ 2>/dev/null; ls -la /tmp/s8 ;;
+kvspeed)
+  B=$(bin) || exit 1
+  q4=$(ls $LACQ_HOME/work/scan/*/f16.all-q4_0.gguf | head -n 1)
+  for v in f16 q8_0 q4_0 turbo3 tql3 tql4; do
+    $B/llama-bench -m "$q4" -ngl 99 -fa 1 -ctk q8_0 -ctv $v -p 0 -n 64 -d 0,16384,32768 -r 2 -o md 2>/dev/null \
+      | grep -E '^\| (llama|model)' | tee -a $OUT/kvspeed.md
+  done ;;
 esac

@@ -329,6 +329,9 @@ def _judged(ctx, rid: int) -> str:
 
 
 def _refine_options(fn):
+    fn = click.option("--no-engine", is_flag=True, help="Measure each of --verify's proposals and --refine's choices "
+                      "with its own llama-perplexity run (weights: on a file assembled for it) instead of in place in "
+                      "one engine process per chunk count; for comparison.")(fn)
     fn = click.option("--strict", is_flag=True, help="Refuse to judge (--verify, --refine) on text that may "
                       "share tokens with the scan's, instead of warning.")(fn)
     fn = click.option("--judge-chunks", type=click.IntRange(min=1), default=20, show_default=True,
@@ -344,7 +347,7 @@ def _refine_options(fn):
 
 
 def _measured(ctx, tools, scan, s, verify: bool, rounds: int, workers: int, threads: int | None,
-              judge: int, imatrix: Path | None = None):
+              judge: int, imatrix: Path | None = None, engine: bool = True):
     """--verify: the search's distinct proposals measured, the best kept; --refine: then measured rounds."""
     from lacq.studies.refine import kv_runner, pick_measured, refine, refined_solution, summary, weights_runner
     if not rounds and not (verify and s.alternatives):
@@ -356,11 +359,12 @@ def _measured(ctx, tools, scan, s, verify: bool, rounds: int, workers: int, thre
         step = stage_stepper(progress)
         extra = {"imatrix": imatrix} if scan.kind == "weights" else {}
         measure, key = runner(tools, store, scan, judge_text(), threads=threads, workers=workers, step=step,
-                              **extra)
-        if s.alternatives:
-            s, table, kept = pick_measured(scan, s, measure, key, judge)
-        if rounds:
-            r = refine(scan, s, measure, key, rounds=rounds, judge_chunks=judge, step=step)
+                              engine=engine, note=_note, **extra)
+        with measure:  # its engines stop here, on an error or Ctrl-C too
+            if s.alternatives:
+                s, table, kept = pick_measured(scan, s, measure, key, judge)
+            if rounds:
+                r = refine(scan, s, measure, key, rounds=rounds, judge_chunks=judge, step=step)
     for what, quoted, k in table:
         console.print(f"proposal of {what}: quoted {quoted:.5f}, measured {kld_columns(k)} "
                       f"on the judge text's {max(judge, scan.chunks)}×{scan.ctx} tokens")
@@ -400,7 +404,7 @@ def _measured(ctx, tools, scan, s, verify: bool, rounds: int, workers: int, thre
 @click.pass_context
 @handle_errors
 def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, verify, refine_rounds, judge_chunks,
-                         workers, threads, model_spec, force, strict, imatrix, build: BuildChoice):
+                         workers, threads, model_spec, force, strict, no_engine, imatrix, build: BuildChoice):
     """Least predicted KLD within a size budget: one candidate type per scanned unit."""
     from lacq.model.info import inspect_model
     from lacq.studies.optimize import bpw_budget, optimize
@@ -416,7 +420,8 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
     budget = size_mb * 1e6 if size_mb is not None else bpw_budget(scan, bpw)
     s = optimize(scan, budget, types=comma_list(types) if types else None)
     _report_solution(s, scan)
-    s = _measured(ctx, tools, scan, s, verify, refine_rounds, workers, threads, judge_chunks, imatrix=imatrix)
+    s = _measured(ctx, tools, scan, s, verify, refine_rounds, workers, threads, judge_chunks, imatrix=imatrix,
+                  engine=not no_engine)
     name = name or f"opt_{s.size_mb:.1f}mb".replace(".", "_")
     base = Path(scan.base["path"]) if scan.base.get("path") else None
     text = weights_recipe_toml(s, scan, name, model=inspect_model(base) if base and base.exists() else None)
@@ -458,7 +463,7 @@ def optimize_weights_cmd(ctx, scan_spec, size_mb, bpw, types, name, out, ttf, ve
 @click.pass_context
 @handle_errors
 def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_rounds, judge_chunks, workers, threads,
-                    model_spec, force, strict, build: BuildChoice):
+                    model_spec, force, strict, no_engine, build: BuildChoice):
     """Least predicted KLD within a bits/value budget: one candidate type per KV layer."""
     from lacq.studies.optimize import optimize
     from lacq.studies.optimize_out import check_outputs, kv_policy_toml, write_outputs
@@ -470,7 +475,7 @@ def optimize_kv_cmd(ctx, scan_spec, bits, types, name, out, verify, refine_round
     tools = _preflight(ctx, build, scan, measuring, strict, (out,), force)
     s = optimize(scan, bits, types=comma_list(types) if types else None)
     _report_solution(s, scan)
-    s = _measured(ctx, tools, scan, s, verify, refine_rounds, workers, threads, judge_chunks)
+    s = _measured(ctx, tools, scan, s, verify, refine_rounds, workers, threads, judge_chunks, engine=not no_engine)
     name = name or f"opt_{s.bits_per_value:.2f}bpv".replace(".", "_")
     out = out or Path(f"{name}.toml")
     text = kv_policy_toml(s, scan, name)

@@ -110,7 +110,10 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
         if solution.alternatives:  # the search's proposals measured on the study's tokens, the best kept
             if measure is None:
                 measure, key = weights_runner(build, store, scan, corpus, threads=threads, step=step, imatrix=imatrix)
-            solution, _, _ = pick_measured(scan, solution, measure, key, chunks)
+            try:
+                solution, _, _ = pick_measured(scan, solution, measure, key, chunks)
+            finally:  # its engine stops: the next target's proposals are few, a restart costs one model load
+                measure.close()
         name = f"optimized@{target}"
         toml = work / f"{name.replace('@', '_at_')}.toml"
         toml.write_text(weights_recipe_toml(solution, scan, name.replace("@", "_at_"), model=base_info))

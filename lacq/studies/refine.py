@@ -39,22 +39,34 @@ runners (`weights_runner`, `kv_runner`) turn a choice into a measured KLD.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Self
 
 from lacq.fsutil import canonical_hash
 from lacq.llama.build import Build
-from lacq.measure.kld import measure_kld
+from lacq.measure.common import prepare_kv
+from lacq.measure.kld import base_logits, measure_kld
 from lacq.model.info import inspect_model
 from lacq.plan.kv.config import KvConfig
 from lacq.results.store import Store
 from lacq.studies import knapsack
 from lacq.studies.artifact import Kld, Scan, Unit
+from lacq.studies.engine import EngineSession, engine_available
 from lacq.studies.executor import Job, run_jobs
 from lacq.studies.optimize import Judged, OptimizeError, Solution, bits_per_weight, partition_units, predict
-from lacq.studies.scan import candidate_files, kv_variant_config, measure_assembled, stored_kld, work_dir
+from lacq.studies.scan import (
+    candidate_files,
+    choice_tensors,
+    kv_variant_config,
+    measure_assembled,
+    stored_kld,
+    weight_bits,
+    work_dir,
+)
 from lacq.studies.verify import scan_imatrix
 
 SHRINKS = 2
@@ -63,6 +75,7 @@ Choice = dict[str, str]  # unit id -> type
 # measures every choice (key -> choice) on that many chunks of the scan's context, journaled; returns key -> KLD
 MeasureMany = Callable[[dict[str, Choice], int], dict[str, Kld]]
 Step = Callable[[str, float, str], None]
+Note = Callable[[str], None]  # a line for the person running it (the engine's memory, up front)
 
 
 @dataclass(frozen=True)
@@ -251,39 +264,93 @@ def journal_study(scan: Scan, build: Build, corpus_sha256: str, chunks: int) -> 
     return f"refine:{scan_study}:{canonical_hash(inputs)[:12]}:{chunks}"
 
 
-def _measure_many(store: Store, build: Build, scan: Scan, corpus: Path, run: Callable[[Job, Store, int, str], int],
-                  workers: int, step: Step | None) -> MeasureMany:
-    """Journaled measurement of choices: one study per chunk count (`journal_study`)."""
-    corpus_sha = store.sha256(corpus)
+RunChoice = Callable[[Job, Store, int, str], int]  # (job of a choice, store, chunks, study) -> result id
+RunInEngine = Callable[["EngineSession", Job, Store, str], int]  # (session, job of a choice, store, study) -> id
+OpenSession = Callable[[int, Store], "EngineSession"]  # (chunks, store) -> the engine session on those tokens
 
-    def measure(choices: dict[str, Choice], chunks: int) -> dict[str, Kld]:
-        study = journal_study(scan, build, corpus_sha, chunks)
+
+class Measure:
+    """Journaled measurement of choices (a `MeasureMany`): one journal study per chunk count (`journal_study`).
+
+    With an engine (`open_session`), the choices not yet journaled are measured in place: one engine session per
+    chunk count (the base logits differ per corpus and chunks, and a runner measures one corpus), started when a
+    choice first needs it and kept for later calls on those tokens; `close()` (or leaving a `with` block, Ctrl-C
+    included) stops them. Without one, each choice runs as `run` measures it (its own llama-perplexity process)."""
+
+    def __init__(self, store: Store, build: Build, scan: Scan, corpus: Path, run: RunChoice, workers: int,
+                 step: Step | None, engine: tuple[OpenSession, RunInEngine] | None = None):
+        self.store, self.build, self.scan, self.corpus = store, build, scan, corpus
+        self.run, self.workers, self.step, self.engine = run, workers, step, engine
+        self.corpus_sha = store.sha256(corpus)
+        self._sessions: dict[int, EngineSession] = {}
+        self._lock = threading.Lock()
+
+    def _session(self, chunks: int, st: Store) -> EngineSession:
+        assert self.engine is not None
+        with self._lock:  # jobs on several threads share one session (and make its base logits once)
+            if chunks not in self._sessions:
+                self._sessions[chunks] = self.engine[0](chunks, st)
+            return self._sessions[chunks]
+
+    def _one(self, job: Job, st: Store, chunks: int, study: str) -> int:
+        if self.engine is None:
+            return self.run(job, st, chunks, study)
+        return self.engine[1](self._session(chunks, st), job, st, study)
+
+    def __call__(self, choices: dict[str, Choice], chunks: int) -> dict[str, Kld]:
+        study = journal_study(self.scan, self.build, self.corpus_sha, chunks)
         jobs = [Job(k, k) for k in choices]
-        ids = run_jobs(jobs, lambda job, st: run(Job(job.key, choices[job.key]), st, chunks, study), store, study,
-                       workers=workers,
+        step = self.step
+        ids = run_jobs(jobs, lambda job, st: self._one(Job(job.key, choices[job.key]), st, chunks, study),
+                       self.store, study, workers=self.workers,
                        progress=(lambda d, n, k: step("refine", d / n, f"{d}/{n}")) if step and len(jobs) > 1 else None)
-        return {k: stored_kld(store, ids[k]) for k in choices}
-    return measure
+        return {k: stored_kld(self.store, ids[k]) for k in choices}
+
+    def close(self) -> None:
+        """Stop the engines; a later call starts them again."""
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _checked(store: Store, path: str | None, sha256: str | None, what: str) -> Path:
+    """The scan's file `what` (its base, or the scanned model), here and unchanged since the scan."""
+    if not path:
+        raise OptimizeError(f"refining needs the scan's {what}, and the scan names none")
+    p = Path(path)
+    if not p.exists():
+        raise OptimizeError(f"refining needs the scan's {what} {p}, which does not exist here")
+    if store.sha256(p) != sha256:
+        raise OptimizeError(f"{p} is not the file the scan was made from (sha256 differs)")
+    return p
+
+
+def _logits_step(step: Step | None, chunks: int):
+    return (lambda f, d: step(f"base logits ({chunks} chunks)", f, d)) if step else None
 
 
 def weights_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, threads: int | None = None,
-                   workers: int = 1, step: Step | None = None,
-                   imatrix: Path | None = None) -> tuple[MeasureMany, Callable[[Choice], str]]:
-    """(measure, key) for a weights scan: each choice assembled from the candidate files (quantized with
-    `imatrix`, which must be the scan's own where it had one), KLD against the base."""
-    if not scan.base.get("path"):
-        raise OptimizeError("refining needs the scan's base, and the scan names none")
-    base = Path(scan.base["path"])
-    if not base.exists():
-        raise OptimizeError(f"refining needs the scan's base {base}, which does not exist here")
-    if store.sha256(base) != scan.base.get("sha256"):
-        raise OptimizeError(f"{base} is not the file the scan was made from (sha256 differs)")
+                   workers: int = 1, step: Step | None = None, imatrix: Path | None = None, engine: bool = True,
+                   note: Note | None = None) -> tuple[Measure, Callable[[Choice], str]]:
+    """(measure, key) for a weights scan: each choice's tensors taken from the candidate files (quantized with
+    `imatrix`, which must be the scan's own where it had one), KLD against the base. With the engine (where the
+    build has it and `engine`), in place: its model the lowest type's candidate file, the other types candidates;
+    otherwise each choice assembled into a file. Close `measure` when done."""
+    base = _checked(store, scan.base.get("path"), scan.base.get("sha256"), "base")
     base_info = inspect_model(base)
     work = work_dir(scan.base["sha256"])
     files = candidate_files(build, store, base, base_info, list(scan.types), work, step,
                             imatrix=scan_imatrix(store, scan, imatrix))
     cinfo = {t: inspect_model(p) for t, p in files.items()}
     by_id = {u.id: u for u in scan.units}
+    lowest = min(scan.types, key=weight_bits)
 
     def tensors(choice: Choice) -> dict[str, str]:
         return {n: t for uid, t in choice.items() for n in by_id[uid].tensors}
@@ -292,14 +359,31 @@ def weights_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, thre
         # what the file holds: each tensor's written type (llama.cpp's replacements make some moves no-ops)
         return "w:" + canonical_hash(sorted((n, cinfo[t].tensor(n).type) for n, t in tensors(choice).items()))[:20]
 
-    def run(job: Job, st: Store, chunks: int, study: str) -> int:
-        plan = tensors(job.spec)
+    def split(choice: Choice) -> tuple[str, dict[str, str]]:
+        """The choice as the file the assembled path makes: its most common type, and the tensors at another."""
+        plan = tensors(choice)
         default = Counter(plan.values()).most_common(1)[0][0]
-        return measure_assembled(build, st, files, cinfo, default, {n: t for n, t in plan.items() if t != default},
-                                 base, base_info, corpus, work, ctx=scan.ctx, chunks=chunks, threads=threads,
-                                 label=job.key, study=study)
+        return default, {n: t for n, t in plan.items() if t != default}
 
-    return _measure_many(store, build, scan, corpus, run, workers, step), key
+    def run(job: Job, st: Store, chunks: int, study: str) -> int:
+        default, moved = split(job.spec)
+        return measure_assembled(build, st, files, cinfo, default, moved, base, base_info, corpus, work, ctx=scan.ctx,
+                                 chunks=chunks, threads=threads, label=job.key, study=study)
+
+    def open_session(chunks: int, st: Store) -> EngineSession:
+        logits, _ = base_logits(build, st, base, base_info, corpus, ctx=scan.ctx, chunks=chunks, threads=threads,
+                                progress=_logits_step(step, chunks))
+        return EngineSession(build, files[lowest], cinfo[lowest], logits,
+                             {t: files[t] for t in scan.types if t != lowest}, ctx=scan.ctx, threads=threads, note=note)
+
+    def in_engine(session: EngineSession, job: Job, st: Store, study: str) -> int:
+        default, moved = split(job.spec)
+        return session.measure(st, label=job.key, study=study, tensors=choice_tensors(moved, default, cinfo, lowest),
+                               kv=KvConfig(), corpus=corpus, record_model=files[default],
+                               annotations={"base_model_sha256": scan.base["sha256"], "base_model": str(base)})
+
+    with_engine = (open_session, in_engine) if engine and engine_available(build, note) else None
+    return Measure(store, build, scan, corpus, run, workers, step, with_engine), key
 
 
 def kv_config(scan: Scan, choice: Choice) -> KvConfig:
@@ -311,15 +395,12 @@ def kv_config(scan: Scan, choice: Choice) -> KvConfig:
 
 
 def kv_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, threads: int | None = None,
-              workers: int = 1, step: Step | None = None) -> tuple[MeasureMany, Callable[[Choice], str]]:
-    """(measure, key) for a KV scan: each choice run as per-layer types, KLD against the f16-cache logits."""
-    if not scan.model.get("path"):
-        raise OptimizeError("refining needs the scanned model, and the scan names none")
-    model = Path(scan.model["path"])
-    if not model.exists():
-        raise OptimizeError(f"refining needs the scanned model {model}, which does not exist here")
-    if store.sha256(model) != scan.model.get("sha256"):
-        raise OptimizeError(f"{model} is not the file the scan was made from (sha256 differs)")
+              workers: int = 1, step: Step | None = None, engine: bool = True,
+              note: Note | None = None) -> tuple[Measure, Callable[[Choice], str]]:
+    """(measure, key) for a KV scan: each choice run as per-layer types, KLD against the f16-cache logits. With the
+    engine (where the build has it and `engine`), in place on the scanned model (only the context re-created per
+    choice); otherwise a llama-perplexity process per choice. Close `measure` when done."""
+    model = _checked(store, scan.model.get("path"), scan.model.get("sha256"), "scanned model")
     info = inspect_model(model)
     by_id = {u.id: u for u in scan.units}
 
@@ -330,7 +411,19 @@ def kv_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, threads: 
         return measure_kld(build, st, model, info, model, info, kv_config(scan, job.spec), corpus, ctx=scan.ctx,
                            chunks=chunks, threads=threads, label=job.key, study=study).result_id
 
-    return _measure_many(store, build, scan, corpus, run, workers, step), key
+    def open_session(chunks: int, st: Store) -> EngineSession:
+        logits, _ = base_logits(build, st, model, info, corpus, ctx=scan.ctx, chunks=chunks, threads=threads,
+                                progress=_logits_step(step, chunks))
+        return EngineSession(build, model, info, logits, {}, ctx=scan.ctx, threads=threads, note=note)
+
+    def in_engine(session: EngineSession, job: Job, st: Store, study: str) -> int:
+        return session.measure(st, label=job.key, study=study, tensors={},
+                               kv=prepare_kv(build, kv_config(scan, job.spec), info), corpus=corpus,
+                               record_model=model, annotations={"base_model_sha256": scan.model["sha256"],
+                                                                "base_model": str(model)})
+
+    with_engine = (open_session, in_engine) if engine and engine_available(build, note) else None
+    return Measure(store, build, scan, corpus, run, workers, step, with_engine), key
 
 
 def summary(r: Refined) -> list[str]:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import gguf
 
@@ -278,10 +278,15 @@ def engine_tensors(v: WeightVariant, cinfo: dict[str, ModelInfo], lowest: str) -
     """The tensors the engine points at another candidate for `v`, its model being the `lowest` candidate's
     file: each tensor comes from `v.type`'s file if `v` names it, else from `v.default`'s, and only those of
     another type than in the lowest file differ (llama-quantize is deterministic; see `_signature`)."""
+    return choice_tensors({n: v.type for n in v.tensors}, v.default, cinfo, lowest)
+
+
+def choice_tensors(plan: Mapping[str, str], default: str, cinfo: dict[str, ModelInfo], lowest: str) -> dict[str, str]:
+    """The engine's tensor map (tensor name -> candidate) for a file holding `plan` (tensor name -> type) and
+    `default` elsewhere, the engine's model being the `lowest` candidate's file (see `engine_tensors`)."""
     out = {}
-    named = set(v.tensors)
     for t in cinfo[lowest].tensors:
-        src = v.type if t.name in named else v.default
+        src = plan.get(t.name, default)
         if src != lowest and cinfo[src].tensor(t.name).type != t.type:
             out[t.name] = src
     return out

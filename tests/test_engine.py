@@ -18,7 +18,7 @@ from lacq.errors import ToolError
 from lacq.llama.tools import engine as tool
 from lacq.llama.tools import kld
 from lacq.plan.kv.config import KvConfig
-from lacq.studies.engine import EngineError, EngineSession, MemoryPlan, check_memory
+from lacq.studies.engine import EngineError, Engines, EngineSession, MemoryPlan, check_memory
 from lacq.studies.scan import WeightVariant, engine_tensors
 
 CAPTURE = "engine_smollm2_c128.log"  # llama-perplexity --engine-variants: ready, two variants, one refused
@@ -129,12 +129,12 @@ def test_a_crash_mid_variant_is_reported_and_the_session_restarts_the_engine(sta
     model.write_bytes(b"0")
     build = SimpleNamespace(tool=lambda name: Path(stand_in[1]))
     session = EngineSession(build, model, None, tmp_path / "l.logits", {}, ctx=128)
-    session.args = stand_in  # the stand-in takes no llama.cpp arguments
+    session.engines = Engines(stand_in)  # the stand-in takes no llama.cpp arguments
     try:
         assert session.evaluate("first", {}, KvConfig())[0].ok
         outcome, _, _ = session.evaluate("second", {}, KvConfig())  # crashes once, measured again
-        assert outcome.ok and outcome.id == "second" and len(session._all) == 2
-        engines = list(session._all)
+        assert outcome.ok and outcome.id == "second" and len(session.engines._all) == 2
+        engines = list(session.engines._all)
     finally:
         session.close()
     assert all(e.proc is None for e in engines)  # closed, the crashed one and its successor

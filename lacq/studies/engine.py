@@ -5,6 +5,10 @@ points tensors at a candidate's data, a KV variant re-creates only the context. 
 each outcome like `measure_kld` files a run (same metrics, the variant's tensors beside them), restarts an
 engine that crashed and measures the variant in flight again (once), and stops the engine when the scan
 ends or is interrupted (the engine also dies with lacq: PR_SET_PDEATHSIG, and stdin closing).
+
+Sharding: each thread that measures has its own engine (`Engines`); with `gpus`, each thread's engine runs on
+one GPU of the list (CUDA_VISIBLE_DEVICES), and the memory check is per GPU. studies/engine_ray.py puts the
+engines on Ray actors instead; either way the results are filed here, in the driver's store.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import logging
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 from lacq.errors import LacqError
 from lacq.llama.build import Build
@@ -53,15 +59,22 @@ class MemoryPlan:
     host_bytes: int  # the model and candidate files: mmap'd (page cache); repacked tensors are copies
     gpu_bytes: int  # with layers offloaded: the model and every candidate on the device
     host_free: int | None
-    gpu_free: int | None
+    gpu_free: int | None  # with several GPUs (an engine on each), the least free among them
+    gpu: str | None = None  # which GPU that is, where the scan names them
+    n_gpus: int = 1
 
     def describe(self) -> str:
         where = (f"host {self.host_bytes / 1e9:.2f} GB (model and candidate files, mmap'd; tensors llama.cpp "
                  f"repacks for this CPU are copied)")
         if self.gpu_bytes:
-            where += f"; GPU {self.gpu_bytes / 1e9:.2f} GB (model and candidates on the device)"
-        free = [f"{n} {v / 1e9:.2f} GB" for n, v in (("host", self.host_free), ("GPU", self.gpu_free)) if v is not None]
+            each = f" on each of {self.n_gpus} GPUs" if self.n_gpus > 1 else ""
+            where += f"; GPU {self.gpu_bytes / 1e9:.2f} GB (model and candidates on the device{each})"
+        free = [f"{n} {v / 1e9:.2f} GB" for n, v in (("host", self.host_free), (self._gpu_name(), self.gpu_free))
+                if v is not None]
         return f"engine memory: {where}; free: {', '.join(free) or 'unknown'}"
+
+    def _gpu_name(self) -> str:
+        return f"GPU {self.gpu}" if self.gpu is not None else "GPU"
 
 
 def host_available() -> int | None:
@@ -75,23 +88,35 @@ def host_available() -> int | None:
     return None
 
 
-def gpu_available() -> int | None:
-    """Free memory of the first visible GPU (nvidia-smi), None where there is none."""
+def gpu_available(gpu: str | None = None) -> int | None:
+    """Free memory of `gpu` (an index or UUID, as nvidia-smi -i takes it) or else of the first GPU (nvidia-smi),
+    None where there is none."""
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", *(["-i", gpu] if gpu is not None else []),
+                              "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=20, check=False).stdout.split()
         return int(out[0]) * (1 << 20) if out else None
     except (OSError, subprocess.SubprocessError, ValueError):
         return None
 
 
-def memory_plan(model: Path, candidates: Mapping[str, Path], ngl: int | None) -> MemoryPlan:
+def memory_plan(model: Path, candidates: Mapping[str, Path], ngl: int | None,
+                gpus: Sequence[str] = ()) -> MemoryPlan:
+    """Where the engine's model and candidates live; with `gpus` (an engine on each), every GPU holds them all,
+    so the one with the least free memory decides."""
     files = sum(p.stat().st_size for p in [model, *candidates.values()])
-    on_gpu = bool(ngl)
+    on_gpu = bool(ngl) or bool(gpus)
+    gpu_free, gpu = None, None
+    if on_gpu:
+        free = {g: gpu_available(g) for g in gpus} if gpus else {None: gpu_available()}
+        known = {g: f for g, f in free.items() if f is not None}
+        if known:
+            gpu = min(known, key=lambda g: known[g])
+            gpu_free = known[gpu]
     return MemoryPlan(host_bytes=0 if on_gpu else files, gpu_bytes=files if on_gpu else 0,
-                      host_free=host_available(), gpu_free=gpu_available() if on_gpu else None)
+                      host_free=host_available(), gpu_free=gpu_free, gpu=gpu, n_gpus=max(1, len(gpus)))
 
 
 def check_memory(plan: MemoryPlan) -> None:
@@ -102,43 +127,89 @@ def check_memory(plan: MemoryPlan) -> None:
                           "types, or use --no-engine (one assembled file at a time)")
     if plan.gpu_free is not None and plan.gpu_bytes + HOST_MARGIN > plan.gpu_free:
         raise EngineError(f"the engine needs {plan.gpu_bytes / 1e9:.2f} GB of GPU memory for the model and its "
-                          f"candidates and the GPU has {plan.gpu_free / 1e9:.2f} GB free (1 GB kept free)")
+                          f"candidates{' on each GPU' if plan.n_gpus > 1 else ''} and "
+                          f"{'the GPU' if plan.gpu is None else 'GPU ' + plan.gpu} has {plan.gpu_free / 1e9:.2f} GB "
+                          "free (1 GB kept free)")
 
 
-class EngineSession:
-    """The engines of one scan (one per thread that measures), each started on first use."""
+def resolve_gpus(spec: str | None) -> list[str]:
+    """`--gpus`: "all" (every GPU CUDA_VISIBLE_DEVICES or nvidia-smi shows) or a comma-separated list of ids as
+    CUDA_VISIBLE_DEVICES takes them, each one of those visible."""
+    if spec is None:
+        return []
+    from lacq.studies.sweep_exec import visible_gpus
+    visible = visible_gpus()
+    gpus = visible if spec.strip() == "all" else [g.strip() for g in spec.split(",") if g.strip()]
+    if not gpus:
+        raise EngineError(f"--gpus {spec}: no GPU is visible (CUDA_VISIBLE_DEVICES, nvidia-smi)")
+    unknown = [g for g in gpus if g not in visible]
+    if unknown or len(set(gpus)) != len(gpus):
+        bad = ", ".join(unknown) or "a GPU named twice"
+        raise EngineError(f"--gpus {spec}: {bad}; visible GPUs: {', '.join(visible) or 'none'}")
+    return gpus
 
-    def __init__(self, build: Build, model: Path, info: ModelInfo, logits: Path, candidates: Mapping[str, Path], *,
-                 ctx: int, threads: int | None = None, ngl: int | None = None,
-                 note: Callable[[str], None] | None = None):
-        self.build, self.model, self.info, self.logits = build, model, info, logits
-        self.args = tool.argv(build.tool("llama-perplexity"), model, logits, candidates, ctx=ctx, threads=threads,
-                              ngl=ngl)
-        plan = memory_plan(model, candidates, ngl)
-        if note:
-            note(plan.describe())
-        log.info(plan.describe())
-        check_memory(plan)
+
+def engine_workers(backend: str, jobs: int | None, gpus: Sequence[str], *, engine: bool, ray: bool) -> int | None:
+    """How many engines measure at once (`--jobs`, or one per `--gpus` GPU), refusing combinations that
+    disagree; None: Ray decides (one actor per GPU of the cluster, or 1)."""
+    if jobs is not None and jobs < 1:
+        raise EngineError(f"--jobs must be at least 1, got {jobs}")
+    if (gpus or ray) and not engine:
+        raise EngineError(f"{'--gpus' if gpus else '--executor ray'} shards the evaluation engine's variants; "
+                          "it cannot be used with --no-engine")
+    if ray:
+        if gpus:
+            raise EngineError("--gpus is for engines on this machine; on Ray each actor asks for one GPU "
+                              "(--jobs actors)")
+        return jobs
+    if not gpus:
+        return jobs or 1
+    if backend == "cpu":
+        raise EngineError("--gpus runs an engine per GPU, and this build's backend is cpu; use --backend cuda")
+    if jobs is not None and jobs != len(gpus):
+        raise EngineError(f"--gpus {','.join(gpus)} runs {len(gpus)} engines, one per GPU, and --jobs {jobs} "
+                          "disagrees; leave --jobs out")
+    return len(gpus)
+
+
+Answer = tuple[tool.VariantOutcome, str, float, str]  # outcome, its output, wall seconds, the engine's start-up output
+
+
+class Engines:
+    """Engines started from one argv, one per thread that measures, each started on first use and restarted
+    (once per variant) after a crash; with `gpus`, each thread's engine sees only its own GPU."""
+
+    def __init__(self, args: list[str], gpus: Sequence[str] = ()):
+        self.args = args
+        self._free_gpus = list(gpus)
         self._local = threading.local()
         self._all: list[tool.Engine] = []
         self._lock = threading.Lock()
 
+    def _env(self) -> dict[str, str] | None:
+        if not hasattr(self._local, "env"):
+            with self._lock:  # a thread takes a GPU on its first variant and keeps it across restarts
+                gpu = self._free_gpus.pop(0) if self._free_gpus else None
+            self._local.env = None if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}
+        return self._local.env
+
     def _engine(self) -> tool.Engine:
         eng = getattr(self._local, "engine", None)
         if eng is None or eng.proc is None:
-            eng = tool.Engine(self.args)
+            eng = tool.Engine(self.args, env=self._env())
             with self._lock:
                 self._all.append(eng)
             eng.start()
             self._local.engine = eng
         return eng
 
-    def evaluate(self, label: str, tensors: Mapping[str, str], kv: KvConfig) -> tuple[tool.VariantOutcome, str, float]:
+    def evaluate(self, label: str, tensors: Mapping[str, str], kv_args: list[str],
+                 kv_env: Mapping[str, str]) -> Answer:
         """One variant; an engine that crashes is restarted and the variant measured again, once."""
         for attempt in (1, 2):
             eng = self._engine()
             try:
-                return eng.evaluate(label, tensors, kv.argv(), kv.env())
+                return (*eng.evaluate(label, tensors, kv_args, kv_env), eng.startup_output)
             except tool.EngineCrashed as exc:
                 eng.close()
                 if attempt == 2:
@@ -146,25 +217,64 @@ class EngineSession:
                 log.warning("%s; restarting the engine", str(exc).splitlines()[0])
         raise AssertionError("unreachable")
 
-    def measure(self, store: Store, *, label: str, study: str, tensors: Mapping[str, str], kv: KvConfig,
-                corpus: Path, record_model: Path, annotations: dict | None = None) -> int:
-        """Measure and file one variant (kind "kld", like `measure_kld`); the result id."""
-        outcome, text, seconds = self.evaluate(label, tensors, kv)
-        if not outcome.ok:
-            raise EngineError(f"the engine refused {label}: {outcome.error}")
-        result = outcome.result
-        metrics = asdict(result)
-        metrics.update(base_logits=str(self.logits), logits_key=self.logits.stem, engine=True,
-                       engine_tensors=dict(tensors), **(annotations or {}))
-        eng = self._local.engine
-        return record(store, kind="kld", label=label, model=record_model, build=self.build, kv=kv,
-                      command=self.args, metrics=metrics, wall_seconds=seconds, study=study, corpus=corpus,
-                      ctx=result.n_ctx, chunks=result.n_chunks, info=self.info,
-                      tool_output=eng.startup_output + text)
-
     def close(self) -> None:
         with self._lock:
             engines, self._all = self._all, []
         for eng in engines:
             eng.close()
 
+
+class EnginePool(Protocol):
+    """What measures a session's variants: `Engines` here, or engines elsewhere (studies/engine_ray.py)."""
+
+    def evaluate(self, label: str, tensors: Mapping[str, str], kv_args: list[str],
+                 kv_env: Mapping[str, str]) -> Answer: ...
+
+    def close(self) -> None: ...
+
+
+# Engines elsewhere, made from the engine's argv and its memory plan (checked where they run)
+RemoteEngines = Callable[[list[str], Callable[[], MemoryPlan]], EnginePool]
+
+
+class EngineSession:
+    """The engines of one scan (one per thread that measures, see `Engines`) and the filing of their answers."""
+
+    def __init__(self, build: Build, model: Path, info: ModelInfo, logits: Path, candidates: Mapping[str, Path], *,
+                 ctx: int, threads: int | None = None, ngl: int | None = None, gpus: Sequence[str] = (),
+                 remote: RemoteEngines | None = None, note: Callable[[str], None] | None = None):
+        self.build, self.model, self.info, self.logits = build, model, info, logits
+        self.args = tool.argv(build.tool("llama-perplexity"), model, logits, candidates, ctx=ctx, threads=threads,
+                              ngl=ngl)
+        self.engines: EnginePool
+        plan = partial(memory_plan, model, dict(candidates), ngl, tuple(gpus))
+        if remote is not None:
+            self.engines = remote(self.args, plan)
+            return
+        said = plan()
+        if note:
+            note(said.describe())
+        log.info(said.describe())
+        check_memory(said)
+        self.engines = Engines(self.args, gpus)
+
+    def evaluate(self, label: str, tensors: Mapping[str, str], kv: KvConfig) -> tuple[tool.VariantOutcome, str, float]:
+        """One variant's outcome, the engine's output for it and its wall seconds."""
+        return self.engines.evaluate(label, tensors, kv.argv(), kv.env())[:3]
+
+    def measure(self, store: Store, *, label: str, study: str, tensors: Mapping[str, str], kv: KvConfig,
+                corpus: Path, record_model: Path, annotations: dict | None = None) -> int:
+        """Measure and file one variant (kind "kld", like `measure_kld`); the result id."""
+        outcome, text, seconds, startup = self.engines.evaluate(label, tensors, kv.argv(), kv.env())
+        if not outcome.ok:
+            raise EngineError(f"the engine refused {label}: {outcome.error}")
+        result = outcome.result
+        metrics = asdict(result)
+        metrics.update(base_logits=str(self.logits), logits_key=self.logits.stem, engine=True,
+                       engine_tensors=dict(tensors), **(annotations or {}))
+        return record(store, kind="kld", label=label, model=record_model, build=self.build, kv=kv,
+                      command=self.args, metrics=metrics, wall_seconds=seconds, study=study, corpus=corpus,
+                      ctx=result.n_ctx, chunks=result.n_chunks, info=self.info, tool_output=startup + text)
+
+    def close(self) -> None:
+        self.engines.close()

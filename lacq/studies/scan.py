@@ -8,7 +8,8 @@ per-layer patch (by KV-layer ordinal), measured against the model's own logits
 with an f16 cache. For each unit and candidate type: "raise" = only that unit
 at the type, the rest at the lowest; "lower" = only that unit at the type, the
 rest at the highest. Jobs run through studies/executor.py and are journaled in
-the results database, so an interrupted scan resumes.
+the results database, so an interrupted scan resumes. The engine's variants can be
+sharded over GPUs (`gpus`: an engine per GPU) or Ray actors (`ray`), see studies/engine.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from lacq.quantize import quantize_with_plan
 from lacq.results.store import Store
 from lacq.studies.artifact import Kld, Scan, Unit
 from lacq.studies.engine import EngineSession, engine_available
+from lacq.studies.engine_ray import RayEngines
 from lacq.studies.executor import Job, run_jobs
 
 Step = Callable[[str, float, str], None]  # (stage, fraction, detail)
@@ -166,11 +168,13 @@ class WeightVariant:
 def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Path, *, types: list[str],
                  units: tuple[str, ...] = ("block",), chunks: int = 4, ctx: int = 512, threads: int | None = None,
                  workers: int = 1, include_source_type: bool = False, step: Step | None = None,
-                 engine: bool = True, note: Note | None = None, imatrix: Path | None = None) -> Scan:
+                 engine: bool = True, note: Note | None = None, imatrix: Path | None = None,
+                 gpus: Sequence[str] = (), ray: RayEngines | None = None) -> Scan:
     """`imatrix`: the candidate files are quantized with it (its sha256 joins the study key and the base record).
     `engine`: every variant measured in place by one engine process (studies/engine.py); off: each
     variant assembled into a file and measured by its own llama-perplexity run (the former path, for
-    comparison)."""
+    comparison). `gpus`: an engine per GPU (`workers` must be their number); `ray`: the engines on Ray actors
+    (as many workers as actors)."""
     t0 = time.monotonic()
     info, base_info = inspect_model(model), inspect_model(base)
     check_base(model, info, base, base_info)
@@ -210,8 +214,9 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
     # by q8_0 on 576-wide rows; a unit already at the default's type) are measured once.
     unique: dict[tuple, Job] = {}
     alias = {job.key: unique.setdefault(_signature(job.spec, cinfo), job).key for job in jobs}
-    session = (EngineSession(build, files[lowest], cinfo[lowest], logits, {t: files[t] for t in cands[1:]}, ctx=ctx,
-                             threads=threads, note=note) if engine and engine_available(build, note) else None)
+    session, workers = open_session(build, files[lowest], cinfo[lowest], logits, {t: files[t] for t in cands[1:]},
+                                    ctx=ctx, threads=threads, engine=engine, note=note, workers=workers, gpus=gpus,
+                                    ray=ray)
     try:
         ids = run_jobs(list(unique.values()), run, store, study, workers=workers,
                        progress=(lambda d, n, k: step("variants", d / n, f"{d}/{n} {k}")) if step else None)
@@ -251,6 +256,25 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
                 chunks=chunks, ctx=ctx, cost_unit="bytes", excluded_types=excluded, notes=tuple(dict.fromkeys(notes)),
                 provenance={"study": study, "build": build.provenance(), "corpus_sha256": store.sha256(corpus),
                             "seconds": round(time.monotonic() - t0, 1), "files": {t: str(p) for t, p in files.items()}})
+
+
+def open_session(build: Build, model: Path, info: ModelInfo, logits: Path, candidates: dict[str, Path], *, ctx: int,
+                 threads: int | None, engine: bool, note: Note | None, workers: int, gpus: Sequence[str],
+                 ray: RayEngines | None) -> tuple[EngineSession | None, int]:
+    """The scan's engines (None: the former path) and how many variants are measured at once."""
+    if not (engine and engine_available(build, note)):
+        if gpus or ray:
+            raise ScanError("--gpus and --executor ray shard the evaluation engine's variants, and this scan runs "
+                            "without it (--no-engine, or a build without its patch)")
+        return None, workers
+    session = EngineSession(build, model, info, logits, candidates, ctx=ctx, threads=threads, gpus=gpus, remote=ray,
+                            note=note)
+    if ray is not None:
+        workers = ray.actors
+    elif gpus and workers != len(gpus):
+        session.close()
+        raise ScanError(f"{len(gpus)} GPUs need {len(gpus)} workers, one engine each; got {workers}")
+    return session, workers
 
 
 def measure_assembled(build: Build, store: Store, files: dict[str, Path], cinfo: dict[str, ModelInfo], default: str,
@@ -333,7 +357,8 @@ class KvVariant:
 
 def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: list[str], cache: str = "v",
             other: str = "q8_0", chunks: int = 4, ctx: int = 512, threads: int | None = None, workers: int = 1,
-            step: Step | None = None, engine: bool = True, note: Note | None = None) -> Scan:
+            step: Step | None = None, engine: bool = True, note: Note | None = None, gpus: Sequence[str] = (),
+            ray: RayEngines | None = None) -> Scan:
     """Each KV layer (by ordinal) alone raised from the lowest type and alone lowered from the highest.
 
     `cache` is the scanned cache ("v", "k" or "both"); the other cache stays at `other`. KLD is against
@@ -377,8 +402,8 @@ def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: lis
                            threads=threads, label=job.key, study=study).result_id
 
     model_sha = store.sha256(model)
-    session = (EngineSession(build, model, info, logits, {}, ctx=ctx, threads=threads, note=note)
-               if engine and engine_available(build, note) else None)
+    session, workers = open_session(build, model, info, logits, {}, ctx=ctx, threads=threads, engine=engine,
+                                    note=note, workers=workers, gpus=gpus, ray=ray)
     try:
         ids = run_jobs(jobs, run, store, study, workers=workers,
                        progress=(lambda d, n, k: step("variants", d / n, f"{d}/{n} {k}")) if step else None)

@@ -148,8 +148,17 @@ def _store_scan(store, scan, model: Path, tools) -> int:
 scan_common = [
     click.option("--chunks", type=int, default=4, show_default=True, help="Chunks of the KLD runs."),
     click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True),
-    click.option("--jobs", "workers", type=int, default=1, show_default=True,
-                 help="Variants measured at once (each with --threads)."),
+    click.option("--jobs", "workers", type=int, default=None,
+                 help="Variants measured at once, each by its own engine with --threads (default 1; with --gpus one "
+                 "per GPU; with --executor ray one actor per GPU of the cluster, or 1 on the CPU)."),
+    click.option("--gpus", default=None, metavar="LIST|all",
+                 help="An engine per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES): ids as "
+                 "CUDA_VISIBLE_DEVICES takes them, comma-separated, or all (every visible GPU)."),
+    click.option("--executor", "executor_name", type=click.Choice(["local", "ray"]), default="local",
+                 show_default=True, help="ray: the engines on Ray actors (one per --jobs, each loading the model "
+                 "once); results are filed here, and a lost actor costs only its variant in flight."),
+    click.option("--ray-address", default=None,
+                 help="Ray cluster to join (`auto`, `ray://HOST:10001`); default: start a local one."),
     click.option("-t", "--threads", type=int, default=None),
     click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Write the scan as JSON (for `lacq optimize`)."),
@@ -162,6 +171,20 @@ scan_common = [
 
 def _note(text: str) -> None:
     err_console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _sharding(build: BuildChoice, workers, gpus, executor_name, ray_address, no_engine) -> dict:
+    """The scan's workers, GPUs and Ray engines from --jobs, --gpus, --executor and --ray-address (checked before
+    any work)."""
+    from lacq.studies.engine import engine_workers
+    if ray_address and executor_name != "ray":
+        raise LacqError("--ray-address is for --executor ray")
+    ray = executor_name == "ray"
+    workers, gpu_list = engine_workers(build.backend, workers, gpus, engine=not no_engine, ray=ray)
+    if not ray:
+        return {"workers": workers, "gpus": gpu_list}
+    from lacq.studies.engine_ray import RayEngines
+    return {"workers": 1, "ray": RayEngines(ray_address, workers, gpu=build.backend != "cpu")}
 
 
 def _scan_options(fn):
@@ -185,18 +208,19 @@ def _scan_options(fn):
 @click.pass_context
 @handle_errors
 def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_source_type, imatrix, chunks, ctx_len,
-                     workers,
+                     workers, gpus, executor_name, ray_address,
                      threads, out, plot_dir, no_engine, fmt, build: BuildChoice):
     """KLD per unit when only it is raised to each higher type, and only it lowered from the highest."""
     from lacq.model.resolve import resolve_model
     from lacq.studies.scan import scan_weights
+    shards = _sharding(build, workers, gpus, executor_name, ray_address, no_engine)
     model, base = resolve_model(model_spec), resolve_model(base_spec)
     tools, store = build.require(), open_results(ctx)
     with progress_bar() as progress:
         scan = scan_weights(tools, store, model, base, scan_text(), types=comma_list(types),
                             units=tuple(comma_list(unit_list)), chunks=chunks, ctx=ctx_len,
-                            threads=threads, workers=workers, include_source_type=include_source_type,
-                            imatrix=imatrix,
+                            threads=threads, include_source_type=include_source_type,
+                            imatrix=imatrix, **shards,
                             step=stage_stepper(progress), engine=not no_engine, note=_note)
     _show_scan(scan, out, plot_dir, fmt, _store_scan(store, scan, model, tools))
 
@@ -211,16 +235,17 @@ def scan_weights_cmd(ctx, model_spec, base_spec, types, unit_list, include_sourc
 @build_options
 @click.pass_context
 @handle_errors
-def scan_kv_cmd(ctx, model_spec, types, cache, other, chunks, ctx_len, workers, threads, out, plot_dir, no_engine,
-                fmt, build: BuildChoice):
+def scan_kv_cmd(ctx, model_spec, types, cache, other, chunks, ctx_len, workers, gpus, executor_name, ray_address,
+                threads, out, plot_dir, no_engine, fmt, build: BuildChoice):
     """KLD per KV layer (by ordinal) raised alone from the cheapest type and lowered alone from the dearest."""
     from lacq.model.resolve import resolve_model
     from lacq.studies.scan import scan_kv
+    shards = _sharding(build, workers, gpus, executor_name, ray_address, no_engine)
     model = resolve_model(model_spec)
     tools, store = build.require(), open_results(ctx)
     with progress_bar() as progress:
         scan = scan_kv(tools, store, model, scan_text(), types=comma_list(types), cache=cache, other=other,
-                       chunks=chunks, ctx=ctx_len, threads=threads, workers=workers,
+                       chunks=chunks, ctx=ctx_len, threads=threads, **shards,
                        step=stage_stepper(progress), engine=not no_engine, note=_note)
     _show_scan(scan, out, plot_dir, fmt, _store_scan(store, scan, model, tools))
 

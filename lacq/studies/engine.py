@@ -132,44 +132,41 @@ def check_memory(plan: MemoryPlan) -> None:
                           "free (1 GB kept free)")
 
 
-def resolve_gpus(spec: str | None) -> list[str]:
+def resolve_gpus(spec: str) -> list[str]:
     """`--gpus`: "all" (every GPU CUDA_VISIBLE_DEVICES or nvidia-smi shows) or a comma-separated list of ids as
     CUDA_VISIBLE_DEVICES takes them, each one of those visible."""
-    if spec is None:
-        return []
     from lacq.studies.sweep_exec import visible_gpus
     visible = visible_gpus()
-    gpus = visible if spec.strip() == "all" else [g.strip() for g in spec.split(",") if g.strip()]
-    if not gpus:
+    if not visible:
         raise EngineError(f"--gpus {spec}: no GPU is visible (CUDA_VISIBLE_DEVICES, nvidia-smi)")
+    gpus = visible if spec.strip() == "all" else [g.strip() for g in spec.split(",") if g.strip()]
     unknown = [g for g in gpus if g not in visible]
     if unknown or len(set(gpus)) != len(gpus):
-        bad = ", ".join(unknown) or "a GPU named twice"
-        raise EngineError(f"--gpus {spec}: {bad}; visible GPUs: {', '.join(visible) or 'none'}")
+        bad = f"not visible: {', '.join(unknown)}" if unknown else "a GPU named twice"
+        raise EngineError(f"--gpus {spec}: {bad} (visible GPUs: {', '.join(visible) or 'none'})")
     return gpus
 
 
-def engine_workers(backend: str, jobs: int | None, gpus: Sequence[str], *, engine: bool, ray: bool) -> int | None:
-    """How many engines measure at once (`--jobs`, or one per `--gpus` GPU), refusing combinations that
-    disagree; None: Ray decides (one actor per GPU of the cluster, or 1)."""
+def engine_workers(backend: str, jobs: int | None, gpus: str | None, *, engine: bool,
+                   ray: bool) -> tuple[int | None, list[str]]:
+    """How many engines measure at once (`--jobs`, or one per `--gpus` GPU) and on which GPUs, refusing
+    combinations that disagree; None workers: Ray decides (one actor per GPU of the cluster, or 1)."""
     if jobs is not None and jobs < 1:
         raise EngineError(f"--jobs must be at least 1, got {jobs}")
     if (gpus or ray) and not engine:
         raise EngineError(f"{'--gpus' if gpus else '--executor ray'} shards the evaluation engine's variants; "
                           "it cannot be used with --no-engine")
+    if gpus is None:
+        return (jobs if ray else jobs or 1), []
     if ray:
-        if gpus:
-            raise EngineError("--gpus is for engines on this machine; on Ray each actor asks for one GPU "
-                              "(--jobs actors)")
-        return jobs
-    if not gpus:
-        return jobs or 1
+        raise EngineError("--gpus is for engines on this machine; on Ray each actor asks for one GPU (--jobs actors)")
     if backend == "cpu":
         raise EngineError("--gpus runs an engine per GPU, and this build's backend is cpu; use --backend cuda")
-    if jobs is not None and jobs != len(gpus):
-        raise EngineError(f"--gpus {','.join(gpus)} runs {len(gpus)} engines, one per GPU, and --jobs {jobs} "
-                          "disagrees; leave --jobs out")
-    return len(gpus)
+    listed = resolve_gpus(gpus)
+    if jobs is not None and jobs != len(listed):
+        raise EngineError(f"--gpus {gpus} runs {len(listed)} engines, one per GPU, and --jobs {jobs} disagrees; "
+                          "leave --jobs out")
+    return len(listed), listed
 
 
 Answer = tuple[tool.VariantOutcome, str, float, str]  # outcome, its output, wall seconds, the engine's start-up output

@@ -1,0 +1,158 @@
+"""A scan's engines sharded over GPUs without a GPU: a fake nvidia-smi and a stand-in engine that records the
+argv and CUDA_VISIBLE_DEVICES it was started with; the flags that disagree, refused in one line."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from cliutil import assert_clean_error, run_cli
+
+from lacq.llama.tools import engine as tool
+from lacq.plan.kv.config import KvConfig
+from lacq.results.store import open_store
+from lacq.studies.engine import EngineError, EngineSession, engine_workers, memory_plan
+from lacq.studies.executor import Job, run_jobs
+from lacq.studies.scan import ScanError, open_session
+
+CAPTURE = "engine_smollm2_c128.log"
+
+# Ready at once; for each variant, records (per process) its GPU, argv and the variants it measured, then
+# answers with $RESULT; exits like a SIGKILL on the variant named in $CRASH_ON, the first time.
+STAND_IN = r'''#!/usr/bin/env python3
+import json, os, sys, time
+record = {"gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "argv": sys.argv[1:], "variants": []}
+out = os.path.join(os.environ["SEEN"], str(os.getpid()))
+print('{"candidates":{"q8_0":1},"engine":"ready","model_bytes":2}', flush=True)
+result = json.loads(open(os.environ["RESULT"]).read())
+for line in sys.stdin:
+    v = json.loads(line)
+    record["variants"].append(v["id"])
+    open(out, "w").write(json.dumps(record))
+    if v["id"] == os.environ.get("CRASH_ON") and not os.path.exists(os.environ["MARKER"]):
+        open(os.environ["MARKER"], "w").close()
+        os._exit(137)
+    time.sleep(0.05)  # long enough that every measuring thread gets variants
+    print(json.dumps({"engine": "variant", "id": v["id"], "ok": True, "seconds": 0.05, "result": result}), flush=True)
+'''
+
+
+@pytest.fixture
+def four_gpus(tmp_path, monkeypatch):
+    """An nvidia-smi with GPUs 0-3 whose free memory (MiB) is $FREE_MIB_<id>, 80000 unless set."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("""#!/bin/sh
+if [ "$1" = -L ]; then for i in 0 1 2 3; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done; exit 0; fi
+id=0
+while [ $# -gt 0 ]; do [ "$1" = -i ] && id=$2; shift; done
+case $id in 0|1|2|3) eval "echo \\${FREE_MIB_$id:-80000}";; *) exit 6;; esac
+""")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{__import__('os').environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+@pytest.fixture
+def stand_in(tmp_path, capture, monkeypatch):
+    script = tmp_path / "llama-perplexity"
+    script.write_text(STAND_IN.replace("#!/usr/bin/env python3", f"#!{sys.executable}"))
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    line = next(line for line in capture(CAPTURE).splitlines()
+                if (e := tool.parse_line(line)) is not None and getattr(e, "ok", False))
+    (tmp_path / "result.json").write_text(json.dumps(json.loads(line[line.index("{"):])["result"]))
+    (tmp_path / "seen").mkdir()
+    monkeypatch.setenv("RESULT", str(tmp_path / "result.json"))
+    monkeypatch.setenv("SEEN", str(tmp_path / "seen"))
+    monkeypatch.setenv("MARKER", str(tmp_path / "crashed"))
+    model, cand = tmp_path / "m.gguf", tmp_path / "q8.gguf"
+    model.write_bytes(b"0" * 1000)
+    cand.write_bytes(b"0" * 2000)
+    return SimpleNamespace(build=SimpleNamespace(tool=lambda name: script), model=model, cand=cand,
+                           seen=tmp_path / "seen")
+
+
+def _engines_seen(seen: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(seen.iterdir())]
+
+
+def test_each_gpu_gets_one_engine_started_with_only_that_gpu_visible(four_gpus, stand_in, monkeypatch, tmp_path):
+    """--gpus 0,1,2,3: four engines with the same argv, each with CUDA_VISIBLE_DEVICES its own GPU; the variants
+    spread over them, each measured once; an engine that crashes is restarted on the GPU it had."""
+    monkeypatch.setenv("CRASH_ON", "v5")
+    workers, gpus = engine_workers("cuda", None, "all", engine=True, ray=False)
+    assert (workers, gpus) == (4, ["0", "1", "2", "3"])
+    said = []
+    session = EngineSession(stand_in.build, stand_in.model, None, tmp_path / "l.logits", {"q8_0": stand_in.cand},
+                            ctx=128, gpus=gpus, note=said.append)
+    assert said and "on each of 4 GPUs" in said[0] and "GPU 0 83.89 GB" in said[0]
+    jobs = [Job(f"v{i}", i) for i in range(16)]
+    try:
+        run_jobs(jobs, lambda job, st: 0 if session.evaluate(job.key, {}, KvConfig())[0].ok else 1, open_store(),
+                 "shards", workers=workers)
+    finally:
+        session.close()
+    engines = _engines_seen(stand_in.seen)
+    assert len(engines) == 5  # four, and the one that replaced the crashed engine
+    assert all(e["argv"] == session.args[1:] for e in engines)
+    assert "-ngl" not in session.args  # llama.cpp's default offload; the one GPU it sees is the engine's
+    assert sorted({e["gpu"] for e in engines}) == gpus
+    crashed = next(e for e in engines if e["variants"][-1] == "v5")
+    successor = [e for e in engines if e["gpu"] == crashed["gpu"] and e is not crashed]
+    assert len(successor) == 1 and successor[0]["variants"][0] == "v5"
+    measured = [v for e in engines for v in e["variants"] if not (e is crashed and v == "v5")]
+    assert sorted(measured) == sorted(j.key for j in jobs)  # each variant answered once
+
+
+def test_gpu_memory_is_checked_on_each_gpu_and_the_tightest_refuses_by_name(four_gpus, stand_in, monkeypatch,
+                                                                             tmp_path):
+    monkeypatch.setenv("FREE_MIB_2", "500")
+    plan = memory_plan(stand_in.model, {"q8_0": stand_in.cand}, None, ["0", "1", "2", "3"])
+    assert (plan.gpu, plan.gpu_bytes, plan.host_bytes, plan.n_gpus) == ("2", 3000, 0, 4)
+    with pytest.raises(EngineError, match=r"on each GPU and GPU 2 has 0\.52 GB free") as e:
+        EngineSession(stand_in.build, stand_in.model, None, tmp_path / "l.logits", {"q8_0": stand_in.cand},
+                      ctx=128, gpus=["0", "1", "2", "3"])
+    assert "\n" not in str(e.value)
+    assert not list(stand_in.seen.iterdir())  # refused before any engine started
+    # GPU 2 left out: the others fit
+    assert memory_plan(stand_in.model, {}, None, ["0", "3"]).gpu_free == 80000 << 20
+
+
+def test_gpus_follow_cuda_visible_devices(four_gpus, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert engine_workers("cuda", None, "all", engine=True, ray=False) == (2, ["2", "3"])
+    assert engine_workers("cuda", 1, "3", engine=True, ray=False) == (1, ["3"])
+    with pytest.raises(EngineError, match=r"--gpus 0,2: not visible: 0 \(visible GPUs: 2, 3\)"):
+        engine_workers("cuda", None, "0,2", engine=True, ray=False)
+    assert engine_workers("cpu", None, None, engine=True, ray=False) == (1, [])
+    assert engine_workers("cpu", None, None, engine=True, ray=True) == (None, [])  # Ray counts its actors
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gpus", "0"], "--gpus runs an engine per GPU, and this build's backend is cpu; use --backend cuda"),
+    (["--gpus", "0,1", "--jobs", "3", "--backend", "cuda"],
+     "--gpus 0,1 runs 2 engines, one per GPU, and --jobs 3 disagrees; leave --jobs out"),
+    (["--gpus", "0,7", "--backend", "cuda"], "--gpus 0,7: not visible: 7 (visible GPUs: 0, 1, 2, 3)"),
+    (["--gpus", "0,0", "--backend", "cuda"], "--gpus 0,0: a GPU named twice"),
+    (["--gpus", "0", "--backend", "cuda", "--no-engine"], "--gpus shards the evaluation engine's variants"),
+    (["--executor", "ray", "--gpus", "0", "--backend", "cuda"], "--gpus is for engines on this machine"),
+    (["--executor", "ray", "--no-engine"], "--executor ray shards the evaluation engine's variants"),
+    (["--ray-address", "auto"], "--ray-address is for --executor ray"),
+    (["--jobs", "0"], "--jobs must be at least 1, got 0"),
+])
+@pytest.mark.parametrize("scan", [["weights", "smollm2", "--base", "smollm2"], ["kv", "smollm2"]])
+def test_sharding_flags_that_disagree_are_refused_in_one_line(four_gpus, scan, args, message):
+    r = run_cli("scan", *scan, *args)
+    assert_clean_error(r, message)
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_a_scan_without_the_engine_refuses_gpus(tmp_path):
+    build = SimpleNamespace(patches=(), tool=lambda name: tmp_path / name)  # a build made before the engine patch
+    with pytest.raises(ScanError, match="shard the evaluation engine's variants"):
+        open_session(build, tmp_path / "m.gguf", None, tmp_path / "l.logits", {}, ctx=128, threads=None, engine=True,
+                     note=None, workers=2, gpus=["0", "1"], ray=None)

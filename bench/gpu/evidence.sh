@@ -1,24 +1,18 @@
 #!/usr/bin/env bash
 # The GPU session behind issues 19-21's CUDA figures, run on the GPU host from a copy of this checkout.
-# Uploads are limited (64 MiB a call, the tracked tree counted), so the inputs come in two carried folders:
+# Uploads are limited (64 MiB a call, the tracked tree counted), so the inputs come in carried folders:
+#   .gpu/t1/  train.npy.xz and val.npy: the clean base's training tokens (scripts/make_clean_base.py pack
+#             --max-tokens 19500000: 19.4 M of the 25.4 M tokens, evenly spaced blocks) and held-out tokens
 #   .whl/     gguf and platformdirs wheels (the host's Python lacks them)
 #   .gpu/s1/  llama-src.tar.xz: the pinned tree without models/, docs/, media/ and the ggml backends lacq never
-#             builds (made from lacq's pinned source with tar --exclude); train.npy.xz.part00: the first part of
-#             the clean base's training tokens (scripts/make_clean_base.py data, then xz of train.npy, cut in two)
-#   .gpu/s2/  train.npy.xz.part01, val.npy; kv.bin and shapes.json (SmolLM2's metadata and tensor shapes, see
-#             bench/gpu/engine_cuda.sh) for the SmolLM2-shaped random model of the engine's timing
+#             builds (made from lacq's pinned source with tar --exclude)
+#   .gpu/s2/  kv.bin and shapes.json (SmolLM2's metadata and tensor shapes, see bench/gpu/engine_cuda.sh) for the
+#             SmolLM2-shaped random model; ggml-vocab-llama-bpe.gguf.xz (the pinned tree's) for the synthetic 8B
 # Stages, each one call, in order:
-#   start         wheels, source; `lacq build --backend cuda` (tools, test-backend-ops, test-kv-bytes) detached
-#   train [S]     the rest of the tokens; the clean base's training detached; then wait up to S s for the build
+#   train         the clean base's training, detached (TRAIN_S seconds, default 420)
+#   start [S]     wheels, source; `lacq build --backend cuda` (tools, test-backend-ops, test-kv-bytes) detached;
+#                 then wait up to S s for the build
 #   wait [S]      wait up to S s for the build and the training; weights.npz in parts to $OUT when trained
-#   kvchecks      bench/gpu/kv_checks.sh's checks (test-kv-bytes, test-backend-ops on the KV ops) on this build
-#   engine        lacq scan weights of the SmolLM2-shaped random model, tensor units, the six candidates of the
-#                 committed 1392-variant CUDA scan (bench/results/scans_tensor_cuda.md), through the engine; a bare
-#                 4-chunk KLD process of its q4_0 candidate for the per-variant ratio
-#   synth8b       the synthetic 8B (bench/gpu/synth8b.py, detached), then lacq scan weights --unit tensor
-#                 --types q4_0,q8_0 through the engine (detached; `poll` shows it), peak GPU memory sampled
-#   poll [S]      wait up to S s for the 8B scan; copy its outputs
-#   kvspeed       llama-bench decode at depths 0/16384/32768 of q8_0 K with six V types on the 8B's q4_0 file
 set -uo pipefail
 export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}
@@ -41,20 +35,18 @@ wait_for() {  # up to $1 seconds for the build (and the training, when it runs)
 }
 
 case "$1" in
-start)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  mkdir -p $G $CB $E && tar -C $G -xJf .gpu/s1/llama-src.tar.xz && cp .gpu/s1/train.npy.xz.part00 $CB/
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
-  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC --target test-backend-ops \
-    --target test-kv-bytes; echo rc=\$?" > /tmp/build.log 2>&1 < /dev/null &
-  sleep 15; tail -n 3 /tmp/build.log ;;
 train)
-  cp .gpu/s2/train.npy.xz.part01 .gpu/s2/val.npy $CB/ && cp .gpu/s2/kv.bin .gpu/s2/shapes.json $E/
-  cat $CB/train.npy.xz.part00 $CB/train.npy.xz.part01 > $CB/train.npy.xz && rm $CB/train.npy.xz.part0*
-  cp scripts/make_clean_base.py /tmp/make_clean_base.py
+  mkdir -p $CB && cp .gpu/t1/train.npy.xz .gpu/t1/val.npy $CB/ && cp scripts/make_clean_base.py /tmp/make_clean_base.py
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
   setsid nohup python3 /tmp/make_clean_base.py train --work $CB --device cuda --budget-s "${TRAIN_S:-420}" \
     > /tmp/train.log 2>&1 < /dev/null &
-  wait_for "${2:-0}" ;;
+  sleep 45; tail -n 3 /tmp/train.log ;;
+start)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  mkdir -p $G $E && tar -C $G -xJf .gpu/s1/llama-src.tar.xz && cp .gpu/s2/* $E/
+  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC --target test-backend-ops \
+    --target test-kv-bytes; echo rc=\$?" > /tmp/build.log 2>&1 < /dev/null &
+  sleep 10; wait_for "${2:-0}" ;;
 wait)
   wait_for "${2:-0}"
   if train_done && [ ! -f $OUT/train.json ]; then
@@ -99,8 +91,7 @@ PY
   grep -E 'seconds per pass|Mean +KLD' /tmp/bare1.log ;;
 synth8b)
   B=$(bin) || exit 1
-  mkdir -p /tmp/s8 && xz -dc .gpu/s2/ggml-vocab-llama-bpe.gguf.xz > /tmp/s8/vocab.gguf 2>/dev/null \
-    || xz -dc /tmp/e/ggml-vocab-llama-bpe.gguf.xz > /tmp/s8/vocab.gguf
+  mkdir -p /tmp/s8 && xz -dc $E/ggml-vocab-llama-bpe.gguf.xz > /tmp/s8/vocab.gguf
   setsid nohup bash -c "
     python3 bench/gpu/synth8b.py /tmp/s8/vocab.gguf /tmp/s8/f16.gguf && df -h /tmp | tail -n 1 &&
     /usr/bin/time -v python3 -m lacq scan weights /tmp/s8/f16.gguf --base /tmp/s8/f16.gguf --unit tensor \

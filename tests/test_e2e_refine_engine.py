@@ -4,6 +4,7 @@ the journal kept across Ctrl-C, `--no-engine` starting no engine."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -11,6 +12,7 @@ from procutil import descendants
 
 from lacq import paths
 from lacq.cli import cli
+from lacq.model.info import inspect_model
 from lacq.results.store import Store, open_store
 from lacq.studies import engine as engine_mod
 from lacq.studies.engine import engine_available
@@ -112,3 +114,31 @@ def test_refine_interrupted_then_rerun_measures_nothing_twice(scan_file, tmp_pat
     assert len(refined) == len(set(refined)) == 3 + len(calls)  # nothing measured twice
     assert not set(first) & {k for k in refined[3:]}
     assert len(calls) > 3 and (tmp_path / "opt.toml").exists()
+
+
+def test_kv_choices_in_the_engine_measure_what_their_own_runs_measure(cpu_build, smollm2, tmp_path):
+    """A KV refinement's choices (per-layer V types on the scanned model) measured in one engine, and each by its
+    own llama-perplexity run: the same statistics under the same journal keys."""
+    from lacq.corpus import judge_text
+    from lacq.studies.refine import kv_runner
+    from tests.test_optimize import additive_scan
+    n_kv = len(inspect_model(smollm2).kv_blocks)
+    sens = {f"kv.{i}": 0.01 for i in range(n_kv)}
+    s = additive_scan(sens, {u: {"q4_0": 4.5, "q8_0": 8.5} for u in sens}, kind="kv", types=("q4_0", "q8_0"),
+                      err={"q4_0": 1.0, "q8_0": 0.1}, base={"cache": "v", "reference": "f16", "other": "q8_0"},
+                      total_values=float(n_kv))
+    scan = replace(s, model={"path": str(smollm2), "sha256": open_store().sha256(smollm2)}, chunks=CHUNKS, ctx=CTX,
+                   provenance={"study": "scan-kv:test"})
+    choices = [{u: "q8_0" if i < 3 else "q4_0" for i, u in enumerate(sens)},  # mostly q4_0, three layers q8_0
+               {u: "q4_0" if i % 2 else "q8_0" for i, u in enumerate(sens)}]
+    got = {}
+    for engine, db in ((True, "engine.sqlite"), (False, "runs.sqlite")):
+        store = Store(tmp_path / db)
+        measure, key = kv_runner(cpu_build, store, scan, judge_text(), engine=engine)
+        with measure:
+            measure({key(c): c for c in choices}, CHUNKS)
+        got[engine] = _journal(store)
+    assert len(got[True]) == len(choices) and set(got[True]) == set(got[False])
+    assert all(m.get("engine") is True for m in got[True].values())
+    for k, m in got[True].items():
+        assert _printed(m) == _printed(got[False][k]), k

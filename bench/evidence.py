@@ -3,7 +3,7 @@
 recipes at the same sizes, judged on text neither the scan nor the imatrix saw.
 
     python bench/evidence.py [--model clean-base|smollm2] [--mixes Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M,Q6_K]
-                             [--types q4_k,q5_k,q6_k,q8_0] [--unit group] [--scan-chunks 4]
+                             [--types q3_k,q4_k,q5_k,q6_k,q8_0] [--unit tensor] [--scan-chunks 4]
                              [--judge-chunks 20] [--budgets 10] [--threads N] [--note TEXT] [--out FILE]
 
 Every step is a `lacq` command (listed in the output), in a work directory under lacq's home named by the
@@ -44,7 +44,7 @@ from lacq.results.store import Result, open_store
 from lacq.results.tables import spearman, tail_columns
 
 MIXES = "Q3_K_M,Q4_K_S,Q4_K_M,Q5_K_M,Q6_K"
-TYPES = "q4_k,q5_k,q6_k,q8_0"
+TYPES = "q3_k,q4_k,q5_k,q6_k,q8_0"
 
 
 class Runner:
@@ -118,8 +118,8 @@ def main() -> None:
     ap.add_argument("--model", default="clean-base", choices=("clean-base", "smollm2"))
     ap.add_argument("--mixes", default=MIXES, help="llama.cpp mixes, smallest to largest")
     ap.add_argument("--types", default=TYPES, help="the scan's candidate types")
-    ap.add_argument("--unit", default="group", help="the scan's units (lacq scan weights --unit); tensor gives the "
-                    "optimizer more room for about 7x the scan's runs")
+    ap.add_argument("--unit", default="tensor", help="the scan's units (lacq scan weights --unit); group: about a "
+                    "seventh of the scan's runs, less room for the optimizer")
     ap.add_argument("--scan-chunks", type=int, default=4)
     ap.add_argument("--judge-chunks", type=int, default=20)
     ap.add_argument("--calibration-chunks", type=int, default=100)
@@ -147,8 +147,8 @@ def main() -> None:
 
     t0 = time.monotonic()
     imx = work / "calibration.imatrix.gguf"
-    lacq("imatrix", base, "--strict", "--chunks", args.calibration_chunks, "-o", imx)
-    stage("imatrix", t0)
+    said = lacq("imatrix", base, "--strict", "--chunks", args.calibration_chunks, "-o", imx)
+    stage("imatrix (cached: made by an earlier run)" if "up to date" in said else "imatrix", t0)
 
     t0 = time.monotonic()
     judge = ["--split", "judge", "--chunks", args.judge_chunks, "-c", 512]

@@ -156,3 +156,14 @@ def test_a_scan_without_the_engine_refuses_gpus(tmp_path):
     with pytest.raises(ScanError, match="shard the evaluation engine's variants"):
         open_session(build, tmp_path / "m.gguf", None, tmp_path / "l.logits", {}, ctx=128, threads=None, engine=True,
                      note=None, workers=2, gpus=["0", "1"], ray=None)
+
+
+def test_a_gpu_build_without_ngl_plans_the_candidates_on_the_gpu(four_gpus, stand_in):
+    """llama.cpp offloads every layer on a CUDA build when -ngl is not given: the memory said up front is the
+    GPU's (an H100 scan of the synthetic 8B said "host 13.07 GB, mmap'd" while 12.8 GB sat on the GPU)."""
+    cands = {"q8_0": stand_in.cand}
+    on_gpu = memory_plan(stand_in.model, cands, None, gpu_backend=True)
+    assert (on_gpu.gpu_bytes, on_gpu.host_bytes) == (3000, 0) and on_gpu.gpu_free is not None
+    assert "GPU" in on_gpu.describe()
+    assert memory_plan(stand_in.model, cands, 0, gpu_backend=True).host_bytes == 3000  # -ngl 0: the host
+    assert memory_plan(stand_in.model, cands, None, gpu_backend=False).host_bytes == 3000  # a CPU build

@@ -103,11 +103,12 @@ def gpu_available(gpu: str | None = None) -> int | None:
 
 
 def memory_plan(model: Path, candidates: Mapping[str, Path], ngl: int | None,
-                gpus: Sequence[str] = ()) -> MemoryPlan:
+                gpus: Sequence[str] = (), gpu_backend: bool = False) -> MemoryPlan:
     """Where the engine's model and candidates live; with `gpus` (an engine on each), every GPU holds them all,
-    so the one with the least free memory decides."""
+    so the one with the least free memory decides. On a GPU build without -ngl (`gpu_backend`, `ngl` None)
+    llama.cpp offloads every layer, so they live on the GPU; -ngl 0 keeps them on the host."""
     files = sum(p.stat().st_size for p in [model, *candidates.values()])
-    on_gpu = bool(ngl) or bool(gpus)
+    on_gpu = bool(gpus) or (gpu_backend if ngl is None else ngl > 0)
     gpu_free, gpu = None, None
     if on_gpu:
         free = {g: gpu_available(g) for g in gpus} if gpus else {None: gpu_available()}
@@ -244,7 +245,8 @@ class EngineSession:
         self.args = tool.argv(build.tool("llama-perplexity"), model, logits, candidates, ctx=ctx, threads=threads,
                               ngl=ngl)
         self.engines: EnginePool
-        plan = partial(memory_plan, model, dict(candidates), ngl, tuple(gpus))
+        plan = partial(memory_plan, model, dict(candidates), ngl, tuple(gpus),
+                       gpu_backend=getattr(build, "backend", "cpu") != "cpu")
         if remote is not None:
             self.engines = remote(self.args, plan)
             return

@@ -12,6 +12,7 @@ from lacq.cli.common import (
     BuildChoice,
     build_options,
     console,
+    err_console,
     handle_errors,
     open_results,
     progress_bar,
@@ -27,10 +28,12 @@ from lacq.cli.common import (
               help="Ray cluster to join (`auto`, `ray://HOST:10001`); default: start a local one.")
 @click.option("--jobs", type=int, default=None,
               help="Runs at once (local: default 1, or one per visible GPU; ray: CPUs of the local cluster).")
+@click.option("--no-engine", is_flag=True, help="Measure each KLD run with its own llama-perplexity process instead "
+              "of in the evaluation engine each worker keeps per model; for comparison.")
 @build_options
 @click.pass_context
 @handle_errors
-def sweep_cmd(ctx, sweep_file, executor_name, address, jobs, build: BuildChoice):
+def sweep_cmd(ctx, sweep_file, executor_name, address, jobs, no_engine, build: BuildChoice):
     """Run a sweep: models × weight recipes × KV configurations × contexts × measurements (ppl, kld,
     niah, bench) declared in SWEEP_FILE (TOML). Results are filed under the sweep's name (see
     `lacq report --study NAME`); runs already stored are skipped, so the same command resumes.
@@ -38,6 +41,7 @@ def sweep_cmd(ctx, sweep_file, executor_name, address, jobs, build: BuildChoice)
     from lacq import paths
     from lacq.llama.build import BuildSpec
     from lacq.llama.build import build as run_build
+    from lacq.studies.engine import engine_available
     from lacq.studies.sweep import WorkerSetup, check_failures, load_sweep, plan_runs, run_sweep, stored_keys
     from lacq.studies.sweep_exec import make_executor
     given = ctx.get_parameter_source("backend") is not click.core.ParameterSource.DEFAULT
@@ -62,13 +66,18 @@ def sweep_cmd(ctx, sweep_file, executor_name, address, jobs, build: BuildChoice)
 
         progress.update(total, completed=len(set(stored_keys(store, sweep.name)) & set(labels)))
         setup = WorkerSetup(home=str(paths.home()), build=built, corpus=str(corpus), threads=sweep.threads,
-                            ngl=99 if sweep.backend != "cpu" else None)
+                            ngl=99 if sweep.backend != "cpu" else None,
+                            engine=not no_engine and "kld" in sweep.measurements and engine_available(built, _note))
         outcome = run_sweep(sweep, runs, setup, store, executor, on_run_done=on_run_done,
                             on_progress=lambda key, frac, detail: run_step(labels[key], frac, detail))
     console.print(f"sweep {sweep.name}: {len(outcome.ran)} run(s) done now, {outcome.skipped} already stored, "
                   f"{len(outcome.failed)} failed, of {outcome.total}; {time.monotonic() - t0:.0f} s "
                   f"({executor.name} executor). `lacq report --study {sweep.name}` shows the results.")
     check_failures(outcome, runs)
+
+
+def _note(text: str) -> None:
+    err_console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _model_preparer(build, store, step, imatrix: str | None = None):

@@ -14,6 +14,7 @@ engines on Ray actors instead; either way the results are filed here, in the dri
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import threading
@@ -102,6 +103,20 @@ def gpu_available(gpu: str | None = None) -> int | None:
         return None
 
 
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES where set, else those nvidia-smi lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in (x.strip() for x in env.split(",")) if g and g != "-1"]
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+    return []
+
+
 def memory_plan(model: Path, candidates: Mapping[str, Path], ngl: int | None,
                 gpus: Sequence[str] = (), gpu_backend: bool = False) -> MemoryPlan:
     """Where the engine's model and candidates live; with `gpus` (an engine on each), every GPU holds them all,
@@ -136,7 +151,6 @@ def check_memory(plan: MemoryPlan) -> None:
 def resolve_gpus(spec: str) -> list[str]:
     """`--gpus`: "all" (every GPU CUDA_VISIBLE_DEVICES or nvidia-smi shows) or a comma-separated list of ids as
     CUDA_VISIBLE_DEVICES takes them, each one of those visible."""
-    from lacq.studies.sweep_exec import visible_gpus
     visible = visible_gpus()
     if not visible:
         raise EngineError(f"--gpus {spec}: no GPU is visible (CUDA_VISIBLE_DEVICES, nvidia-smi)")

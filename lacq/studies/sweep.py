@@ -8,10 +8,14 @@ the same command: nothing finished is repeated, nothing is lost. The driver prep
 worker needs (the build, resolved and quantized models, base logits for KLD) before dispatching,
 workers measure into a database of their own and send the result back, and the driver files it
 with the worker's provenance (node, device) — so only the driver writes the results database.
+Where the build has the evaluation engine, a worker measures its KLD runs in engines it keeps across runs
+(one model load for all the KV configurations of a model file); `lacq sweep --no-engine` runs a
+llama-perplexity process per KLD run instead.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -19,9 +23,10 @@ import signal
 import socket
 import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from lacq.errors import LacqError, SweepError
 from lacq.fsutil import canonical_hash
@@ -30,6 +35,9 @@ from lacq.model.imatrix import read_imatrix
 from lacq.plan.kv.config import KvConfig
 from lacq.plan.kv.flags import kv_from_flags
 from lacq.results.store import Store
+
+if TYPE_CHECKING:
+    from lacq.studies.engine import EngineSession
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,8 @@ _SECTION_DEFAULTS = {
 }
 # Test hook (documented in the tests): when set to a path, the first run to create that file kills
 # its own worker process mid-run (its tool running), as a lost node would; the file says (JSON)
-# which worker died and which tools it was running, so a test can check that none outlives it.
+# which worker died and which tools it was running, so a test can check that none outlives it. (A KLD run in
+# the engine dies once its variant is measured: with its engine running, before its result is returned.)
 CRASH_ONCE_ENV = "LACQ_SWEEP_CRASH_ONCE"
 
 
@@ -100,6 +109,7 @@ class WorkerSetup:
     corpus: str
     threads: int | None = None
     ngl: int | None = None
+    engine: bool = False  # KLD runs in the evaluation engine (the driver checked that the build has it)
 
 
 def _fail(path: Path, msg: str) -> SweepError:
@@ -284,6 +294,7 @@ def execute_run(run: SweepRun, setup: WorkerSetup, report: Callable[[str, float,
     model = Path(run.model)
     info = inspect_model(model)
     corpus = Path(setup.corpus)
+    kld_base = {"kld_base": KLD_BASE_PARENT if run.recipe else KLD_BASE_SAME_WEIGHTS}
     started = [False]
 
     def progress(frac: float, detail: str) -> None:
@@ -301,12 +312,16 @@ def execute_run(run: SweepRun, setup: WorkerSetup, report: Callable[[str, float,
             from lacq.measure.ppl import measure_ppl
             rid = measure_ppl(b, store, model, info, run.kv, corpus, ctx=run.ctx, chunks=run.params["chunks"],
                               **common).result_id
+        elif run.measurement == "kld" and setup.engine:
+            if report:
+                report(run.key, 0.0, "in the engine")
+            rid = _kld_in_engine(run, setup, store, model, info, corpus, kld_base)
+            _maybe_crash()
         elif run.measurement == "kld":
             from lacq.measure.kld import measure_kld
             base = Path(run.base)
             rid = measure_kld(b, store, model, info, base, inspect_model(base), run.kv, corpus, ctx=run.ctx,
-                              chunks=run.params["chunks"], logits=Path(run.logits), annotations={
-                                  "kld_base": KLD_BASE_PARENT if run.recipe else KLD_BASE_SAME_WEIGHTS},
+                              chunks=run.params["chunks"], logits=Path(run.logits), annotations=kld_base,
                               **common).result_id
         elif run.measurement == "bench":
             from lacq.measure.bench import measure_bench
@@ -325,6 +340,56 @@ def execute_run(run: SweepRun, setup: WorkerSetup, report: Callable[[str, float,
     row["node"] = _node()
     row["device"] = device_description(b.backend)
     return row
+
+
+# A worker's engines, kept across the runs it executes: one per (model file, base logits, ctx, threads, ngl,
+# build, GPU). The plan lists a model file's runs together, so starting an engine for another file closes the
+# previous file's (one model loaded per worker, as without the engine). They stop when the worker exits
+# (atexit), and with it however it dies (PR_SET_PDEATHSIG, llama/tools/base.py).
+_engines: dict[tuple, EngineSession] = {}
+
+
+def close_engines() -> None:
+    while _engines:
+        _engines.popitem()[1].close()
+
+
+atexit.register(close_engines)
+
+
+def _engine_session(setup: WorkerSetup, model: Path, info, logits: Path, ctx: int) -> EngineSession:
+    from lacq.studies.engine import EngineSession
+    key = (str(model), str(logits), ctx, setup.threads, setup.ngl, setup.build.key,
+           os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if key not in _engines:
+        for other in [k for k in _engines if k[0] != key[0]]:
+            _engines.pop(other).close()
+        _engines[key] = EngineSession(setup.build, model, info, logits, {}, ctx=ctx, threads=setup.threads,
+                                      ngl=setup.ngl)
+    return _engines[key]
+
+
+def _kld_in_engine(run: SweepRun, setup: WorkerSetup, store: Store, model: Path, info, corpus: Path,
+                   annotations: dict) -> int:
+    """A KLD run as one variant of this worker's engine for its model and base logits: the run's KV
+    configuration, no tensor swapped (each sweep cell is a file of its own). Filed like `measure_kld` files
+    it, with the same checks first and the same annotations, plus `engine: True`."""
+    from lacq.llama.tools.kld import read_logits_header
+    from lacq.measure.common import check_context, prepare_kv
+    from lacq.measure.kld import check_logits_matches, check_same_model
+    from lacq.model.info import inspect_model
+    base, logits = Path(run.base), Path(run.logits)
+    base_info = inspect_model(base)
+    for i in (info, base_info):
+        check_context(run.ctx, i)
+    kv = prepare_kv(setup.build, run.kv, info)
+    check_same_model(base_info, info, base, model)
+    header = read_logits_header(logits)
+    check_logits_matches(header, logits, info)
+    session = _engine_session(setup, model, info, logits, header.n_ctx)
+    return session.measure(store, label=run.label, study=None, tensors={}, kv=kv, corpus=corpus, record_model=model,
+                           annotations={"base_model_sha256": store.sha256(base), "base_model": str(base),
+                                        **annotations})
 
 
 # ---------------------------------------------------------------- the driver side

@@ -22,9 +22,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue as queue_mod
-import shutil
 import signal
-import subprocess
 from abc import ABC, abstractmethod
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -33,6 +31,7 @@ from typing import Callable
 
 from lacq.errors import LacqError, SweepError, Terminated
 from lacq.llama.tools.base import die_with_parent
+from lacq.studies.engine import visible_gpus
 from lacq.studies.sweep import SweepRun, WorkerSetup, execute_run
 
 OnDone = Callable[[SweepRun, "dict | None", "str | None"], None]  # (run, stored row, error message)
@@ -50,20 +49,6 @@ class SweepExecutor(ABC):
     @abstractmethod
     def run(self, runs: list[SweepRun], setup: WorkerSetup, on_done: OnDone, on_progress: OnProgress | None) -> None:
         """Execute every run; call `on_done` once per run, in the driver's thread, as each finishes."""
-
-
-def visible_gpus() -> list[str]:
-    """GPU ids this process may use: CUDA_VISIBLE_DEVICES where set, else those nvidia-smi lists."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g for g in (x.strip() for x in env.split(",")) if g and g != "-1"]
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
-        except (OSError, subprocess.SubprocessError):
-            return []
-        return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
-    return []
 
 
 # ---------------------------------------------------------------- local

@@ -32,7 +32,7 @@ from typing import Callable
 from lacq.errors import LacqError, SweepError, Terminated
 from lacq.llama.tools.base import die_with_parent
 from lacq.studies.engine import visible_gpus
-from lacq.studies.sweep import SweepRun, WorkerSetup, execute_run
+from lacq.studies.sweep import SweepRun, WorkerSetup, close_engines, execute_run
 
 OnDone = Callable[[SweepRun, "dict | None", "str | None"], None]  # (run, stored row, error message)
 OnProgress = Callable[[str, float, str], None]  # (run key, fraction, detail)
@@ -170,7 +170,11 @@ def _ray_task(run: SweepRun, setup: WorkerSetup, progress_q) -> dict:
         except Exception:  # progress is best effort; the result is what matters
             pass
 
-    return execute_run(run, setup, report if progress_q is not None else None)
+    try:
+        return execute_run(run, setup, report if progress_q is not None else None)
+    finally:
+        if run.gpus:  # Ray gives this worker's next task any GPU: an engine kept here would hold this one's memory
+            close_engines()
 
 
 def import_ray():

@@ -158,7 +158,9 @@ def main() -> None:
         recipe.write_text(f'name = "{mix}"\ndescription = "stock llama-quantize {mix}"\nbase = "{mix.lower()}"\n')
         for tag, with_imx in (("", []), ("+imatrix", ["--imatrix", imx])):
             q = work / f"{base.stem}.{mix}{tag.replace('+', '.')}.gguf"
-            lacq("quantize", base, "--recipe", recipe, "-o", q, *with_imx, threads=False)
+            # --force: a rerun's file may be refused as "not made from this plan" once the scan has filed a
+            # candidate of the same plan (Q6_K) elsewhere; quantizing again is a second
+            lacq("quantize", base, "--recipe", recipe, "-o", q, *with_imx, "--force", threads=False)
             lacq("kld", q, "--base", base, *judge, "--label", mix + tag, "--study", "evidence")
             mixes.setdefault(mix, {})[tag or "plain"] = row(lacq.last_kld(), mix + tag)
     stage("mixes (quantize and judge)", t0)

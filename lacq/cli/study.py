@@ -28,24 +28,37 @@ from lacq.errors import LacqError
 from lacq.llama.build import BuildSpec
 from lacq.llama.build import build as run_build
 
+DEMO_MODEL = "clean-base"  # weight claims are made on the clean base (docs/clean-base.md)
+
 
 @cli.command(name="demo")
-@click.option("--model", "model_spec", default=None, help="GGUF path or hf://OWNER/REPO/FILE (default: SmolLM2-135M).")
+@click.option("--model", "model_spec", default=DEMO_MODEL, show_default=True,
+              help="A named model (clean-base, smollm2, ...), GGUF path or hf://OWNER/REPO/FILE.")
 @click.option("--chunks", type=int, default=20, show_default=True)
 @click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True)
 @click.option("--scan-chunks", type=int, default=4, show_default=True, help="Chunks of the sensitivity scan's runs.")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Importance matrix (lacq imatrix MODEL): lacq's files are quantized with it, and llama.cpp's "
-                   "mixes appear both without and with it.")
+              help="Importance matrix to use instead of the one the demo makes (lacq imatrix's: 100×512 tokens of "
+                   "the calibration part, cached).")
+@click.option("--no-imatrix", is_flag=True, help="No importance matrix: lacq's files are quantized without one and "
+              "llama.cpp's mixes appear only without one.")
 @format_option()
 @build_options
 @click.pass_context
 @handle_errors
-def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, imatrix, fmt, build: BuildChoice):
-    """The layer-placement study end to end: hand recipes, llama.cpp's mixes and optimized recipes, by KLD."""
+def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, imatrix, no_imatrix, fmt, build: BuildChoice):
+    """The layer-placement study end to end: hand recipes, llama.cpp's mixes (without and with the importance
+    matrix) and optimized recipes from a block and group scan, by KLD."""
+    from lacq.corpus import calibration_text, check_length
+    from lacq.measure.imatrix import DEFAULT_CHUNKS
     from lacq.model.resolve import resolve_model
     from lacq.results.render import render
     from lacq.studies.placement import run_placement_study
+    if imatrix and no_imatrix:
+        raise LacqError("--imatrix and --no-imatrix: give one")
+    calibration = None if imatrix or no_imatrix else calibration_text()
+    if calibration:
+        check_length(calibration, DEFAULT_CHUNKS, 512)  # before the build: the text holds the matrix's chunks
     t0 = time.monotonic()
     store = open_results(ctx)
     with progress_bar() as progress:
@@ -53,12 +66,12 @@ def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, imatrix, fmt, build:
         tools = run_build(BuildSpec(backend=build.backend), build.source,
                           progress=lambda f, d: progress.update(btask, completed=f, detail=d))
         progress.update(btask, completed=1.0, detail=tools.key)
-        mtask = progress.add_task("model", total=1.0, detail=model_spec or "SmolLM2-135M-Instruct Q4_1")
+        mtask = progress.add_task("model", total=1.0, detail=model_spec)
         model = resolve_model(model_spec)
         progress.update(mtask, completed=1.0)
         result = run_placement_study(tools, store, model, judge_text(), scan_corpus=scan_text(), ctx=ctx_len,
-                                     chunks=chunks,
-                                     scan_chunks=scan_chunks, step=stage_stepper(progress), imatrix=imatrix)
+                                     chunks=chunks, scan_chunks=scan_chunks, step=stage_stepper(progress),
+                                     imatrix=imatrix, calibration=calibration)
     from lacq.results.tables import PLACEMENT_COLUMNS
     from lacq.studies.sensitivity import classify, partitions
     render(result.table, fmt, console, columns=PLACEMENT_COLUMNS,
@@ -69,6 +82,8 @@ def demo_cmd(ctx, model_spec, chunks, ctx_len, scan_chunks, imatrix, fmt, build:
         notes.print(f"scan ({result.scan.chunks} chunks), {kinds[0]}s: [bold]{pattern}[/bold]. {advice}.")
     for note in result.scan.notes:
         notes.print(f"[yellow]note[/yellow]: {note}")
+    notes.print(f"importance matrix: {result.imatrix or 'none (--no-imatrix)'}", markup=False, highlight=False,
+                soft_wrap=True)
     for plot in result.plots:
         notes.print(f"wrote {plot}", markup=False, highlight=False, soft_wrap=True)
     notes.print(f"study {result.study}; {time.monotonic() - t0:.0f} s. Sorted by mean KLD (± its standard error); "

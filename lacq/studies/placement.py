@@ -1,14 +1,15 @@
 """The layer-placement study (`lacq demo`): hand placements against llama.cpp's mixes and optimized recipes.
 
-Build the CPU tools, get the model, dequantize it to an F16 base, quantize the ten hand recipes of
-the placement study (Q4_0 base, protected tensors Q8_0) and llama.cpp's own mixes (Q3_K_M, Q4_K_S,
-Q4_K_M, Q5_K_M: stock llama-quantize ftypes), scan the model's blocks and tensor groups (q4_0 vs
-q8_0), let the optimizer place Q8_0 at Q4_K_M's size and at first8_q8's size (where its search
-proposes more than one choice, each is measured on the study's tokens and the best kept:
-studies/refine.pick_measured), and measure every file by KL-divergence against the base on the same
-tokens (PPL beside). Everything is cached or journaled: a rerun measures only what is missing, a row
-being reused only where everything that changes its number is the same (`measured_rows`).
-"""
+Build the CPU tools, get the model (dequantized to an F16 base where it is quantized), make its importance
+matrix from the calibration part (cached; none where the caller turns it off), quantize the ten hand recipes
+of the placement study (Q4_0 base, protected tensors Q8_0) and llama.cpp's own mixes (Q3_K_M, Q4_K_S, Q4_K_M,
+Q5_K_M: stock llama-quantize ftypes, without and with the importance matrix), scan the model's blocks and
+tensor groups (q4_k..q8_0 where every row splits into k-quant blocks, q4_0 vs q8_0 otherwise), let the
+optimizer choose types at Q4_K_M's size and at first8_q8's size (where its search proposes more than one
+choice, each is measured on the study's tokens and the best kept: studies/refine.pick_measured), and measure
+every file by KL-divergence against the base on the same tokens (PPL beside). Everything is cached or
+journaled: a rerun measures only what is missing, a row being reused only where everything that changes its
+number is the same (`measured_rows`)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ import pandas as pd
 
 from lacq import paths
 from lacq.llama.build import Build
+from lacq.measure.imatrix import DEFAULT_CHUNKS as IMATRIX_CHUNKS
+from lacq.measure.imatrix import make_imatrix
 from lacq.measure.kld import measure_kld
-from lacq.model.info import inspect_model
+from lacq.model.info import ModelInfo, inspect_model
 from lacq.plan.kv.config import KvConfig
+from lacq.plan.llama_quant import allows_quantization
 from lacq.plan.recipe import Plan, load_recipe, parse_recipe, resolve_recipe
 from lacq.quantize import convert_ftype, quantize_with_plan
 from lacq.results.store import Result, Store
@@ -37,7 +41,8 @@ from lacq.studies.sensitivity import plot_scan
 DEMO_RECIPES = ("uniform_q4_0", "first4_q8", "first8_q8", "last4_q8", "last8_q8", "middle8_q8",
                 "first_last4_q8", "alternating_even_q8", "attention_q8", "ffn_q8")
 LLAMA_MIXES = ("Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M")
-SCAN_TYPES = ("q4_0", "q8_0")  # the study's own family
+K_SCAN_TYPES = ("q4_k", "q5_k", "q6_k", "q8_0")  # llama.cpp's mixes' own family, beside q8_0
+LEGACY_SCAN_TYPES = ("q4_0", "q8_0")  # the hand recipes' family: rows of any multiple of 32
 SCAN_UNITS = ("block", "group")
 SCAN_CHUNKS = 4
 
@@ -54,15 +59,27 @@ class PlacementResult:
     base: Path
     scan: Scan
     plots: tuple[Path, ...]
+    imatrix: Path | None = None  # the importance matrix lacq's files and the +imatrix mixes were made with
+
+
+def demo_scan_types(info: ModelInfo) -> tuple[str, ...]:
+    """The scan's candidate types: the k-quants where every quantizable tensor's rows split into their 256-weight
+    blocks (else llama.cpp writes q4_k as q5_0 and q6_k as q8_0, and the scan measures other types than it names,
+    e.g. on SmolLM2's 576-wide rows); q4_0 and q8_0 otherwise."""
+    rows = {t.shape[0] for t in info.tensors if allows_quantization(t)}
+    return K_SCAN_TYPES if rows and all(n % 256 == 0 for n in rows) else LEGACY_SCAN_TYPES
 
 
 def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *, ctx: int = 512, chunks: int = 20,
                         recipes: tuple[str, ...] = DEMO_RECIPES, mixes: tuple[str, ...] = LLAMA_MIXES,
                         scan_chunks: int = SCAN_CHUNKS, threads: int | None = None,
-                        scan_corpus: Path | None = None,
-                        step: Step | None = None, imatrix: Path | None = None) -> PlacementResult:
+                        scan_corpus: Path | None = None, scan_types: tuple[str, ...] | None = None,
+                        step: Step | None = None, imatrix: Path | None = None,
+                        calibration: Path | None = None) -> PlacementResult:
     """`imatrix`: lacq's files (scan candidates, hand and optimized recipes) are quantized with it, and llama.cpp's
-    mixes are made both without it and with it (labelled MIX+imatrix)."""
+    mixes are made both without it and with it (labelled MIX+imatrix). `calibration` (where `imatrix` is None):
+    the importance matrix is made from this text on the F16 base (`make_imatrix`, cached by base, text, chunks and
+    build). Neither: no importance matrix, no +imatrix rows. `scan_types`: default `demo_scan_types` of the base."""
     sha = store.sha256(model)[:12]
     work = paths.sub("work") / sha
     work.mkdir(parents=True, exist_ok=True)
@@ -75,6 +92,12 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
     else:
         base = model
     base_info = inspect_model(base)
+    if imatrix is None and calibration is not None:
+        # `lacq imatrix BASE`'s defaults (100 x 512 tokens), whatever the study's context: the same cached file
+        imatrix = make_imatrix(build, store, base, calibration, chunks=IMATRIX_CHUNKS, ctx=512, threads=threads,
+                               progress=(lambda f, d: step("imatrix", f, d)) if step else None).path
+        if step:
+            step("imatrix", 1.0, "done")
     tag = f".imatrix-{store.sha256(imatrix)[:12]}" if imatrix else ""
     study = f"demo2:{sha}:{build.key}:c{ctx}:n{chunks}" + tag.replace(".", ":")
 
@@ -89,7 +112,8 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
                   for mix in mixes]
 
     # the scan chooses on its own text (default: the judged one); `corpus` judges every file
-    scan = scan_weights(build, store, model, base, scan_corpus or corpus, types=list(SCAN_TYPES), units=SCAN_UNITS,
+    types = list(scan_types or demo_scan_types(base_info))
+    scan = scan_weights(build, store, model, base, scan_corpus or corpus, types=types, units=SCAN_UNITS,
                         chunks=scan_chunks, ctx=ctx, threads=threads, step=step, imatrix=imatrix)
     sizes = {"Q4_K_M": None, "first8_q8": None}
     for i, (name, kind, plan) in enumerate(plans):
@@ -130,7 +154,7 @@ def run_placement_study(build: Build, store: Store, model: Path, corpus: Path, *
     points = [ParetoPoint(r.configuration, r.size_mb, r.kld_mean, r.kld_mean_error, r.kind) for r in table.itertuples()]
     plots += (plot_pareto(points, work / "demo-pareto.png",
                           title=f"{model.name}: size vs KLD, {chunks}×{ctx} tokens"),)
-    return PlacementResult(study, table, base, scan, plots)
+    return PlacementResult(study, table, base, scan, plots, imatrix)
 
 
 def measured_rows(build: Build, store: Store, plans: list[Row], base: Path, base_info, corpus: Path, *, ctx: int,

@@ -69,11 +69,11 @@ def study(tmp_path, monkeypatch):
             run_placement_study(FakeBuild(), open_store(), model, text, **kw)
         return calls
 
-    return run, text, tmp_path
+    return run, tmp_path
 
 
 def test_the_study_makes_its_importance_matrix_from_the_calibration_text_on_the_base(study):
-    run, text, tmp = study
+    run, tmp = study
     base = write_synthetic_gguf(tmp / "base.gguf", n_blocks=8, n_embd=256, n_ff=512)  # first8_q8 needs 8
     calib = tmp / "calibration.txt"
     calib.write_text("calibration\n")
@@ -85,7 +85,7 @@ def test_the_study_makes_its_importance_matrix_from_the_calibration_text_on_the_
 
 
 def test_a_given_importance_matrix_is_used_and_none_is_made(study):
-    run, text, tmp = study
+    run, tmp = study
     base = write_synthetic_gguf(tmp / "base.gguf", n_blocks=8, n_embd=256, n_ff=512)  # first8_q8 needs 8
     given = tmp / "given.imatrix.gguf"
     given.write_bytes(b"given")
@@ -94,7 +94,7 @@ def test_a_given_importance_matrix_is_used_and_none_is_made(study):
 
 
 def test_without_calibration_or_imatrix_the_study_quantizes_without_one(study):
-    run, text, tmp = study
+    run, tmp = study
     base = write_synthetic_gguf(tmp / "base.gguf", n_blocks=8, n_embd=320, n_ff=320)
     calls = run(base)
     assert calls["imatrix"] == [] and calls["scan"]["imatrix"] is None

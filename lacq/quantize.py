@@ -75,7 +75,10 @@ def quantize_with_plan(build: Build, store: Store, model: Path, info: ModelInfo,
                           "imatrix": imatrix_sha})
     if not dry_run and output.exists():
         cached = store.cache.artifact(key)
-        if cached is not None and cached.resolve() == output.resolve():
+        # The cache keeps one path per key: a second file made from the same input, plan and build elsewhere
+        # (a scan's candidate file, say) moves the key there, and this one is still up to date by its bytes.
+        if cached is not None and (cached.resolve() == output.resolve()
+                                   or store.sha256(cached) == store.sha256(output)):
             return QuantizeOutcome(output, plan, plan.predicted_bytes, output.stat().st_size, (), True,
                                    time.monotonic() - t0)
         if not force:

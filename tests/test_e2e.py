@@ -81,6 +81,18 @@ def test_same_plan_again_is_skipped_and_existing_output_refused(quantized, smoll
     assert target.stat().st_mtime_ns == mtime
 
 
+def test_the_same_plan_written_elsewhere_leaves_the_first_file_up_to_date(quantized, smollm2_f16, tmp_path):
+    """The cache keeps one path per key: quantizing the same plan to a second path moved the key there, and a
+    rerun of the first command was refused as if its file were someone else's."""
+    first = quantized["uniform_q4_0"]
+    r = lacq("quantize", "--recipe", "uniform_q4_0", smollm2_f16, "-o", tmp_path / "again.gguf")
+    assert r.exit_code == 0 and "wrote" in r.output, r.output
+    mtime = first.stat().st_mtime_ns
+    r = lacq("quantize", "--recipe", "uniform_q4_0", smollm2_f16, "-o", first)
+    assert r.exit_code == 0 and "up to date" in r.output, r.output
+    assert first.stat().st_mtime_ns == mtime
+
+
 def test_dry_run_writes_nothing(smollm2_f16, tmp_path):
     target = tmp_path / "x.gguf"
     r = lacq("quantize", "--recipe", "ffn_q8", smollm2_f16, "-o", target, "--dry-run", "--strict")

@@ -69,3 +69,20 @@ def test_llama_perplexity_on_the_clean_base_equals_the_training_maths(cpu_build,
     (result,) = open_store().results(kind="ppl", study="e2e-clean-base")
     assert len(result.metrics["chunks"]) == card["chunks_e2e"]
     assert result.metrics["ppl"] == pytest.approx(card["torch_ppl_e2e"], rel=0.01)
+
+
+@pytest.mark.e2e
+def test_quantize_predicts_the_file_size_with_its_header(cpu_build, tmp_path):
+    """`lacq quantize` said "predicted 13.88 MB, actual 15.65 MB" for the clean base at q4_0: the plan counts
+    tensor bytes, the file adds the tokenizer and header (1.77 MB here). The prediction now includes them."""
+    import re
+
+    from click.testing import CliRunner
+
+    from lacq.cli import cli
+
+    out = tmp_path / "q4_0.gguf"
+    r = CliRunner().invoke(cli, ["quantize", "clean-base", "--recipe", "uniform_q4_0", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    predicted = float(re.search(r"predicted ([\d.]+) MB \(", r.output).group(1))
+    assert predicted == pytest.approx(out.stat().st_size / 1e6, rel=0.005)

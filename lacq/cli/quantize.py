@@ -55,8 +55,12 @@ def quantize_cmd(ctx, model_spec, recipe_name, output, sets, imatrix, dry_run, s
     for m in out.mismatches:
         err_console.print(f"[yellow]note[/yellow]: {m.name}: planned {m.predicted}, llama-quantize chose {m.actual}")
     verb = "would write" if dry_run else ("up to date" if out.skipped else "wrote")
-    console.print(f"{verb} {out.output}: predicted {out.predicted_bytes / 1e6:.2f} MB, "
-                  f"{'dry-run' if dry_run else 'actual'} {out.actual_bytes / 1e6:.2f} MB "
+    # the plan predicts tensor bytes; the file adds the input's header, metadata (the tokenizer) and padding
+    overhead = max(0, model.stat().st_size - info.total_bytes)
+    actual = (f"dry-run {out.actual_bytes / 1e6:.2f} MB of tensors" if dry_run
+              else f"actual {out.actual_bytes / 1e6:.2f} MB")
+    console.print(f"{verb} {out.output}: predicted {(out.predicted_bytes + overhead) / 1e6:.2f} MB "
+                  f"({out.predicted_bytes / 1e6:.2f} MB of tensors), {actual} "
                   f"({len(plan.rules)} rules, {out.seconds:.1f} s)")
 
 

@@ -122,3 +122,21 @@ def test_demo_rows_are_reused_only_for_the_same_plan_file_and_scan(tmp_path, cor
     rows([hand, opt], chunks=8)
     rows([hand, opt], b=CUDA)
     assert len(calls) == 8
+
+
+def test_demo_rows_of_one_file_are_measured_once(tmp_path, corpus):
+    """On the clean base's 8 blocks first8_q8, last8_q8, middle8_q8 and first_last4_q8 are the same file: the
+    demo measured it four times (about 16 s each on 2 cores). Now once, each row under its own label."""
+    from lacq.studies.placement import measured_rows
+    calls: list = []
+    base = write_synthetic_gguf(tmp_path / "base.gguf", n_blocks=4)
+    same = write_synthetic_gguf(tmp_path / "all8.gguf", n_blocks=2)
+    other = write_synthetic_gguf(tmp_path / "other.gguf", n_blocks=3)
+    plans = [(name, "hand recipe", SimpleNamespace(plan_hash=name, recipe=name), path, None)
+             for name, path in (("first8_q8", same), ("last8_q8", same), ("ffn_q8", other), ("middle8_q8", same))]
+    rows = measured_rows(CPU, open_store(), plans, base, None, corpus, ctx=512, chunks=20, threads=None,
+                         study="demo2:y", measure=fake_kld(calls))
+    assert sorted(c[1] for c in calls) == ["ffn_q8", "first8_q8"]
+    assert [r.label for r in rows] == ["first8_q8", "last8_q8", "ffn_q8", "middle8_q8"]
+    assert rows[1].metrics["kld_mean"] == rows[0].metrics["kld_mean"] == rows[3].metrics["kld_mean"]
+    assert rows[3].metrics["same_file_as"] == "first8_q8" and rows[3].recipe == "middle8_q8"

@@ -7,8 +7,10 @@ database still reuses quantized files, logits and prepared trees.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import random
 import sqlite3
 import time
 from pathlib import Path
@@ -30,18 +32,32 @@ def connect(path: Path, migrations: list[Migration], what: str) -> sqlite3.Conne
 
     `_migrations` records each applied migration by its position in the list and its name.
     """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
-        db.row_factory = sqlite3.Row
-        # WAL: readers never block the writer nor it them, so processes filing results at once only queue
-        # for the short write itself.
-        db.execute("PRAGMA journal_mode=WAL")
-        if not _all_applied(db, migrations):
-            _migrate(db, migrations)
-        return db
-    except sqlite3.DatabaseError as exc:
-        raise StoreError(f"cannot use {what} {path}: {exc}") from None
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    for attempt in itertools.count():
+        db = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
+            db.row_factory = sqlite3.Row
+            # WAL: readers never block the writer nor it them, so processes filing results at once only queue
+            # for the short write itself.
+            db.execute("PRAGMA journal_mode=WAL")
+            if not _all_applied(db, migrations):
+                _migrate(db, migrations)
+            return db
+        except sqlite3.OperationalError as exc:
+            if db is not None:
+                db.close()
+            # SQLite answers "locked" at once, without its busy wait, where waiting could deadlock (several
+            # processes opening one new database, switching it to WAL and migrating it together): open again.
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise StoreError(f"cannot use {what} {path}: {exc}") from None
+            time.sleep(min(1.0, 0.02 * 2 ** min(attempt, 6)) * (0.5 + random.random()))
+        except sqlite3.DatabaseError as exc:
+            if db is not None:
+                db.close()
+            raise StoreError(f"cannot use {what} {path}: {exc}") from None
+    raise AssertionError("unreachable")
 
 
 def _all_applied(db: sqlite3.Connection, migrations: list[Migration]) -> bool:

@@ -189,3 +189,28 @@ def test_two_sweeps_of_one_file_at_once_measure_each_run_once(tmp_path):
         assert all("another sweep of this study is measuring it (pid " in m for m in failed.values())
     stored = [r for r in open_store().results(study="tiny") if r.kind == "ppl"]
     assert sorted(r.sweep_run for r in stored) == sorted(executed)
+
+
+def test_a_database_answering_locked_without_waiting_is_opened_again(tmp_path, monkeypatch):
+    """SQLite answers "database is locked" at once, without the busy wait, where waiting could deadlock (eight
+    processes opening one new database under load: one failed the load test above in a clean-clone run). The
+    open is tried again until the busy timeout instead of failing the measurement."""
+    real = sqlite3.connect
+    refusals = [2]
+
+    class Refusing(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if sql.startswith("PRAGMA journal_mode") and refusals[0] > 0:
+                refusals[0] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return super().execute(sql, *args)
+
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: real(*a, factory=Refusing, **kw))
+    db = connect(tmp_path / "r.sqlite", MIGRATIONS, "results database")
+    assert refusals == [0] and db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    # other errors still end at once, in one line
+    (tmp_path / "bad.sqlite").write_bytes(b"not a database" * 100)
+    monkeypatch.setattr(sqlite3, "connect", real)
+    with pytest.raises(StoreError, match="cannot use results database .*bad.sqlite"):
+        connect(tmp_path / "bad.sqlite", MIGRATIONS, "results database")

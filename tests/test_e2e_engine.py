@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 
 import pytest
 from procutil import descendants, gone_within
@@ -137,6 +138,24 @@ def test_bad_input_is_refused_in_one_line(cpu_build, smollm2, smollm2_f16, gemma
         assert good.ok and good.result.kld_mean > 0
     finally:
         engine.close()
+
+
+def test_a_refusal_is_printed_before_the_engine_exits_under_load(cpu_build, smollm2, smollm2_f16, gemma3):
+    """llama.cpp's log prints from a worker thread: an engine that refused its input and exited at once lost the
+    "engine: ..." line in 12 of 60 runs with four busy loops beside it (a clean-clone CI run saw "the engine
+    stopped before it was ready" with no reason). The engine now drains the log before it exits."""
+    store, info = open_store(), inspect_model(smollm2_f16)
+    logits, _ = base_logits(cpu_build, store, smollm2_f16, info, paths.default_corpus(), ctx=CTX, chunks=CHUNKS)
+    args = tool.argv(cpu_build.tool("llama-perplexity"), smollm2, logits, {"other": gemma3}, ctx=CTX)
+    busy = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(4)]
+    try:
+        for _ in range(40):
+            with pytest.raises(ToolError, match=r"^engine: candidate other .* architecture gemma3"):
+                tool.Engine(args).start()
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
 
 
 def test_a_killed_engine_costs_only_the_variant_in_flight(cpu_build, smollm2, smollm2_f16):

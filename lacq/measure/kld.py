@@ -110,6 +110,25 @@ def base_logits(build: Build, store: Store, base: Path, base_info: ModelInfo, co
     return out, False
 
 
+def check_kld_run(build: Build, kv: KvConfig, ctx: int, model: Path, info: ModelInfo, base: Path,
+                  base_info: ModelInfo, allow_long_context: bool = False) -> KvConfig:
+    """What every KLD run checks before it runs (a process of its own or an engine's variant): both models take
+    the context, the KV configuration runs with this build and model, the base is the model's parent. The KV
+    configuration prepared for the run."""
+    for i in (info, base_info):
+        check_context(ctx, i, allow_long_context)
+    kv = prepare_kv(build, kv, info)
+    check_same_model(base_info, info, base, model)
+    return kv
+
+
+def checked_logits_header(logits: Path, info: ModelInfo) -> kld.LogitsHeader:
+    """The base logits file's header, refused where it does not fit `info`'s model."""
+    header = kld.read_logits_header(logits)
+    check_logits_matches(header, logits, info)
+    return header
+
+
 def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: Path, base_info: ModelInfo,
                 kv: KvConfig, corpus: Path, *, ctx: int = 512, chunks: int = 20, threads: int | None = None,
                 ngl: int | None = None, label: str | None = None, study: str | None = None,
@@ -122,10 +141,7 @@ def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: 
     and context then decide the run's."""
     if not corpus.exists():
         raise LacqError(f"corpus {corpus} does not exist")
-    for i in (info, base_info):
-        check_context(ctx, i, allow_long_context)
-    kv = prepare_kv(build, kv, info)
-    check_same_model(base_info, info, base, model)
+    kv = check_kld_run(build, kv, ctx, model, info, base, base_info, allow_long_context)
     t0 = time.monotonic()
     if logits is not None:
         if not logits.is_file():
@@ -135,8 +151,7 @@ def measure_kld(build: Build, store: Store, model: Path, info: ModelInfo, base: 
         logits, cached = base_logits(build, store, base, base_info, corpus, ctx=ctx, chunks=chunks,
                                      threads=threads, ngl=ngl,
                                      progress=(lambda f, d: progress(0.5 * f, d)) if progress else None)
-    header = kld.read_logits_header(logits)
-    check_logits_matches(header, logits, info)
+    header = checked_logits_header(logits, info)
     args = kld.argv(build.tool("llama-perplexity"), model, logits, ctx=header.n_ctx, threads=threads, ngl=ngl,
                     kv_args=kv.argv())
     done = [0]

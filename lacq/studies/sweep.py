@@ -374,18 +374,11 @@ def _kld_in_engine(run: SweepRun, setup: WorkerSetup, store: Store, model: Path,
     """A KLD run as one variant of this worker's engine for its model and base logits: the run's KV
     configuration, no tensor swapped (each sweep cell is a file of its own). Filed like `measure_kld` files
     it, with the same checks first and the same annotations, plus `engine: True`."""
-    from lacq.llama.tools.kld import read_logits_header
-    from lacq.measure.common import check_context, prepare_kv
-    from lacq.measure.kld import check_logits_matches, check_same_model
+    from lacq.measure.kld import check_kld_run, checked_logits_header
     from lacq.model.info import inspect_model
     base, logits = Path(run.base), Path(run.logits)
-    base_info = inspect_model(base)
-    for i in (info, base_info):
-        check_context(run.ctx, i)
-    kv = prepare_kv(setup.build, run.kv, info)
-    check_same_model(base_info, info, base, model)
-    header = read_logits_header(logits)
-    check_logits_matches(header, logits, info)
+    kv = check_kld_run(setup.build, run.kv, run.ctx, model, info, base, inspect_model(base))
+    header = checked_logits_header(logits, info)
     session = _engine_session(setup, model, info, logits, header.n_ctx)
     return session.measure(store, label=run.label, study=None, tensors={}, kv=kv, corpus=corpus, record_model=model,
                            annotations={"base_model_sha256": store.sha256(base), "base_model": str(base),

@@ -13,13 +13,17 @@
 #   start [S]     wheels, source; `lacq build --backend cuda` (tools, test-backend-ops, test-kv-bytes) detached;
 #                 then wait up to S s for the build
 #   wait [S]      wait up to S s for the build and the training; weights.npz in parts to $OUT when trained
+#   smol, smolpoll [S]   bench/gpu/engine_smol.sh detached (SmolLM2-shaped scans, KLD on GPU vs host), then its files
+#   synth8b, poll [S]    the synthetic 8B's tensor scan detached, then its files
+#   (kvchecks, engine, kvspeed: see their bodies; TESTS=0 before `start` builds the tools without the test programs)
 set -uo pipefail
 export LACQ_HOME=/tmp/lh PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 G=/tmp/g; SRC=$G/llama.cpp; CB=/tmp/cb; E=/tmp/e
-bin() { python3 -m lacq build --backend cuda --source "$SRC" --target test-backend-ops \
-          --target test-kv-bytes --print-path; }
+# TESTS=0: the tools alone (a shorter build, for the engine and speed stages)
+TARGETS=(); [ "${TESTS:-1}" = 1 ] && TARGETS=(--target test-backend-ops --target test-kv-bytes)
+bin() { python3 -m lacq build --backend cuda --source "$SRC" "${TARGETS[@]}" --print-path; }
 build_done() { grep -q '^rc=' /tmp/build.log 2>/dev/null; }
 train_done() { [ -f $CB/train.json ]; }
 wait_for() {  # up to $1 seconds for the build (and the training, when it runs)
@@ -44,8 +48,8 @@ train)
 start)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   mkdir -p $G $E && tar -C $G -xJf .gpu/s1/llama-src.tar.xz && cp .gpu/s2/* $E/
-  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC --target test-backend-ops \
-    --target test-kv-bytes; echo rc=\$?" > /tmp/build.log 2>&1 < /dev/null &
+  setsid nohup bash -c "python3 -m lacq build --backend cuda --source $SRC ${TARGETS[*]}; echo rc=\$?" \
+    > /tmp/build.log 2>&1 < /dev/null &
   sleep 10; wait_for "${2:-0}" ;;
 wait)
   wait_for "${2:-0}"
@@ -89,13 +93,23 @@ PY
     echo "bare KLD process of $(basename "$q4"): $(python3 -c "print(round($EPOCHREALTIME - $s, 3))") s"
   done
   grep -E 'seconds per pass|Mean +KLD' /tmp/bare1.log ;;
+smol)  # bench/gpu/engine_smol.sh, detached; `smolpoll S` waits up to S s and brings its files back
+  B=$(bin) || exit 1
+  setsid nohup bash bench/gpu/engine_smol.sh /tmp/sm "$B" "$SRC" $E > /tmp/sm.log 2>&1 < /dev/null &
+  sleep 5; tail -n 3 /tmp/sm.log ;;
+smolpoll)
+  for _ in $(seq 1 $(( ${2:-0} / 10 ))); do grep -q '^rc=' /tmp/sm.log && break; sleep 10; done
+  cat /tmp/sm.log; mkdir -p $OUT/smol && cp /tmp/sm.log /tmp/sm/* $OUT/smol/ 2>/dev/null; ls $OUT/smol | head -40 ;;
 synth8b)
   B=$(bin) || exit 1
   mkdir -p /tmp/s8 && xz -dc $E/ggml-vocab-llama-bpe.gguf.xz > /tmp/s8/vocab.gguf
   setsid nohup bash -c "
     python3 bench/gpu/synth8b.py /tmp/s8/vocab.gguf /tmp/s8/f16.gguf && df -h /tmp | tail -n 1 &&
     /usr/bin/time -v python3 -m lacq scan weights /tmp/s8/f16.gguf --base /tmp/s8/f16.gguf --unit tensor \
-      --types q4_0,q8_0 --chunks 4 --backend cuda --source $SRC -o /tmp/s8/scan8b.json > /tmp/s8/scan8b.txt; echo rc=\$?
+      --types q4_0,q8_0 --chunks 4 --backend cuda --source $SRC -o /tmp/s8/scan8b.json > /tmp/s8/scan8b.txt
+    q4=\$(ls $LACQ_HOME/work/scan/*/f16.all-q4_0.gguf | head -n 1); lg=\$(ls -S $LACQ_HOME/logits/*.logits | head -n 1)
+    for i in 1 2; do $B/llama-perplexity -m \$q4 --kl-divergence-base \$lg --kl-divergence -c 512 2>&1 \
+      | grep -E 'seconds per pass|Mean +KLD' | sed 's/^/bare q4_0 process: /'; done; echo rc=0
   " > /tmp/s8/run.log 2>&1 < /dev/null &
   setsid nohup bash -c "while sleep 2; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; done" \
     > /tmp/s8/gpumem.log 2>&1 < /dev/null &

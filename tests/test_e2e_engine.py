@@ -186,3 +186,36 @@ def test_a_killed_engine_costs_only_the_variant_in_flight(cpu_build, smollm2, sm
     scan = scan_weights(cpu_build, store, smollm2, smollm2_f16, paths.default_corpus(), **kw)
     labels = [r.label for r in store.results(kind="kld")]
     assert labels[:7] == first and len(labels) == len(set(labels)) == 2 + 2 * len(scan.units)
+
+
+def test_the_kld_on_a_device_agrees_with_the_host_s(cpu_build, smollm2, smollm2_f16):
+    """The engine's KL-divergence graph (where a GPU holds the model; LLAMA_ENGINE_KLD=device runs it on the CPU
+    backend here) against llama-perplexity's host arithmetic on the same variants: the same statistics up to
+    float rounding (on an H100, 1.5e-6 relative in mean KLD; bench/results/engine_cuda.md)."""
+    store, info = open_store(), inspect_model(smollm2_f16)
+    logits, _ = base_logits(cpu_build, store, smollm2_f16, info, paths.default_corpus(), ctx=CTX, chunks=CHUNKS)
+    args = tool.argv(cpu_build.tool("llama-perplexity"), smollm2, logits, {"f16": smollm2_f16}, ctx=CTX)
+    variants = [("uniform", {}, []), ("ffn_down", {"blk.3.ffn_down.weight": "f16"}, []),
+                ("kv", {}, ["-ctk", "q8_0", "-ctv", "q4_0", "-fa", "on"])]
+    results = {}
+    for where in ("device", "host"):
+        engine = tool.Engine(args, env={"LLAMA_ENGINE_KLD": where})
+        ready = engine.start()
+        try:
+            assert ready.kld_on == ("CPU" if where == "device" else "host")
+            outcomes = [engine.evaluate(vid, tensors, kv)[0] for vid, tensors, kv in variants]
+        finally:
+            engine.close()
+        assert all(o.ok and o.kld_on == ready.kld_on for o in outcomes)
+        results[where] = [o.result for o in outcomes]
+    for dev, host in zip(results["device"], results["host"], strict=True):
+        assert dev.kld_mean == pytest.approx(host.kld_mean, rel=1e-4)
+        assert dev.kld_mean_error == pytest.approx(host.kld_mean_error, rel=1e-3)
+        assert dev.ppl_q == pytest.approx(host.ppl_q, rel=1e-5) and dev.ppl_base == pytest.approx(host.ppl_base)
+        assert dev.kld_quantiles["p99.9"] == pytest.approx(host.kld_quantiles["p99.9"], rel=1e-3)
+        assert dev.same_top_p_pct == host.same_top_p_pct
+        assert dev.dp_rms_pct == pytest.approx(host.dp_rms_pct, rel=1e-3)
+        assert [c.kld for c in dev.chunks] == pytest.approx([c.kld for c in host.chunks], rel=1e-4)
+    assert len({r.kld_mean for r in results["host"]}) == 3  # three different variants, not one measured thrice
+    with pytest.raises(ToolError, match=r"^engine: LLAMA_ENGINE_KLD is host or device, not 'gpu'$"):
+        tool.Engine(args, env={"LLAMA_ENGINE_KLD": "gpu"}).start()

@@ -40,10 +40,11 @@ def test_parse_reads_the_ready_line_and_each_variant(capture):
     assert r.kld_quantiles["min"] <= r.kld_quantiles["p50"] <= r.kld_quantiles["p99.9"] <= r.kld_quantiles["max"]
 
 
-def test_the_engine_s_numbers_are_those_its_text_prints(capture):
+@pytest.mark.parametrize("log", [CAPTURE, "engine_cuda_kld_device.log"])  # KLD on the host; on an H100
+def test_the_engine_s_numbers_are_those_its_text_prints(capture, log):
     """Each variant's JSON against the text llama-perplexity prints for it (parsed by tools/kld.py): the same
     statistics, to the digits printed."""
-    text = capture(CAPTURE)
+    text = capture(log)
     lines = text.splitlines()
     ends = [i for i, line in enumerate(lines) if isinstance(tool.parse_line(line), tool.VariantOutcome)]
     start = 0
@@ -199,3 +200,15 @@ def test_ctrl_c_during_a_variant_stops_the_engine_at_once(stand_in, monkeypatch)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_ready_says_where_the_kld_is_computed(capture):
+    """An H100 engine (patch 0018, the SmolLM2-shaped model of bench/gpu/engine_smol.sh) computes the KLD on
+    CUDA0; an engine without a GPU, or one made before the device KLD, on the host. The variant carries it."""
+    ready = [e for line in capture("engine_cuda_kld_device.log").splitlines()
+             if isinstance(e := tool.parse_line(line), tool.Ready)]
+    assert [r.kld_on for r in ready] == ["CUDA0"]
+    (old,) = [e for line in capture(CAPTURE).splitlines() if isinstance(e := tool.parse_line(line), tool.Ready)]
+    assert old.kld_on == "host"
+    v = _variants(capture("engine_cuda_kld_device.log"))[0]
+    assert v.ok and v.id == "uniform" and v.kld_on is None  # Engine.evaluate fills it from its Ready

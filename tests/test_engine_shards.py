@@ -167,3 +167,42 @@ def test_a_gpu_build_without_ngl_plans_the_candidates_on_the_gpu(four_gpus, stan
     assert "GPU" in on_gpu.describe()
     assert memory_plan(stand_in.model, cands, 0, gpu_backend=True).host_bytes == 3000  # -ngl 0: the host
     assert memory_plan(stand_in.model, cands, None, gpu_backend=False).host_bytes == 3000  # a CPU build
+
+
+def _logits_header(path: Path, n_ctx: int, n_vocab: int, n_chunk: int) -> Path:
+    """The first 20 bytes of a --kl-divergence-base file (what the memory plan reads of it)."""
+    path.write_bytes(b"_logits_" + n_ctx.to_bytes(4, "little") + n_vocab.to_bytes(4, "little")
+                     + n_chunk.to_bytes(4, "little"))
+    return path
+
+
+def test_engines_sharing_a_gpu_and_the_kld_on_the_gpu_are_planned(four_gpus, stand_in, monkeypatch, tmp_path):
+    """--jobs 4 on one GPU runs four engines, each with the model, its candidates and the KL-divergence's base
+    log-probabilities on the device (4x512 tokens of Llama-3's 128,256-token vocabulary: 1.70 GB each; the
+    H100 run of the synthetic 8B peaked 1.8 GB above its files)."""
+    logits = _logits_header(tmp_path / "l.logits", 512, 128256, 4)
+    cands = {"q8_0": stand_in.cand}
+    one = memory_plan(stand_in.model, cands, None, gpu_backend=True, logits=logits)
+    kld = (2 * 255 * 4 + 5 * 255) * 128256 * 4
+    assert (one.kld_bytes, one.gpu_bytes, one.engines_per_gpu) == (kld, 3000 + kld, 1)
+    assert "1.70 GB of it the KLD's base log-probabilities" in one.describe()
+    four = memory_plan(stand_in.model, cands, None, gpu_backend=True, logits=logits, engines_per_gpu=4)
+    assert four.gpu_bytes == 4 * (3000 + kld) and "4 engines sharing the GPU" in four.describe()
+    # on the host (a CPU build, -ngl 0) the engines share the mmap'd files and the KLD runs on the host
+    host = memory_plan(stand_in.model, cands, 0, gpu_backend=True, logits=logits, engines_per_gpu=4)
+    assert (host.host_bytes, host.gpu_bytes, host.kld_bytes) == (3000, 0, 0)
+    monkeypatch.setenv("FREE_MIB_0", "7000")  # 7.34 GB: one engine fits, four do not
+    EngineSession(stand_in.build, stand_in.model, None, logits, cands, ctx=512, gpus=["0"]).close()
+    with pytest.raises(EngineError, match=r"needs 6\.80 GB of GPU memory for the model and its candidates "
+                                          r"\(4 engines\) and the GPU has 7\.34 GB free"):
+        EngineSession(SimpleNamespace(tool=stand_in.build.tool, backend="cuda"), stand_in.model, None, logits,
+                      cands, ctx=512, engines_per_gpu=4)
+    assert not list(stand_in.seen.iterdir())  # refused before any engine started
+
+
+def test_a_header_that_is_not_base_logits_plans_no_kld_memory(tmp_path):
+    from lacq.studies.engine import kld_device_bytes
+    assert kld_device_bytes(None) == 0 and kld_device_bytes(tmp_path / "missing") == 0
+    (tmp_path / "short").write_bytes(b"_logits_")
+    (tmp_path / "other").write_bytes(b"GGUF" + bytes(16))
+    assert kld_device_bytes(tmp_path / "short") == 0 and kld_device_bytes(tmp_path / "other") == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -58,18 +59,22 @@ def engine_available(build: Build, note: Callable[[str], None] | None = None) ->
 @dataclass(frozen=True)
 class MemoryPlan:
     host_bytes: int  # the model and candidate files: mmap'd (page cache); repacked tensors are copies
-    gpu_bytes: int  # with layers offloaded: the model and every candidate on the device
+    gpu_bytes: int  # with layers offloaded: the model, every candidate and the KLD's share on each GPU, all engines
     host_free: int | None
     gpu_free: int | None  # with several GPUs (an engine on each), the least free among them
     gpu: str | None = None  # which GPU that is, where the scan names them
     n_gpus: int = 1
+    kld_bytes: int = 0  # of gpu_bytes, one engine's: the KL-divergence on the GPU (kld_device_bytes)
+    engines_per_gpu: int = 1  # engines sharing one GPU (--jobs without --gpus), each with its own copy
 
     def describe(self) -> str:
         where = (f"host {self.host_bytes / 1e9:.2f} GB (model and candidate files, mmap'd; tensors llama.cpp "
                  f"repacks for this CPU are copied)")
         if self.gpu_bytes:
             each = f" on each of {self.n_gpus} GPUs" if self.n_gpus > 1 else ""
-            where += f"; GPU {self.gpu_bytes / 1e9:.2f} GB (model and candidates on the device{each})"
+            kld = f", {self.kld_bytes / 1e9:.2f} GB of it the KLD's base log-probabilities" if self.kld_bytes else ""
+            engines = f", {self.engines_per_gpu} engines sharing the GPU" if self.engines_per_gpu > 1 else ""
+            where += f"; GPU {self.gpu_bytes / 1e9:.2f} GB (model and candidates on the device{kld}{engines}{each})"
         free = [f"{n} {v / 1e9:.2f} GB" for n, v in (("host", self.host_free), (self._gpu_name(), self.gpu_free))
                 if v is not None]
         return f"engine memory: {where}; free: {', '.join(free) or 'unknown'}"
@@ -117,13 +122,34 @@ def visible_gpus() -> list[str]:
     return []
 
 
+def kld_device_bytes(logits: Path | None) -> int:
+    """GPU memory of an engine's KL-divergence on the device (patch 0018's engine_kld_device): the base
+    log-probabilities of every scored token unpacked twice (log p, and p where it counts), one sequence's logits,
+    and the graph's work space (about four more of those); 0 where `logits` is not a base logits file."""
+    if logits is None:
+        return 0
+    try:
+        with open(logits, "rb") as f:
+            magic, n_ctx, n_vocab, n_chunk = struct.unpack("<8sIii", f.read(20))
+    except (OSError, struct.error):
+        return 0
+    if magic != b"_logits_" or n_ctx < 2:
+        return 0
+    n_row = n_ctx - 1 - n_ctx // 2
+    return (2 * n_row * n_chunk + 5 * n_row) * n_vocab * 4
+
+
 def memory_plan(model: Path, candidates: Mapping[str, Path], ngl: int | None,
-                gpus: Sequence[str] = (), gpu_backend: bool = False) -> MemoryPlan:
+                gpus: Sequence[str] = (), gpu_backend: bool = False, logits: Path | None = None,
+                engines_per_gpu: int = 1) -> MemoryPlan:
     """Where the engine's model and candidates live; with `gpus` (an engine on each), every GPU holds them all,
-    so the one with the least free memory decides. On a GPU build without -ngl (`gpu_backend`, `ngl` None)
-    llama.cpp offloads every layer, so they live on the GPU; -ngl 0 keeps them on the host."""
+    so the one with the least free memory decides, and `engines_per_gpu` engines on one GPU hold a copy each.
+    On a GPU build without -ngl (`gpu_backend`, `ngl` None) llama.cpp offloads every layer, so they live on the
+    GPU, with the KL-divergence's base log-probabilities (`logits`); -ngl 0 keeps them on the host."""
     files = sum(p.stat().st_size for p in [model, *candidates.values()])
     on_gpu = bool(gpus) or (gpu_backend if ngl is None else ngl > 0)
+    kld = kld_device_bytes(logits) if on_gpu else 0
+    engines = max(1, engines_per_gpu) if on_gpu else 1
     gpu_free, gpu = None, None
     if on_gpu:
         free = {g: gpu_available(g) for g in gpus} if gpus else {None: gpu_available()}
@@ -131,8 +157,9 @@ def memory_plan(model: Path, candidates: Mapping[str, Path], ngl: int | None,
         if known:
             gpu = min(known, key=lambda g: known[g])
             gpu_free = known[gpu]
-    return MemoryPlan(host_bytes=0 if on_gpu else files, gpu_bytes=files if on_gpu else 0,
-                      host_free=host_available(), gpu_free=gpu_free, gpu=gpu, n_gpus=max(1, len(gpus)))
+    return MemoryPlan(host_bytes=0 if on_gpu else files, gpu_bytes=(files + kld) * engines if on_gpu else 0,
+                      host_free=host_available(), gpu_free=gpu_free, gpu=gpu, n_gpus=max(1, len(gpus)),
+                      kld_bytes=kld, engines_per_gpu=engines)
 
 
 def check_memory(plan: MemoryPlan) -> None:
@@ -142,8 +169,9 @@ def check_memory(plan: MemoryPlan) -> None:
                           f"candidates and {plan.host_free / 1e9:.2f} GB are available (1 GB kept free); scan fewer "
                           "types, or use --no-engine (one assembled file at a time)")
     if plan.gpu_free is not None and plan.gpu_bytes + HOST_MARGIN > plan.gpu_free:
+        engines = f" ({plan.engines_per_gpu} engines)" if plan.engines_per_gpu > 1 else ""
         raise EngineError(f"the engine needs {plan.gpu_bytes / 1e9:.2f} GB of GPU memory for the model and its "
-                          f"candidates{' on each GPU' if plan.n_gpus > 1 else ''} and "
+                          f"candidates{engines}{' on each GPU' if plan.n_gpus > 1 else ''} and "
                           f"{'the GPU' if plan.gpu is None else 'GPU ' + plan.gpu} has {plan.gpu_free / 1e9:.2f} GB "
                           "free (1 GB kept free)")
 
@@ -254,13 +282,15 @@ class EngineSession:
 
     def __init__(self, build: Build, model: Path, info: ModelInfo, logits: Path, candidates: Mapping[str, Path], *,
                  ctx: int, threads: int | None = None, ngl: int | None = None, gpus: Sequence[str] = (),
-                 remote: RemoteEngines | None = None, note: Callable[[str], None] | None = None):
+                 remote: RemoteEngines | None = None, note: Callable[[str], None] | None = None,
+                 engines_per_gpu: int = 1):
         self.build, self.model, self.info, self.logits = build, model, info, logits
         self.args = tool.argv(build.tool("llama-perplexity"), model, logits, candidates, ctx=ctx, threads=threads,
                               ngl=ngl)
         self.engines: EnginePool
         plan = partial(memory_plan, model, dict(candidates), ngl, tuple(gpus),
-                       gpu_backend=getattr(build, "backend", "cpu") != "cpu")
+                       gpu_backend=getattr(build, "backend", "cpu") != "cpu", logits=logits,
+                       engines_per_gpu=1 if gpus or remote is not None else engines_per_gpu)
         if remote is not None:
             self.engines = remote(self.args, plan)
             return
@@ -284,7 +314,7 @@ class EngineSession:
         result = outcome.result
         metrics = asdict(result)
         metrics.update(base_logits=str(self.logits), logits_key=self.logits.stem, engine=True,
-                       engine_tensors=dict(tensors), **(annotations or {}))
+                       engine_tensors=dict(tensors), kld_on=outcome.kld_on, **(annotations or {}))
         return record(store, kind="kld", label=label, model=record_model, build=self.build, kv=kv,
                       command=self.args, metrics=metrics, wall_seconds=seconds, study=study, corpus=corpus,
                       ctx=result.n_ctx, chunks=result.n_chunks, info=self.info, tool_output=startup + text)

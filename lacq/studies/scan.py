@@ -268,7 +268,7 @@ def open_session(build: Build, model: Path, info: ModelInfo, logits: Path, candi
                             "without it (--no-engine, or a build without its patch)")
         return None, workers
     session = EngineSession(build, model, info, logits, candidates, ctx=ctx, threads=threads, gpus=gpus, remote=ray,
-                            note=note)
+                            note=note, engines_per_gpu=workers)
     if ray is not None:
         workers = ray.actors
     elif gpus and workers != len(gpus):

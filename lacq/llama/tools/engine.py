@@ -6,6 +6,8 @@ the context with other KV options (`-ctk/-ctv/-fa` and the per-layer `LLAMA_KV_T
 answers with one JSON line, `{"engine": "variant", "id", "ok", "seconds", "result" | "error"}`, whose
 result holds the statistics `--kl-divergence` prints (same names as tools/kld.py's `KldResult`). Bad
 candidates or logits stop the engine before the first variant with one `engine: ...` error line.
+Where the model's layers are on a GPU the engine computes each token's KLD there (`Ready.kld_on` names the
+device; LLAMA_ENGINE_KLD=host|device in its environment overrides), else on the host as llama-perplexity does.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import subprocess
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lacq.errors import ToolError
@@ -35,6 +37,7 @@ class EngineCrashed(ToolError):
 class Ready:
     model_bytes: int
     candidates: dict[str, int]  # name -> bytes llama.cpp holds for that candidate model
+    kld_on: str = "host"  # where each token's KLD is computed: "host" (llama-perplexity's arithmetic) or a device
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class VariantOutcome:
     error: str | None = None
     seconds: float | None = None
     result: KldResult | None = None
+    kld_on: str | None = None  # the engine's Ready.kld_on, filled by Engine.evaluate
 
 
 def argv(binary: Path, model: Path, logits: Path, candidates: Mapping[str, Path], *, ctx: int,
@@ -84,7 +88,7 @@ def parse_line(line: str) -> Ready | VariantOutcome | None:
         return None
     d = json.loads(line)
     if d["engine"] == "ready":
-        return Ready(int(d["model_bytes"]), {k: int(v) for k, v in d["candidates"].items()})
+        return Ready(int(d["model_bytes"]), {k: int(v) for k, v in d["candidates"].items()}, d.get("kld_on", "host"))
     if d["ok"]:
         return VariantOutcome(d.get("id"), True, seconds=d.get("seconds"), result=kld_result(d["result"]))
     return VariantOutcome(d.get("id"), False, error=d.get("error") or "failed")
@@ -162,6 +166,8 @@ class Engine:
             raise EngineCrashed(f"the engine ended (exit status {code}) while measuring {vid}:\n{tail(text, 8)}")
         if event.id != vid:
             raise ToolError(f"the engine answered for {event.id!r} while measuring {vid!r}")
+        if self.ready is not None:
+            event = replace(event, kld_on=self.ready.kld_on)
         return event, text, time.monotonic() - t0
 
     def close(self) -> None:

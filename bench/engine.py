@@ -80,7 +80,7 @@ def interleaved(build, base: Path, kw: dict, pairs: int, bare_argv_for) -> tuple
             t0 = time.perf_counter()
             session.measure(store, label=f"engine {uid}", study="bench-engine",
                             tensors=engine_tensors(v, cinfo, lowest), kv=KvConfig(), corpus=corpus,
-                            record_model=files[v.default])
+                            record_model=files[v.default], base=base, base_sha256=store.sha256(base))
             eng = time.perf_counter() - t0
             rows.append((uid, old, eng, timed(bare_argv)))
     finally:

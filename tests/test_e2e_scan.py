@@ -81,6 +81,10 @@ def test_weight_scan_resumes_and_feeds_the_optimizer(cpu_build, smollm2, smollm2
     assert groups == {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "token_embd"}
     assert len(labels) == 2 + 2 * len(groups)
     assert scan.excluded_types == {} and scan.uniform["q4_0"].kld > scan.uniform["q8_0"].kld
+    rows = [r for r in store.results(kind="kld") if r.metrics.get("engine")]
+    assert len(rows) == len(labels)  # every variant filed by the engine says its base and where its KLD ran
+    assert all(r.metrics["base_model"] == str(smollm2_f16) and r.metrics["kld_on"] == "host" and
+               r.metrics["base_model_sha256"] == store.sha256(smollm2_f16) for r in rows)
     out = scan.write(tmp_path / "scan.json")
     q80, q40 = (sum(u.cost[t] for u in scan.units) + scan.fixed_cost for t in ("q8_0", "q4_0"))
     budget_mb = (q40 + (q80 - q40) / 3) / 1e6

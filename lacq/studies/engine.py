@@ -305,16 +305,19 @@ class EngineSession:
         """One variant's outcome, the engine's output for it and its wall seconds."""
         return self.engines.evaluate(label, tensors, kv.argv(), kv.env())[:3]
 
-    def measure(self, store: Store, *, label: str, study: str, tensors: Mapping[str, str], kv: KvConfig,
-                corpus: Path, record_model: Path, annotations: dict | None = None) -> int:
-        """Measure and file one variant (kind "kld", like `measure_kld`); the result id."""
+    def measure(self, store: Store, *, label: str, study: str | None, tensors: Mapping[str, str], kv: KvConfig,
+                corpus: Path, record_model: Path, base: Path, base_sha256: str,
+                annotations: dict | None = None) -> int:
+        """Measure and file one variant (kind "kld", like `measure_kld`: `base` is the model whose logits it is
+        compared with, filed as base_model and base_model_sha256); the result id."""
         outcome, text, seconds, startup = self.engines.evaluate(label, tensors, kv.argv(), kv.env())
         if not outcome.ok:
             raise EngineError(f"the engine refused {label}: {outcome.error}")
         result = outcome.result
         metrics = asdict(result)
-        metrics.update(base_logits=str(self.logits), logits_key=self.logits.stem, engine=True,
-                       engine_tensors=dict(tensors), kld_on=outcome.kld_on, **(annotations or {}))
+        metrics.update(base_model_sha256=base_sha256, base_model=str(base), base_logits=str(self.logits),
+                       logits_key=self.logits.stem, engine=True, engine_tensors=dict(tensors), kld_on=outcome.kld_on,
+                       **(annotations or {}))
         return record(store, kind="kld", label=label, model=record_model, build=self.build, kv=kv,
                       command=self.args, metrics=metrics, wall_seconds=seconds, study=study, corpus=corpus,
                       ctx=result.n_ctx, chunks=result.n_chunks, info=self.info, tool_output=startup + text)

@@ -379,8 +379,8 @@ def weights_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, thre
     def in_engine(session: EngineSession, job: Job, st: Store, study: str) -> int:
         default, moved = split(job.spec)
         return session.measure(st, label=job.key, study=study, tensors=choice_tensors(moved, default, cinfo, lowest),
-                               kv=KvConfig(), corpus=corpus, record_model=files[default],
-                               annotations={"base_model_sha256": scan.base["sha256"], "base_model": str(base)})
+                               kv=KvConfig(), corpus=corpus, record_model=files[default], base=base,
+                               base_sha256=scan.base["sha256"])
 
     with_engine = (open_session, in_engine) if engine and engine_available(build, note) else None
     return Measure(store, build, scan, corpus, run, workers, step, with_engine), key
@@ -419,8 +419,7 @@ def kv_runner(build: Build, store: Store, scan: Scan, corpus: Path, *, threads: 
     def in_engine(session: EngineSession, job: Job, st: Store, study: str) -> int:
         return session.measure(st, label=job.key, study=study, tensors={},
                                kv=prepare_kv(build, kv_config(scan, job.spec), info), corpus=corpus,
-                               record_model=model, annotations={"base_model_sha256": scan.model["sha256"],
-                                                                "base_model": str(model)})
+                               record_model=model, base=model, base_sha256=scan.model["sha256"])
 
     with_engine = (open_session, in_engine) if engine and engine_available(build, note) else None
     return Measure(store, build, scan, corpus, run, workers, step, with_engine), key

@@ -205,8 +205,8 @@ def scan_weights(build: Build, store: Store, model: Path, base: Path, corpus: Pa
         v: WeightVariant = job.spec
         if session is not None:
             return session.measure(st, label=job.key, study=study, tensors=engine_tensors(v, cinfo, lowest),
-                                   kv=KvConfig(), corpus=corpus, record_model=files[v.default],
-                                   annotations={"base_model_sha256": base_sha, "base_model": str(base)})
+                                   kv=KvConfig(), corpus=corpus, record_model=files[v.default], base=base,
+                                   base_sha256=base_sha)
         return measure_assembled(build, st, files, cinfo, v.default, {n: v.type for n in v.tensors}, base, base_info,
                                  corpus, work, ctx=ctx, chunks=chunks, threads=threads, label=job.key, study=study)
 
@@ -396,8 +396,7 @@ def scan_kv(build: Build, store: Store, model: Path, corpus: Path, *, types: lis
     def run(job: Job, st: Store) -> int:
         if session is not None:
             return session.measure(st, label=job.key, study=study, tensors={}, kv=prepare_kv(build, config(job.spec),
-                                   info), corpus=corpus, record_model=model,
-                                   annotations={"base_model_sha256": model_sha, "base_model": str(model)})
+                                   info), corpus=corpus, record_model=model, base=model, base_sha256=model_sha)
         return measure_kld(build, st, model, info, model, info, config(job.spec), corpus, ctx=ctx, chunks=chunks,
                            threads=threads, label=job.key, study=study).result_id
 

@@ -381,8 +381,7 @@ def _kld_in_engine(run: SweepRun, setup: WorkerSetup, store: Store, model: Path,
     header = checked_logits_header(logits, info)
     session = _engine_session(setup, model, info, logits, header.n_ctx)
     return session.measure(store, label=run.label, study=None, tensors={}, kv=kv, corpus=corpus, record_model=model,
-                           annotations={"base_model_sha256": store.sha256(base), "base_model": str(base),
-                                        **annotations})
+                           base=base, base_sha256=store.sha256(base), annotations=annotations)
 
 
 # ---------------------------------------------------------------- the driver side

@@ -15,7 +15,7 @@ from cliutil import assert_clean_error, run_cli
 from lacq.llama.tools import engine as tool
 from lacq.plan.kv.config import KvConfig
 from lacq.results.store import open_store
-from lacq.studies.engine import EngineError, EngineSession, engine_workers, memory_plan
+from lacq.studies.engine import ENGINE_GPU_BYTES, EngineError, EngineSession, engine_workers, memory_plan
 from lacq.studies.executor import Job, run_jobs
 from lacq.studies.scan import ScanError, open_session
 
@@ -112,7 +112,7 @@ def test_gpu_memory_is_checked_on_each_gpu_and_the_tightest_refuses_by_name(four
                                                                              tmp_path):
     monkeypatch.setenv("FREE_MIB_2", "500")
     plan = memory_plan(stand_in.model, {"q8_0": stand_in.cand}, None, ["0", "1", "2", "3"])
-    assert (plan.gpu, plan.gpu_bytes, plan.host_bytes, plan.n_gpus) == ("2", 3000, 0, 4)
+    assert (plan.gpu, plan.gpu_bytes, plan.host_bytes, plan.n_gpus) == ("2", 3000 + ENGINE_GPU_BYTES, 0, 4)
     with pytest.raises(EngineError, match=r"on each GPU and GPU 2 has 0\.52 GB free") as e:
         EngineSession(stand_in.build, stand_in.model, None, tmp_path / "l.logits", {"q8_0": stand_in.cand},
                       ctx=128, gpus=["0", "1", "2", "3"])
@@ -163,7 +163,7 @@ def test_a_gpu_build_without_ngl_plans_the_candidates_on_the_gpu(four_gpus, stan
     GPU's (an H100 scan of the synthetic 8B said "host 13.07 GB, mmap'd" while 12.8 GB sat on the GPU)."""
     cands = {"q8_0": stand_in.cand}
     on_gpu = memory_plan(stand_in.model, cands, None, gpu_backend=True)
-    assert (on_gpu.gpu_bytes, on_gpu.host_bytes) == (3000, 0) and on_gpu.gpu_free is not None
+    assert (on_gpu.gpu_bytes, on_gpu.host_bytes) == (3000 + ENGINE_GPU_BYTES, 0) and on_gpu.gpu_free is not None
     assert "GPU" in on_gpu.describe()
     assert memory_plan(stand_in.model, cands, 0, gpu_backend=True).host_bytes == 3000  # -ngl 0: the host
     assert memory_plan(stand_in.model, cands, None, gpu_backend=False).host_bytes == 3000  # a CPU build
@@ -177,24 +177,24 @@ def _logits_header(path: Path, n_ctx: int, n_vocab: int, n_chunk: int) -> Path:
 
 
 def test_engines_sharing_a_gpu_and_the_kld_on_the_gpu_are_planned(four_gpus, stand_in, monkeypatch, tmp_path):
-    """--jobs 4 on one GPU runs four engines, each with the model, its candidates and the KL-divergence's base
-    log-probabilities on the device (4x512 tokens of Llama-3's 128,256-token vocabulary: 1.70 GB each; the
-    H100 run of the synthetic 8B peaked 1.8 GB above its files)."""
+    """--jobs 4 on one GPU runs four engines, each with the model, its candidates, the KL-divergence's base
+    log-probabilities (4x512 tokens of Llama-3's 128,256-token vocabulary: 1.70 GB) and its own context on the
+    device (an H100 held 0.69-0.79 GB per engine beyond files and KLD; 1 GB is planned)."""
     logits = _logits_header(tmp_path / "l.logits", 512, 128256, 4)
     cands = {"q8_0": stand_in.cand}
     one = memory_plan(stand_in.model, cands, None, gpu_backend=True, logits=logits)
     kld = (2 * 255 * 4 + 5 * 255) * 128256 * 4
-    assert (one.kld_bytes, one.gpu_bytes, one.engines_per_gpu) == (kld, 3000 + kld, 1)
-    assert "1.70 GB of it the KLD's base log-probabilities" in one.describe()
+    assert (one.kld_bytes, one.gpu_bytes, one.engines_per_gpu) == (kld, 3000 + kld + ENGINE_GPU_BYTES, 1)
+    assert "1.70 GB of it the KLD's base log-probabilities, 1.07 GB the engine's context" in one.describe()
     four = memory_plan(stand_in.model, cands, None, gpu_backend=True, logits=logits, engines_per_gpu=4)
-    assert four.gpu_bytes == 4 * (3000 + kld) and "4 engines sharing the GPU" in four.describe()
+    assert four.gpu_bytes == 4 * (3000 + kld + ENGINE_GPU_BYTES) and "4 engines sharing the GPU" in four.describe()
     # on the host (a CPU build, -ngl 0) the engines share the mmap'd files and the KLD runs on the host
     host = memory_plan(stand_in.model, cands, 0, gpu_backend=True, logits=logits, engines_per_gpu=4)
     assert (host.host_bytes, host.gpu_bytes, host.kld_bytes) == (3000, 0, 0)
-    monkeypatch.setenv("FREE_MIB_0", "7000")  # 7.34 GB: one engine fits, four do not
+    monkeypatch.setenv("FREE_MIB_0", "9000")  # 9.44 GB: one engine fits, four do not
     EngineSession(stand_in.build, stand_in.model, None, logits, cands, ctx=512, gpus=["0"]).close()
-    with pytest.raises(EngineError, match=r"needs 6\.80 GB of GPU memory for the model and its candidates "
-                                          r"\(4 engines\) and the GPU has 7\.34 GB free"):
+    with pytest.raises(EngineError, match=r"needs 11\.10 GB of GPU memory for the model and its candidates "
+                                          r"\(4 engines\) and the GPU has 9\.44 GB free"):
         EngineSession(SimpleNamespace(tool=stand_in.build.tool, backend="cuda"), stand_in.model, None, logits,
                       cands, ctx=512, engines_per_gpu=4)
     assert not list(stand_in.seen.iterdir())  # refused before any engine started

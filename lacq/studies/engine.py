@@ -35,6 +35,10 @@ from lacq.results.store import Store
 
 log = logging.getLogger(__name__)
 HOST_MARGIN = 1 << 30  # left free beside the engine's memory
+# Each engine's own GPU memory beside its files and KLD: the CUDA context, compute buffers and KV cache of a scan's
+# context. Measured on an H100 (bench/results/engine_cuda.md): 0.69 GB per engine with four SmolLM2-shaped
+# engines sharing the GPU, 0.79 GB for one engine of the synthetic 8B (128k vocabulary, larger logits buffers).
+ENGINE_GPU_BYTES = 1 << 30
 
 
 class EngineError(LacqError):
@@ -65,6 +69,7 @@ class MemoryPlan:
     gpu: str | None = None  # which GPU that is, where the scan names them
     n_gpus: int = 1
     kld_bytes: int = 0  # of gpu_bytes, one engine's: the KL-divergence on the GPU (kld_device_bytes)
+    engine_bytes: int = 0  # of gpu_bytes, one engine's: its context (ENGINE_GPU_BYTES)
     engines_per_gpu: int = 1  # engines sharing one GPU (--jobs without --gpus), each with its own copy
 
     def describe(self) -> str:
@@ -72,7 +77,9 @@ class MemoryPlan:
                  f"repacks for this CPU are copied)")
         if self.gpu_bytes:
             each = f" on each of {self.n_gpus} GPUs" if self.n_gpus > 1 else ""
-            kld = f", {self.kld_bytes / 1e9:.2f} GB of it the KLD's base log-probabilities" if self.kld_bytes else ""
+            kld = (f", {self.kld_bytes / 1e9:.2f} GB of it the KLD's base log-probabilities" if self.kld_bytes
+                   else "")
+            kld += f", {self.engine_bytes / 1e9:.2f} GB the engine's context" if self.engine_bytes else ""
             engines = f", {self.engines_per_gpu} engines sharing the GPU" if self.engines_per_gpu > 1 else ""
             where += f"; GPU {self.gpu_bytes / 1e9:.2f} GB (model and candidates on the device{kld}{engines}{each})"
         free = [f"{n} {v / 1e9:.2f} GB" for n, v in (("host", self.host_free), (self._gpu_name(), self.gpu_free))
@@ -149,6 +156,7 @@ def memory_plan(model: Path, candidates: Mapping[str, Path], ngl: int | None,
     files = sum(p.stat().st_size for p in [model, *candidates.values()])
     on_gpu = bool(gpus) or (gpu_backend if ngl is None else ngl > 0)
     kld = kld_device_bytes(logits) if on_gpu else 0
+    own = ENGINE_GPU_BYTES if on_gpu else 0
     engines = max(1, engines_per_gpu) if on_gpu else 1
     gpu_free, gpu = None, None
     if on_gpu:
@@ -157,9 +165,9 @@ def memory_plan(model: Path, candidates: Mapping[str, Path], ngl: int | None,
         if known:
             gpu = min(known, key=lambda g: known[g])
             gpu_free = known[gpu]
-    return MemoryPlan(host_bytes=0 if on_gpu else files, gpu_bytes=(files + kld) * engines if on_gpu else 0,
+    return MemoryPlan(host_bytes=0 if on_gpu else files, gpu_bytes=(files + kld + own) * engines if on_gpu else 0,
                       host_free=host_available(), gpu_free=gpu_free, gpu=gpu, n_gpus=max(1, len(gpus)),
-                      kld_bytes=kld, engines_per_gpu=engines)
+                      kld_bytes=kld, engine_bytes=own, engines_per_gpu=engines)
 
 
 def check_memory(plan: MemoryPlan) -> None:

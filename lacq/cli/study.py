@@ -165,7 +165,8 @@ scan_common = [
     click.option("-c", "--ctx", "ctx_len", type=int, default=512, show_default=True),
     click.option("--jobs", "workers", type=int, default=None,
                  help="Variants measured at once, each by its own engine with --threads (default 1; with --gpus one "
-                 "per GPU; with --executor ray one actor per GPU of the cluster, or 1 on the CPU)."),
+                 "per GPU; with --executor ray one actor per GPU of the cluster, or 1 on the CPU). Several engines "
+                 "may share one GPU, each with its own copy of the model: worth it for small models."),
     click.option("--gpus", default=None, metavar="LIST|all",
                  help="An engine per GPU, each seeing only its own (CUDA_VISIBLE_DEVICES): ids as "
                  "CUDA_VISIBLE_DEVICES takes them, comma-separated, or all (every visible GPU)."),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import struct
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Protocol
 from lacq.errors import LacqError
 from lacq.llama.build import Build
 from lacq.llama.tools import engine as tool
+from lacq.llama.tools.kld import read_logits_header
 from lacq.measure.common import record
 from lacq.model.info import ModelInfo
 from lacq.plan.kv.config import KvConfig
@@ -136,14 +136,11 @@ def kld_device_bytes(logits: Path | None) -> int:
     if logits is None:
         return 0
     try:
-        with open(logits, "rb") as f:
-            magic, n_ctx, n_vocab, n_chunk = struct.unpack("<8sIii", f.read(20))
-    except (OSError, struct.error):
+        h = read_logits_header(logits)
+    except (OSError, ValueError):
         return 0
-    if magic != b"_logits_" or n_ctx < 2:
-        return 0
-    n_row = n_ctx - 1 - n_ctx // 2
-    return (2 * n_row * n_chunk + 5 * n_row) * n_vocab * 4
+    n_row = h.n_ctx - 1 - h.n_ctx // 2
+    return (2 * n_row * h.n_chunk + 5 * n_row) * h.n_vocab * 4
 
 
 def memory_plan(model: Path, candidates: Mapping[str, Path], ngl: int | None,
